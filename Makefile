@@ -1,0 +1,24 @@
+# make test: everything the suite needs, then the suite. make lab: the whole system on loopback.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+
+.PHONY: test deps system-deps venv render clean
+
+test: deps
+	$(PY) -m pytest
+
+deps: system-deps venv
+
+system-deps:
+	@scripts/system-deps.sh
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""The pure core: settings, rendering and decisions. Imports neither Pulumi nor paramiko."""

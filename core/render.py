@@ -1,0 +1,95 @@
+"""Settings in, nginx tree and its sha256 digest out. Pure: no I/O but reading templates.
+
+The tree is rendered from the Jinja2 templates in `nginx/` (StrictUndefined: a missing
+value is a bug, never an empty string). `digest.conf` states the digest of every other
+file, so a running nginx can say which tree it loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import jinja2
+
+from core.errors import RenderError
+from core.settings import Host, Settings
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "nginx"
+DIGEST_FILE = "digest.conf"
+MAIN_FILE = "nginx.conf"
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A rendered nginx tree: relative path -> file text, and the digest that names it."""
+
+    files: dict[str, str]
+    digest: str
+
+    def write(self, directory: Path | str) -> Path:
+        """Write the tree under `directory` (created if missing); return it."""
+        out = Path(directory)
+        for name, text in self.files.items():
+            target = out / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+        return out
+
+
+@lru_cache(maxsize=1)
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+    )
+
+
+def digest_of(files: dict[str, str]) -> str:
+    """sha256 over every file but the digest file, in path order."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        if name != DIGEST_FILE:
+            h.update(name.encode() + b"\0" + files[name].encode() + b"\0")
+    return h.hexdigest()
+
+
+def render(settings: Settings, bind: str | None = None) -> Tree:
+    """Render the tree for hosts that listen on `bind` (None: every address)."""
+
+    def listen(port: int, proxied: bool = True) -> str:
+        address = f"[{bind}]:{port}" if bind and ":" in bind else f"{bind}:{port}" if bind else str(port)
+        return f"{address} proxy_protocol" if proxied and settings.proxy_protocol else address
+
+    env = _environment()
+    names = sorted(n for n in env.list_templates() if n.endswith(".j2"))
+    context = {"s": settings, "listen": listen}
+    try:
+        files = {n[:-3]: env.get_template(n).render(context) for n in names if n[:-3] != DIGEST_FILE}
+        digest = digest_of(files)
+        files[DIGEST_FILE] = env.get_template(DIGEST_FILE + ".j2").render(digest=digest)
+    except jinja2.TemplateError as exc:
+        raise RenderError(f"template error: {exc}") from exc
+    return Tree(files=files, digest=digest)
+
+
+def bind_of(settings: Settings, host: Host) -> str | None:
+    return host.bind or settings.nginx.bind
+
+
+def render_hosts(settings: Settings) -> dict[str, Tree]:
+    """One tree per host, rendered once per distinct listen address."""
+    trees: dict[str | None, Tree] = {}
+    out: dict[str, Tree] = {}
+    for host in settings.hosts:
+        bind = bind_of(settings, host)
+        if bind not in trees:
+            trees[bind] = render(settings, bind)
+        out[host.name] = trees[bind]
+    return out

@@ -1,0 +1,341 @@
+"""The one settings model: read from `Pulumi.<env>.yaml`, validated here, used by every half.
+
+The Pulumi program, the `fab` tasks and the nginx renderer all take a `Settings`; none of
+them reads the stack file on its own. Every value that ends up in nginx syntax is checked
+here against a strict pattern, so a value can never inject a directive.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+from core.errors import SettingsError
+
+PROJECT = "wsgate"  # Pulumi project name: the namespace of our keys in Pulumi.<env>.yaml
+
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_DNS = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
+_PATH = re.compile(r"^[A-Za-z0-9._/+-]+$")
+_USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+_ENV = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _dns_name(value: str) -> str:
+    if len(value) > 253 or not _DNS.match(value):
+        raise ValueError("not a valid DNS name (letters, digits, hyphens and dots only)")
+    return value.lower()
+
+
+def _cidr(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value, strict=True))
+    except ValueError as exc:
+        raise ValueError(f"not a CIDR ({exc})") from None
+
+
+def _ip(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError("not an IP address") from None
+
+
+def _host(value: str) -> str:
+    try:
+        return _ip(value)
+    except ValueError:
+        return _dns_name(value)
+
+
+def _path(value: str) -> str:
+    if not _PATH.match(value) or "//" in value:
+        raise ValueError("not a plain path (letters, digits, . _ / + - only)")
+    return value
+
+
+def _absolute_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError("must be an absolute path")
+    return _path(value)
+
+
+def _user(value: str) -> str:
+    if not _USER.match(value):
+        raise ValueError("not a valid user name")
+    return value
+
+
+def _upstream(value: str) -> str:
+    """`host:port`, `[v6]:port` or `unix:/path`: the forms nginx's `server` takes."""
+    if value.startswith("unix:"):
+        _absolute_path(value[5:])
+        return value
+    m = re.match(r"^(\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d{1,5})$", value)
+    if not m or not 1 <= int(m["port"]) <= 65535:
+        raise ValueError("not host:port, [ipv6]:port or unix:/path")
+    if m["v6"]:
+        if ipaddress.ip_address(m["v6"]).version != 6:
+            raise ValueError("brackets are for IPv6 addresses")
+    else:
+        _host(m["host"])
+    return value
+
+
+def _pattern(regex: str, what: str):
+    compiled = re.compile(regex)
+
+    def check(value: str) -> str:
+        if not compiled.match(value):
+            raise ValueError(f"not a valid {what}")
+        return value
+
+    return AfterValidator(check)
+
+
+DnsName = Annotated[str, AfterValidator(_dns_name)]
+Cidr = Annotated[str, AfterValidator(_cidr)]
+IpAddress = Annotated[str, AfterValidator(_ip)]
+HostName = Annotated[str, AfterValidator(_host)]
+PlainPath = Annotated[str, AfterValidator(_path)]
+AbsolutePath = Annotated[str, AfterValidator(_absolute_path)]
+UserName = Annotated[str, AfterValidator(_user)]
+Upstream = Annotated[str, AfterValidator(_upstream)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[int, Field(gt=0)]
+InstanceId = Annotated[str, _pattern(r"^i-([0-9a-f]{8}|[0-9a-f]{17})$", "EC2 instance ID (i-0123456789abcdef0)")]
+SubnetId = Annotated[str, _pattern(r"^subnet-([0-9a-f]{8}|[0-9a-f]{17})$", "subnet ID")]
+VpcId = Annotated[str, _pattern(r"^vpc-([0-9a-f]{8}|[0-9a-f]{17})$", "VPC ID")]
+CertificateArn = Annotated[
+    str,
+    _pattern(
+        r"^arn:aws(-[a-z]+)*:(acm:[a-z0-9-]+:\d{12}:certificate/[A-Za-z0-9-]+"
+        r"|iam::\d{12}:server-certificate/[A-Za-z0-9+=,.@_/-]+)$",
+        "ACM or IAM certificate ARN",
+    ),
+]
+LbName = Annotated[str, _pattern(r"^(?!-)[A-Za-z0-9-]{1,32}(?<!-)$", "Classic ELB name (1-32 letters, digits, hyphens)")]
+ParameterPath = Annotated[str, _pattern(r"^(/[A-Za-z0-9_.-]+)+$", "Parameter Store path (/a/b/c)")]
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True)
+
+
+class Ports(Model):
+    """Instance ports nginx listens on."""
+
+    http: Port = 80  # behind the TCP:80 listener: redirects to https
+    tls: Port = 81  # behind the SSL:443 listener: the app (TLS ends at the load balancer)
+    health: Port = 8081  # plain HTTP, never PROXY: the load balancer's health check
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Ports:
+        seen: dict[int, str] = {}
+        for name in ("http", "tls", "health"):
+            port = getattr(self, name)
+            if port in seen:
+                raise ValueError(f"port {port} is used by both ports.{seen[port]} and ports.{name}")
+            seen[port] = name
+        return self
+
+    @property
+    def proxied(self) -> tuple[int, int]:
+        """The ports the ProxyProtocol policy covers."""
+        return (self.http, self.tls)
+
+
+class AccessLogs(Model):
+    bucket: DnsName
+    prefix: PlainPath = "elb"
+    interval: Literal[5, 60] = 60
+
+
+class LoadBalancer(Model):
+    """The Classic ELB in front of the hosts (Pulumi owns it)."""
+
+    name: LbName
+    certificate_arn: CertificateArn
+    subnet_cidrs: list[Cidr] = Field(min_length=1)  # where the ELB connects from: set_real_ip_from
+    subnets: list[SubnetId] = []
+    availability_zones: list[str] = []
+    vpc_id: VpcId | None = None
+    internal: bool = False
+    ssl_policy: Annotated[str, _pattern(r"^[A-Za-z0-9-]+$", "ELB security policy name")] = (
+        "ELBSecurityPolicy-TLS-1-2-2017-01"
+    )
+    idle_timeout: Annotated[int, Field(ge=1, le=3600)] = 300
+    allowed_cidrs: list[Cidr] = ["0.0.0.0/0"]  # who may reach the listeners 80/443
+    instances: list[InstanceId] = []
+    cross_zone: bool = True
+    connection_draining: Annotated[int, Field(ge=0, le=3600)] = 300  # 0: off
+    access_logs: AccessLogs | None = None
+    tags: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _placement(self) -> LoadBalancer:
+        if bool(self.subnets) == bool(self.availability_zones):
+            raise ValueError("set exactly one of subnets (in a VPC) or availabilityZones")
+        return self
+
+
+class App(Model):
+    """The WebSocket service behind nginx on each host."""
+
+    upstreams: list[Upstream] = Field(min_length=1)
+
+
+class Nginx(Model):
+    """How nginx runs on the hosts. Relative paths are relative to `root` (nginx's -p prefix)."""
+
+    binary: AbsolutePath = "/usr/sbin/nginx"
+    root: AbsolutePath = "/etc/nginx/wsgate"  # releases/, current -> releases/<digest>, previous
+    pid_file: PlainPath = "/run/nginx.pid"
+    log_dir: PlainPath = "/var/log/nginx"
+    temp_dir: PlainPath = "/var/lib/nginx"
+    user: UserName | None = "www-data"  # worker user; null when the master does not run as root
+    bind: IpAddress | None = None  # listen address; null: all addresses
+    worker_processes: Literal["auto"] | Annotated[int, Field(ge=1, le=1024)] = "auto"
+    worker_connections: Annotated[int, Field(ge=16, le=1_000_000)] = 4096
+    worker_shutdown_timeout: Seconds = 120  # old workers' grace for open WebSockets after a reload
+    proxy_connect_timeout: Seconds = 5
+    proxy_read_timeout: Seconds | None = None  # default: load balancer idle timeout + 60
+    proxy_send_timeout: Seconds | None = None  # default: load balancer idle timeout + 60
+
+
+class Host(Model):
+    """One backend host reached over SSH (used by the `fab` tasks)."""
+
+    name: Annotated[str, _pattern(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", "host name")]
+    address: HostName
+    instance_id: InstanceId | None = None
+    ssh_user: UserName | None = None
+    ssh_port: Port = 22
+    identity_file: str | None = None
+    gateway: str | None = None
+    bind: IpAddress | None = None  # overrides nginx.bind for this host
+    root: AbsolutePath | None = None  # overrides nginx.root for this host
+
+
+class Record(Model):
+    """Where `fab rollout` writes the readiness record that the gate reads."""
+
+    parameter_path: ParameterPath | None = None  # default: /wsgate/<env>/readiness
+
+
+class Aws(Model):
+    """The `aws:` keys of the stack file that the Fabric half needs too."""
+
+    region: Annotated[str, _pattern(r"^[a-z]{2}(-[a-z]+)+-\d$", "AWS region")]
+    endpoints: dict[str, str] = {}  # service -> URL (the lab's loopback AWS endpoint)
+
+
+class Settings(Model):
+    env: Annotated[str, _pattern(_ENV.pattern, "environment name")]
+    server_name: DnsName
+    proxy_protocol: bool = False
+    ports: Ports = Ports()
+    load_balancer: LoadBalancer
+    app: App
+    nginx: Nginx = Nginx()
+    hosts: list[Host] = []
+    record: Record = Record()
+    aws: Aws
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        idle = self.load_balancer.idle_timeout
+        for key in ("proxy_read_timeout", "proxy_send_timeout"):
+            value = getattr(self.nginx, key)
+            if value is not None and value < idle:
+                raise ValueError(
+                    f"nginx.{to_camel(key)} ({value}) must be >= loadBalancer.idleTimeout ({idle}),"
+                    " or nginx closes idle WebSockets the load balancer still holds open"
+                )
+        names = [h.name for h in self.hosts]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"host names must be unique: {', '.join(dupes)}")
+        return self
+
+    @property
+    def read_timeout(self) -> int:
+        return self.nginx.proxy_read_timeout or self.load_balancer.idle_timeout + 60
+
+    @property
+    def send_timeout(self) -> int:
+        return self.nginx.proxy_send_timeout or self.load_balancer.idle_timeout + 60
+
+    @property
+    def parameter_path(self) -> str:
+        return self.record.parameter_path or f"/{PROJECT}/{self.env}/readiness"
+
+
+def stack_file(env: str, directory: Path | str = ".") -> Path:
+    return Path(directory) / f"Pulumi.{env}.yaml"
+
+
+def from_config(env: str, config: dict[str, Any], source: str) -> Settings:
+    """Build settings from a stack's `config:` map (keys like `wsgate:ports`, `aws:region`)."""
+    data: dict[str, Any] = {"env": env, "aws": {}}
+    for key, value in (config or {}).items():
+        namespace, _, name = str(key).partition(":")
+        if namespace == PROJECT and name:
+            data[name] = value
+        elif namespace == "aws" and name in ("region", "endpoints"):
+            data["aws"][name] = _endpoints(value) if name == "endpoints" else value
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise SettingsError(source, [_problem(e) for e in exc.errors()]) from None
+
+
+def load(env: str, directory: Path | str = ".") -> Settings:
+    """Read and validate `Pulumi.<env>.yaml` in `directory`."""
+    if not _ENV.match(env):
+        raise SettingsError(f"Pulumi.{env}.yaml", [("env", env, "not a valid environment name")])
+    path = stack_file(env, directory)
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise SettingsError(path.name, [("file", str(path), "no such environment file")]) from None
+    except yaml.YAMLError as exc:
+        raise SettingsError(path.name, [("file", str(path), f"not valid YAML: {exc}")]) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("config", {}), dict):
+        raise SettingsError(path.name, [("config", doc, "expected a mapping under config:")])
+    return from_config(env, doc.get("config", {}), path.name)
+
+
+def _endpoints(value: Any) -> Any:
+    """pulumi-aws's `aws:endpoints` is a list of one-key maps; flatten it."""
+    if isinstance(value, list):
+        flat: dict[str, Any] = {}
+        for item in value:
+            if isinstance(item, dict):
+                flat.update(item)
+        return flat
+    return value
+
+
+def _problem(error: dict[str, Any]) -> tuple[str, object, str]:
+    loc = [str(p) for p in error["loc"]]
+    if loc[:1] == ["aws"]:
+        key = "aws:" + ".".join(loc[1:])
+    else:
+        key = f"{PROJECT}:" + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc).lstrip(".")
+    ctx_error = (error.get("ctx") or {}).get("error")
+    reason = str(ctx_error) if ctx_error is not None else error["msg"]
+    value = error.get("input")
+    if isinstance(value, (dict, list)):  # a rule across keys: the reason names them
+        value = None
+    if error["type"] == "missing":
+        value, reason = None, "required"
+    elif error["type"] == "extra_forbidden":
+        reason = "unknown key"
+    return key, value, reason

@@ -1,0 +1,1 @@
+"""The load balancer half: the Pulumi component and the gate's inputs."""
