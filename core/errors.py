@@ -13,10 +13,8 @@ class SettingsError(KitError):
     def __init__(self, source: str, problems: list[tuple[str, object, str]]):
         self.source = source
         self.problems = problems  # (key, value, reason)
-        lines = [
-            f"{source}: {key}: {reason}" if value is None else f"{source}: {key} = {value!r}: {reason}"
-            for key, value, reason in problems
-        ]
+        lines = [": ".join(filter(None, [source, key + ("" if value is None else f" = {value!r}"), reason]))
+                 for key, value, reason in problems]
         super().__init__("\n".join(lines) if lines else source)
 
 

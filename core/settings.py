@@ -297,10 +297,14 @@ def from_config(env: str, config: dict[str, Any], source: str) -> Settings:
 
 
 def load(env: str, directory: Path | str = ".") -> Settings:
-    """Read and validate `Pulumi.<env>.yaml` in `directory`."""
+    """Read and validate `Pulumi.<env>.yaml` in `directory`, or the file `env` names."""
+    if env.endswith((".yaml", ".yml")):
+        path = Path(env)
+        env = path.name.removeprefix("Pulumi.").rsplit(".", 1)[0]
+    else:
+        path = stack_file(env, directory)
     if not _ENV.match(env):
-        raise SettingsError(f"Pulumi.{env}.yaml", [("env", env, "not a valid environment name")])
-    path = stack_file(env, directory)
+        raise SettingsError(path.name, [("env", env, "not a valid environment name")])
     try:
         doc = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
@@ -325,14 +329,16 @@ def _endpoints(value: Any) -> Any:
 
 def _problem(error: dict[str, Any]) -> tuple[str, object, str]:
     loc = [str(p) for p in error["loc"]]
-    if loc[:1] == ["aws"]:
+    if not loc:
+        key = ""
+    elif loc[:1] == ["aws"]:
         key = "aws:" + ".".join(loc[1:])
     else:
         key = f"{PROJECT}:" + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc).lstrip(".")
     ctx_error = (error.get("ctx") or {}).get("error")
     reason = str(ctx_error) if ctx_error is not None else error["msg"]
     value = error.get("input")
-    if isinstance(value, (dict, list)):  # a rule across keys: the reason names them
+    if isinstance(value, dict):  # a rule across keys: the reason names them
         value = None
     if error["type"] == "missing":
         value, reason = None, "required"

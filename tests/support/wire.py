@@ -1,0 +1,51 @@
+"""Client side of the wire: sockets from a chosen loopback source, raw HTTP, WebSockets."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+
+from websockets.sync.client import connect as ws_connect
+
+
+def dial(address: str, port: int, source: str = "127.0.0.1", preface: bytes = b"") -> socket.socket:
+    """A TCP connection from `source`, with `preface` (a PROXY header) already sent."""
+    sock = socket.create_connection((address, port), timeout=5, source_address=(source, 0))
+    if preface:
+        sock.sendall(preface)
+    return sock
+
+
+def http_get(sock: socket.socket, host: str, path: str = "/", headers: dict | None = None):
+    """One HTTP/1.1 GET over `sock`; returns (status, headers, body) or raises on a closed socket."""
+    conn = http.client.HTTPConnection(host, timeout=5)
+    conn.sock = sock
+    conn.request("GET", path, headers=headers or {})
+    resp = conn.getresponse()
+    body = resp.read()
+    conn.close()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
+
+
+def raw_exchange(sock: socket.socket, data: bytes) -> bytes:
+    """Send `data`, read until the peer closes (or 5 s): what came back."""
+    sock.sendall(data)
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except (ConnectionResetError, socket.timeout):
+        pass
+    finally:
+        sock.close()
+    return b"".join(chunks)
+
+
+def ws_hello(sock: socket.socket, host: str, headers: dict | None = None) -> tuple[dict, str]:
+    """Open a WebSocket over `sock`, return the app's first message and one echo."""
+    with ws_connect(f"ws://{host}/ws", sock=sock, additional_headers=headers or {},
+                    open_timeout=5, close_timeout=2) as ws:
+        hello = json.loads(ws.recv(timeout=5))
+        ws.send("ping-echo")
+        return hello, ws.recv(timeout=5)
