@@ -60,7 +60,9 @@ BAD = [
     ({"nginx": {"proxyReadTimeout": 299}},
      "Pulumi.staging.yaml: nginx.proxyReadTimeout (299) must be >= loadBalancer.idleTimeout (300),"
      " or nginx closes idle WebSockets the load balancer still holds open"),
-    ({"nginx": {"proxySendTimeout": 10}}, None),
+    ({"nginx": {"proxySendTimeout": 10}},
+     "Pulumi.staging.yaml: nginx.proxySendTimeout (10) must be >= loadBalancer.idleTimeout (300),"
+     " or nginx closes idle WebSockets the load balancer still holds open"),
     ({"nginx": {"proxyReadTimeout": 0}},
      "Pulumi.staging.yaml: wsgate:nginx.proxyReadTimeout = 0: Input should be greater than 0"),
     ({"nginx": {"workerShutdownTimeout": -5}},
