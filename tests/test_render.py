@@ -1,0 +1,142 @@
+"""The renderer: settings in, a tree and its digest out; the tree says what the design asks."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections import defaultdict
+
+import crossplane
+import pytest
+
+from core.render import DIGEST_FILE, render, render_hosts
+from tests.conftest import REPO, settings_from
+
+
+def parsed(tree, tmp_path):
+    """Every directive of the tree, as crossplane sees it: [(file, directive, args, parents)]."""
+    root = tree.write(tmp_path / "tree")
+    payload = crossplane.parse(str(root / "nginx.conf"))
+    assert payload["status"] == "ok", payload["errors"]
+    out = []
+
+    def walk(block, file, parents):
+        for d in block:
+            out.append((file, d["directive"], d["args"], parents))
+            if "block" in d:
+                walk(d["block"], file, parents + [(d["directive"], tuple(d["args"]))])
+
+    for config in payload["config"]:
+        walk(config["parsed"], config["file"], [])
+    return out
+
+
+def test_digest_is_stable_and_names_the_content():
+    s = settings_from("staging")
+    a, b = render(s), render(s)
+    assert a.digest == b.digest and re.fullmatch(r"[0-9a-f]{64}", a.digest)
+    assert a.digest in a.files[DIGEST_FILE]
+    changed = render(settings_from("staging", nginx={"workerShutdownTimeout": 99}))
+    assert changed.digest != a.digest
+
+
+def test_lab_hosts_get_their_own_listen_address_and_staging_hosts_share_one_tree():
+    lab = render_hosts(settings_from("lab"))
+    assert len({t.digest for t in lab.values()}) == 3
+    assert "listen 127.0.1.2:18081 proxy_protocol;" in lab["lab2"].files["http.d/20-app.conf"]
+    staging = render_hosts(settings_from("staging"))
+    assert len({t.digest for t in staging.values()}) == 1
+
+
+@pytest.mark.parametrize("proxy_protocol", [True, False])
+def test_every_socket_has_one_default_server_and_one_set_of_flags(tmp_path, proxy_protocol):
+    s = settings_from("staging", proxy_protocol=proxy_protocol)
+    directives = parsed(render(s), tmp_path)
+    sockets = defaultdict(list)
+    for args in (d[2] for d in directives if d[1] == "listen"):
+        sockets[args[0]].append(set(args[1:]))
+    assert set(sockets) == {"80", "81", "8081"}
+    for port, flag_sets in sockets.items():
+        assert sum("default_server" in f for f in flag_sets) == 1, port
+        assert len({frozenset(f - {"default_server"}) for f in flag_sets}) == 1, port
+        expect_pp = proxy_protocol and port != "8081"
+        assert all(("proxy_protocol" in f) == expect_pp for f in flag_sets), port
+
+
+def test_app_vhost_keeps_the_client_address_and_upgrades_websockets(tmp_path):
+    s = settings_from("staging")
+    directives = parsed(render(s), tmp_path)
+    headers = {tuple(a) for _, n, a, _ in directives if n == "proxy_set_header"}
+    assert ("X-Forwarded-For", "$remote_addr") in headers
+    assert ("X-Real-IP", "$remote_addr") in headers
+    assert ("X-Forwarded-Proto", "https") in headers
+    assert ("Upgrade", "$http_upgrade") in headers
+    assert ("Connection", "$connection_upgrade") in headers
+    assert not any("$proxy_add_x_forwarded_for" in " ".join(a) for a in headers)
+    values = {n: a for _, n, a, _ in directives}
+    assert values["real_ip_header"] == ["proxy_protocol"]
+    assert [a for _, n, a, _ in directives if n == "set_real_ip_from"] == [["198.51.100.0/26"], ["198.51.100.64/26"]]
+    assert values["proxy_read_timeout"] == ["360s"] and values["proxy_send_timeout"] == ["360s"]
+    assert values["proxy_http_version"] == ["1.1"]
+    assert values["worker_shutdown_timeout"] == ["120s"]
+    assert values["log_format"][0] == "elb_log" and values["log_format"][1].startswith("$proxy_protocol_addr - ")
+    upstream = [a for _, n, a, p in directives if n == "server" and p[-1:] == [("upstream", ("app",))]]
+    assert upstream == [["127.0.0.1:8000"]]
+
+
+def test_redirect_vhost_sends_everything_to_https(tmp_path):
+    directives = parsed(render(settings_from("staging")), tmp_path)
+    returns = [a for _, n, a, _ in directives if n == "return"]
+    assert ["301", "https://ws.staging.example.com$request_uri"] in returns
+
+
+def test_access_logs_use_elb_log(tmp_path):
+    directives = parsed(render(settings_from("staging")), tmp_path)
+    logs = [a for _, n, a, _ in directives if n == "access_log" and a != ["off"]]
+    assert logs and all(a[1] == "elb_log" for a in logs)
+
+
+def test_without_proxy_protocol_nothing_reads_a_header(tmp_path):
+    tree = render(settings_from("staging", proxy_protocol=False))
+    text = "".join(tree.files.values())
+    assert "proxy_protocol" not in text
+
+
+def run_fab(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "fabric", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_fab_render_writes_the_tree_and_prints_the_digest(tmp_path):
+    result = run_fab("render", "--env", "staging", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    digest = render(settings_from("staging")).digest
+    assert f"web-1\t{digest}" in result.stdout
+    assert (tmp_path / "out" / "nginx.conf").exists()
+    assert digest in (tmp_path / "out" / DIGEST_FILE).read_text()
+
+
+def test_fab_render_with_bad_settings_names_the_key_and_writes_nothing(tmp_path):
+    env = tmp_path / "Pulumi.broken.yaml"
+    env.write_text((REPO / "Pulumi.staging.yaml").read_text().replace(
+        "wsgate:serverName: ws.staging.example.com", "wsgate:serverName: 'ws.example.com; }'"))
+    result = run_fab("render", "--env", str(env), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert "wsgate:serverName = 'ws.example.com; }': not a valid DNS name" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_fab_lists_the_tasks():
+    result = run_fab("-l")
+    assert result.returncode == 0 and "render" in result.stdout
+
+
+@pytest.mark.parametrize("env", ["lab", "staging"])
+def test_rendered_tree_is_clean_under_gixy(tmp_path, env):
+    root = render(settings_from(env), settings_from(env).nginx.bind).write(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "gixy", "-f", "json", "nginx.conf"],
+                            cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout) == []
