@@ -121,7 +121,7 @@ CertificateArn = Annotated[
     ),
 ]
 LbName = Annotated[str, _pattern(r"^(?!-)[A-Za-z0-9-]{1,32}(?<!-)$", "Classic ELB name (1-32 letters, digits, hyphens)")]
-ParameterPath = Annotated[str, _pattern(r"^(/[A-Za-z0-9_.-]+)+$", "Parameter Store path (/a/b/c)")]
+ParameterPath = Annotated[str, _pattern(r"^(/[A-Za-z0-9_.-]+){2,}$", "Parameter Store path (/a/b, two levels or more)")]
 
 
 class Model(BaseModel):
@@ -275,6 +275,15 @@ class Settings(Model):
     @property
     def parameter_path(self) -> str:
         return self.record.parameter_path or f"/{PROJECT}/{self.env}/readiness"
+
+    @property
+    def parameter_dir(self) -> str:
+        return self.parameter_path.rsplit("/", 1)[0]
+
+    @property
+    def gate_parameter_path(self) -> str:
+        """Beside the record: whether `pulumi up` attached the policy (the program writes it)."""
+        return f"{self.parameter_dir}/gate"
 
 
 def stack_file(env: str, directory: Path | str = ".") -> Path:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import yaml
 
 from core.settings import Settings, from_config
 from tests.support import procs
+from tests.support.moto import MotoServer
 
 REPO = procs.REPO
 
@@ -42,3 +42,28 @@ def app(tmp_path_factory) -> tuple[str, int]:
     proc = procs.start_app("127.0.0.1", port, tmp_path_factory.mktemp("app") / "app.log")
     yield "127.0.0.1", port
     procs.stop(proc)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_aws(monkeypatch):
+    """Never the user's real AWS credentials or profile: dummy keys for the loopback endpoint."""
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_CONFIG_FILE",
+                "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory):
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def aws(moto_server):
+    """A clean loopback AWS endpoint for one test."""
+    moto_server.reset()
+    return moto_server

@@ -1,0 +1,57 @@
+"""The readiness record: which instances serve which digest, with proxy_protocol on which ports.
+
+`fab rollout` writes it only after every host passed its probe; the Pulumi program reads it
+to decide whether the ProxyProtocol policy may be attached. One schema for both sides.
+Compact on purpose: a Parameter Store value holds at most 8 KB (advanced tier).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Literal
+
+from pydantic import Field, ValidationError
+
+from core.errors import KitError
+from core.settings import InstanceId, Model, Port
+
+
+class RecordError(KitError):
+    """A stored readiness record cannot be read."""
+
+
+class ReadinessRecord(Model):
+    version: Literal[1] = 1
+    env: str
+    written_at: datetime
+    proxy_protocol_ports: list[Port]  # ports on which every listed instance reads the header
+    digests: dict[str, list[InstanceId]] = Field(min_length=1)  # digest -> instances serving it
+
+    @property
+    def instances(self) -> dict[str, str]:
+        """instance ID -> digest."""
+        return {i: d for d, ids in self.digests.items() for i in ids}
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ReadinessRecord:
+        try:
+            return cls.model_validate(json.loads(text))
+        except (ValueError, ValidationError) as exc:
+            raise RecordError(f"readiness record is not valid: {exc}") from None
+
+
+def build(env: str, ports: list[int], served: dict[str, str], now: datetime | None = None) -> ReadinessRecord:
+    """A record from `served` (instance ID -> digest it serves, proven by a probe)."""
+    digests: dict[str, list[str]] = {}
+    for instance, digest in sorted(served.items()):
+        digests.setdefault(digest, []).append(instance)
+    return ReadinessRecord(
+        env=env,
+        written_at=now or datetime.now(timezone.utc),
+        proxy_protocol_ports=sorted(ports),
+        digests=digests,
+    )

@@ -1,0 +1,142 @@
+"""The Classic ELB in front of the WebSocket hosts, as one Pulumi component.
+
+Listeners TCP:80 -> instance TCP:http and SSL:443 -> instance TCP:tls (the backend side of
+the SSL listener must be TCP: over an SSL backend the PROXY line would travel inside TLS,
+where nginx does not look). The ProxyProtocol policy and its per-port attachments exist
+only when the gate says so; each port is managed by exactly one resource.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_aws as aws
+
+from core.gate import Decision
+from core.settings import Settings
+
+HEALTH_PATH = "/healthz"
+
+
+@dataclass(frozen=True)
+class LoadBalancerArgs:
+    settings: Settings
+    decision: Decision
+
+
+class WsGateLoadBalancer(pulumi.ComponentResource):
+    """ELB, security groups, instance attachments, TLS policy and the gated ProxyProtocol policy."""
+
+    def __init__(self, name: str, args: LoadBalancerArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("wsgate:index:LoadBalancer", name, None, opts)
+        s, lb = args.settings, args.settings.load_balancer
+        child = pulumi.ResourceOptions(parent=self)
+        tags = {"wsgate:env": s.env, **lb.tags}
+
+        self.lb_security_group = aws.ec2.SecurityGroup(
+            f"{name}-lb", description=f"wsgate {s.env}: load balancer listeners",
+            vpc_id=lb.vpc_id, tags={**tags, "Name": f"{lb.name}-lb"}, opts=child,
+        )
+        self.instance_security_group = aws.ec2.SecurityGroup(
+            f"{name}-instances", description=f"wsgate {s.env}: instance ports, from the load balancer only",
+            vpc_id=lb.vpc_id, tags={**tags, "Name": f"{lb.name}-instances"}, opts=child,
+        )
+        for port in (80, 443):
+            for i, cidr in enumerate(lb.allowed_cidrs):
+                aws.vpc.SecurityGroupIngressRule(
+                    f"{name}-lb-{port}-{i}", security_group_id=self.lb_security_group.id,
+                    ip_protocol="tcp", from_port=port, to_port=port, cidr_ipv4=cidr if ":" not in cidr else None,
+                    cidr_ipv6=cidr if ":" in cidr else None, description=f"listener {port}", opts=child,
+                )
+        for role, port in (("http", s.ports.http), ("tls", s.ports.tls), ("health", s.ports.health)):
+            # Only the load balancer may reach these: anyone else could forge a PROXY header.
+            aws.vpc.SecurityGroupIngressRule(
+                f"{name}-instances-{role}", security_group_id=self.instance_security_group.id,
+                ip_protocol="tcp", from_port=port, to_port=port,
+                referenced_security_group_id=self.lb_security_group.id,
+                description=f"{role} from the load balancer", opts=child,
+            )
+            aws.vpc.SecurityGroupEgressRule(
+                f"{name}-lb-to-{role}", security_group_id=self.lb_security_group.id,
+                ip_protocol="tcp", from_port=port, to_port=port,
+                referenced_security_group_id=self.instance_security_group.id,
+                description=f"to instance {role} port", opts=child,
+            )
+
+        self.elb = aws.elb.LoadBalancer(
+            f"{name}-elb",
+            name=lb.name,
+            subnets=lb.subnets or None,
+            availability_zones=lb.availability_zones or None,
+            internal=lb.internal,
+            security_groups=[self.lb_security_group.id],
+            listeners=[
+                aws.elb.LoadBalancerListenerArgs(
+                    lb_port=80, lb_protocol="tcp", instance_port=s.ports.http, instance_protocol="tcp"),
+                aws.elb.LoadBalancerListenerArgs(
+                    lb_port=443, lb_protocol="ssl", instance_port=s.ports.tls, instance_protocol="tcp",
+                    ssl_certificate_id=lb.certificate_arn),
+            ],
+            # A plain HTTP port: never a PROXY header, healthy before, during and after the cutover.
+            health_check=aws.elb.LoadBalancerHealthCheckArgs(
+                target=f"HTTP:{s.ports.health}{HEALTH_PATH}", interval=10, timeout=5,
+                healthy_threshold=2, unhealthy_threshold=2),
+            idle_timeout=lb.idle_timeout,
+            cross_zone_load_balancing=lb.cross_zone,
+            connection_draining=lb.connection_draining > 0,
+            connection_draining_timeout=lb.connection_draining or None,
+            access_logs=aws.elb.LoadBalancerAccessLogsArgs(
+                bucket=lb.access_logs.bucket, bucket_prefix=lb.access_logs.prefix,
+                interval=lb.access_logs.interval, enabled=True) if lb.access_logs else None,
+            tags=tags,
+            opts=child,
+        )
+
+        for instance in lb.instances:  # one mechanism only: Attachment, never `instances=` too
+            aws.elb.Attachment(f"{name}-{instance}", elb=self.elb.id, instance=instance, opts=child)
+
+        tls_policy = aws.elb.LoadBalancerPolicy(
+            f"{name}-tls-policy", load_balancer_name=self.elb.name,
+            policy_name=f"{lb.name}-tls", policy_type_name="SSLNegotiationPolicyType",
+            policy_attributes=[aws.elb.LoadBalancerPolicyPolicyAttributeArgs(
+                name="Reference-Security-Policy", value=lb.ssl_policy)],
+            opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True),
+        )
+        aws.elb.ListenerPolicy(
+            f"{name}-tls-443", load_balancer_name=self.elb.name, load_balancer_port=443,
+            policy_names=[tls_policy.policy_name], opts=child,
+        )
+
+        attachments: list[pulumi.Resource] = []
+        ports = list(s.ports.proxied)
+        if args.decision.attach:
+            # Name and type force replacement; the fixed name must be deleted before it is recreated.
+            policy = aws.elb.LoadBalancerPolicy(
+                f"{name}-proxy-protocol", load_balancer_name=self.elb.name,
+                policy_name=f"{lb.name}-proxy-protocol", policy_type_name="ProxyProtocolPolicyType",
+                policy_attributes=[aws.elb.LoadBalancerPolicyPolicyAttributeArgs(name="ProxyProtocol", value="true")],
+                opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True),
+            )
+            for port in ports:  # one resource per port: AWS replaces a port's whole policy list
+                attachments.append(aws.elb.LoadBalancerBackendServerPolicy(
+                    f"{name}-proxy-protocol-{port}", load_balancer_name=self.elb.name, instance_port=port,
+                    policy_names=[policy.policy_name], opts=child,
+                ))
+
+        # What is attached, for the next run's gate: written after the attachments themselves.
+        self.gate_parameter = aws.ssm.Parameter(
+            f"{name}-gate", name=s.gate_parameter_path, type="String",
+            value=json.dumps({"attached": args.decision.attach, "ports": ports if args.decision.attach else []}),
+            description=f"wsgate {s.env}: is the ProxyProtocol policy attached (written by pulumi up)",
+            tags=tags, overwrite=True,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=attachments),
+        )
+
+        self.dns_name = self.elb.dns_name
+        self.register_outputs({
+            "dnsName": self.elb.dns_name,
+            "lbSecurityGroupId": self.lb_security_group.id,
+            "instanceSecurityGroupId": self.instance_security_group.id,
+        })

@@ -1,0 +1,255 @@
+"""The Pulumi program under Pulumi's mock runtime, with the gate fed by a real record.
+
+The readiness record is written by the same code `fab rollout` uses (remote/aws.py) into a
+real AWS API endpoint on loopback (moto server); the program's Parameter Store invokes are
+answered from that endpoint. So the two halves cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import boto3
+import pulumi
+import pytest
+
+from core import record as records
+from tests.conftest import settings_from, stack_config
+
+LB = "aws:elb/loadBalancer:LoadBalancer"
+BACKEND_POLICY = "aws:elb/loadBalancerBackendServerPolicy:LoadBalancerBackendServerPolicy"
+POLICY = "aws:elb/loadBalancerPolicy:LoadBalancerPolicy"
+INGRESS = "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"
+ATTACHMENT = "aws:elb/attachment:Attachment"
+PARAMETER = "aws:ssm/parameter:Parameter"
+STAGING_INSTANCES = ["i-0123456789abcdef0", "i-0123456789abcdef1"]
+
+
+class Recorder(pulumi.runtime.Mocks):
+    """Records every resource; answers Parameter Store invokes from the loopback AWS endpoint."""
+
+    def __init__(self, ssm):
+        self.resources: list[pulumi.runtime.MockResourceArgs] = []
+        self.ssm = ssm
+
+    def new_resource(self, args):
+        self.resources.append(args)
+        outputs = dict(args.inputs)
+        if args.typ == LB:
+            outputs["dnsName"] = f"{args.inputs['name']}-123.eu-west-1.elb.amazonaws.com"
+        return [f"{args.name}-id", outputs]
+
+    def call(self, args):
+        if args.token == "aws:ssm/getParametersByPath:getParametersByPath":
+            found = self.ssm.get_parameters_by_path(Path=args.args["path"], Recursive=False)["Parameters"]
+            return {"path": args.args["path"], "id": args.args["path"], "names": [p["Name"] for p in found],
+                    "values": [p["Value"] for p in found], "types": [p["Type"] for p in found],
+                    "arns": [p["ARN"] for p in found], "withDecryption": True, "recursive": False}
+        raise NotImplementedError(args.token)
+
+    def of(self, typ):
+        return [r for r in self.resources if r.typ == typ]
+
+
+class Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        if record.levelno >= logging.WARNING:
+            self.messages.append(record.getMessage())
+
+
+def engine_format(config: dict) -> dict:
+    """Config as the engine hands it to a program: structured values as JSON text."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in config.items()}
+
+
+def run(env: str, aws_url: str, **changes):
+    """Run the real program for `env` (with config changes); return (recorder, exports, warnings)."""
+    config = stack_config(env)
+    config["aws:endpoints"] = [{s: aws_url for s in ("ec2", "elb", "ssm", "sts")}]
+    for key, value in changes.items():
+        config[key] = value
+    ssm = boto3.client("ssm", region_name=config["aws:region"], endpoint_url=aws_url)
+    mocks = Recorder(ssm)
+    warnings = Warnings()
+    logger = logging.getLogger(f"pulumi-test-{id(mocks)}")
+    logger.addHandler(warnings)
+    pulumi.runtime.set_mocks(mocks, project="wsgate", stack=env, preview=False, logger=logger)
+    pulumi.runtime.set_all_config(engine_format(config))
+    exports = {}
+
+    @pulumi.runtime.test
+    def program():
+        from infra import program as prog
+
+        lb = prog.main()
+        decision = prog.gate(prog.settings())
+        exports.update(state=decision.state.value, missing=decision.missing, message=decision.message)
+        return lb.dns_name.apply(lambda dns: exports.update(dns=dns))
+
+    program()
+    return mocks, exports, warnings.messages
+
+
+def settings_for(env, aws_url):
+    return settings_from(env, **{"aws:endpoints": [{s: aws_url for s in ("ec2", "elb", "ssm", "sts")}]})
+
+
+def write_record(env, aws_url, instances, ports=None, digest="d" * 64):
+    from remote import aws as remote_aws
+
+    s = settings_for(env, aws_url)
+    remote_aws.write_record(s, records.build(env, ports or list(s.ports.proxied), {i: digest for i in instances}))
+
+
+def mark_attached(env, aws_url):
+    """What a previous `pulumi up` that attached the policy left behind."""
+    s = settings_for(env, aws_url)
+    boto3.client("ssm", region_name=s.aws.region, endpoint_url=aws_url).put_parameter(
+        Name=s.gate_parameter_path, Value=json.dumps({"attached": True, "ports": list(s.ports.proxied)}),
+        Type="String", Overwrite=True)
+
+
+def gate_value(parameter) -> dict:
+    """The gate parameter's value (pulumi-aws marks Parameter values secret: unwrap it)."""
+    value = parameter.inputs["value"]
+    if isinstance(value, dict):
+        value = value["value"]
+    return json.loads(value)
+
+
+def proxy_ports(mocks) -> list[int]:
+    return sorted(r.inputs["instancePort"] for r in mocks.of(BACKEND_POLICY))
+
+
+# --- the resource graph a user cares about -------------------------------------------------
+
+@pytest.mark.parametrize("env,http,tls,health", [("staging", 80, 81, 8081), ("lab", 18080, 18081, 18082)])
+def test_listeners_health_check_and_idle_timeout(aws, env, http, tls, health):
+    mocks, exports, _ = run(env, aws.url)
+    (lb,) = mocks.of(LB)
+    listeners = sorted(lb.inputs["listeners"], key=lambda l: l["lbPort"])
+    assert [(l["lbPort"], l["lbProtocol"], l["instancePort"], l["instanceProtocol"]) for l in listeners] == [
+        (80, "tcp", http, "tcp"), (443, "ssl", tls, "tcp")]
+    assert listeners[1]["sslCertificateId"].startswith("arn:aws:")
+    assert lb.inputs["healthCheck"]["target"] == f"HTTP:{health}/healthz"
+    assert lb.inputs["idleTimeout"] == settings_from(env).load_balancer.idle_timeout
+    assert exports["dns"].endswith(".elb.amazonaws.com")
+
+
+def test_staging_places_the_elb_in_subnets_with_draining_and_cross_zone(aws):
+    mocks, _, _ = run("staging", aws.url)
+    (lb,) = mocks.of(LB)
+    assert lb.inputs["subnets"] == ["subnet-0123456789abcdef0", "subnet-0fedcba9876543210"]
+    assert lb.inputs["internal"] is False
+    assert lb.inputs["crossZoneLoadBalancing"] is True
+    assert lb.inputs["connectionDraining"] is True and lb.inputs["connectionDrainingTimeout"] == 300
+    assert sorted(a.inputs["instance"] for a in mocks.of(ATTACHMENT)) == STAGING_INSTANCES
+    assert "instances" not in lb.inputs  # one attachment mechanism only
+
+
+def test_tls_listener_uses_the_configured_security_policy(aws):
+    mocks, _, _ = run("staging", aws.url)
+    tls = [p for p in mocks.of(POLICY) if p.inputs["policyTypeName"] == "SSLNegotiationPolicyType"]
+    assert tls[0].inputs["policyAttributes"] == [
+        {"name": "Reference-Security-Policy", "value": "ELBSecurityPolicy-TLS-1-2-2017-01"}]
+
+
+def test_instance_ports_are_reachable_only_from_the_load_balancer(aws):
+    mocks, _, _ = run("staging", aws.url)
+    rules = mocks.of(INGRESS)
+    instance_rules = [r for r in rules if r.name.startswith("wsgate-staging-instances-")]
+    assert sorted(r.inputs["fromPort"] for r in instance_rules) == [80, 81, 8081]
+    for r in instance_rules:
+        assert "cidrIpv4" not in r.inputs and "cidrIpv6" not in r.inputs
+        assert r.inputs["referencedSecurityGroupId"] == "wsgate-staging-lb-id"
+    listener_rules = [r for r in rules if r.name.startswith("wsgate-staging-lb-")]
+    assert sorted(r.inputs["fromPort"] for r in listener_rules) == [80, 443]
+    assert not any(r.inputs.get("cidrIpv4") == "0.0.0.0/0" and r.inputs["fromPort"] in (80, 81, 8081)
+                   and r in instance_rules for r in rules)
+
+
+# --- the gate, per state -------------------------------------------------------------------
+
+def test_gate_closed_without_a_record(aws):
+    mocks, exports, warnings = run("staging", aws.url)
+    assert exports["state"] == "closed"
+    assert proxy_ports(mocks) == [] and not [p for p in mocks.of(POLICY)
+                                             if p.inputs["policyTypeName"] == "ProxyProtocolPolicyType"]
+    assert set(exports["missing"]) == set(STAGING_INSTANCES)
+    assert any("NOT attached" in w and STAGING_INSTANCES[0] in w for w in warnings)
+
+
+def test_gate_closed_with_a_partial_record(aws):
+    write_record("staging", aws.url, STAGING_INSTANCES[:1])
+    mocks, exports, warnings = run("staging", aws.url)
+    assert exports["state"] == "closed" and proxy_ports(mocks) == []
+    assert exports["missing"] == {STAGING_INSTANCES[1]: "not in the readiness record"}
+    assert any(STAGING_INSTANCES[1] in w for w in warnings)
+
+
+def test_gate_closed_when_the_record_lacks_a_port(aws):
+    write_record("staging", aws.url, STAGING_INSTANCES, ports=[80])
+    mocks, exports, _ = run("staging", aws.url)
+    assert exports["state"] == "closed" and proxy_ports(mocks) == []
+    assert set(exports["missing"].values()) == {"record lacks port(s) 81"}
+
+
+def test_gate_open_attaches_one_policy_resource_per_port(aws):
+    write_record("staging", aws.url, STAGING_INSTANCES)
+    mocks, exports, warnings = run("staging", aws.url)
+    assert exports["state"] == "open" and not warnings
+    assert proxy_ports(mocks) == [80, 81]
+    (policy,) = [p for p in mocks.of(POLICY) if p.inputs["policyTypeName"] == "ProxyProtocolPolicyType"]
+    assert policy.inputs["policyAttributes"] == [{"name": "ProxyProtocol", "value": "true"}]
+    assert all(b.inputs["policyNames"] == [policy.inputs["policyName"]] for b in mocks.of(BACKEND_POLICY))
+    (gate,) = [p for p in mocks.of(PARAMETER) if p.inputs["name"].endswith("/gate")]
+    assert gate_value(gate) == {"attached": True, "ports": [80, 81]}
+
+
+def test_gate_sticky_keeps_the_policy_when_the_record_becomes_partial(aws):
+    write_record("staging", aws.url, STAGING_INSTANCES[:1])
+    mark_attached("staging", aws.url)
+    mocks, exports, warnings = run("staging", aws.url)
+    assert exports["state"] == "sticky"
+    assert proxy_ports(mocks) == [80, 81]
+    assert any(w.startswith("KEEPING the ProxyProtocol policy") and STAGING_INSTANCES[1] in w for w in warnings)
+
+
+def test_gate_sticky_when_the_record_disappears(aws):
+    mark_attached("staging", aws.url)
+    mocks, exports, warnings = run("staging", aws.url)
+    assert exports["state"] == "sticky" and proxy_ports(mocks) == [80, 81]
+    assert any("no readiness record" in w for w in warnings)
+
+
+def test_explicit_off_detaches_even_when_attached_and_ready(aws):
+    write_record("staging", aws.url, STAGING_INSTANCES)
+    mark_attached("staging", aws.url)
+    mocks, exports, _ = run("staging", aws.url, **{"wsgate:proxyProtocol": "false"})
+    assert exports["state"] == "off" and proxy_ports(mocks) == []
+    assert "turn nginx's proxy_protocol off only after this update" in exports["message"]
+    (gate,) = [p for p in mocks.of(PARAMETER) if p.inputs["name"].endswith("/gate")]
+    assert gate_value(gate) == {"attached": False, "ports": []}
+
+
+def test_record_for_another_environment_does_not_open_the_gate(aws):
+    from remote import aws as remote_aws
+
+    s = settings_for("staging", aws.url)
+    remote_aws.write_record(s, records.build("prod", [80, 81], {i: "d" * 64 for i in STAGING_INSTANCES}))
+    _, exports, _ = run("staging", aws.url)
+    assert exports["state"] == "closed"
+    assert set(exports["missing"].values()) == {"record is for environment 'prod'"}
+
+
+def test_bad_config_fails_before_any_resource_is_declared(aws):
+    from core.errors import SettingsError
+
+    with pytest.raises(SettingsError, match=r"wsgate:loadBalancer.idleTimeout = 0"):
+        run("staging", aws.url, **{"wsgate:loadBalancer": {**stack_config("staging")["wsgate:loadBalancer"],
+                                                           "idleTimeout": 0}})
