@@ -1,0 +1,63 @@
+"""`pulumi up` / `pulumi preview` for one stack through the Automation API.
+
+Used by `fab rollout --apply`. The Automation API drives the `pulumi` CLI, which must be
+installed; without it these helpers refuse with a clear message instead of failing late.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from core.errors import KitError
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+class PulumiError(KitError):
+    """The Pulumi CLI is missing, or a preview/update failed."""
+
+
+def cli_available() -> bool:
+    return shutil.which("pulumi") is not None
+
+
+def _stack(env: str, work_dir: Path, env_vars: dict[str, str] | None):
+    if not cli_available():
+        raise PulumiError("the pulumi CLI is not installed (https://www.pulumi.com/docs/install/): "
+                          "`fab rollout --apply` runs `pulumi up` through it")
+    from pulumi import automation as auto  # the SDK is heavy: import it only here
+
+    try:
+        return auto.create_or_select_stack(
+            stack_name=env, work_dir=str(work_dir),
+            opts=auto.LocalWorkspaceOptions(env_vars=env_vars) if env_vars else None,
+        )
+    except auto.errors.CommandError as exc:
+        raise PulumiError(f"pulumi stack select {env}: {exc}") from None
+
+
+def up(env: str, *, on_output: Callable[[str], Any] = print, work_dir: Path = PROJECT_DIR,
+       env_vars: dict[str, str] | None = None) -> dict[str, Any]:
+    """`pulumi up` for stack `env`; returns the stack outputs."""
+    from pulumi import automation as auto
+
+    stack = _stack(env, work_dir, env_vars)
+    try:
+        result = stack.up(on_output=on_output)
+    except auto.errors.CommandError as exc:
+        raise PulumiError(f"pulumi up -s {env} failed: {exc}") from None
+    return {k: v.value for k, v in result.outputs.items()}
+
+
+def preview(env: str, *, on_output: Callable[[str], Any] = print, work_dir: Path = PROJECT_DIR,
+            env_vars: dict[str, str] | None = None) -> str:
+    """`pulumi preview` for stack `env`; returns the change summary."""
+    from pulumi import automation as auto
+
+    stack = _stack(env, work_dir, env_vars)
+    try:
+        return str(stack.preview(on_output=on_output).change_summary)
+    except auto.errors.CommandError as exc:
+        raise PulumiError(f"pulumi preview -s {env} failed: {exc}") from None
