@@ -79,16 +79,12 @@ def render(settings: Settings, bind: str | None = None) -> Tree:
     return Tree(files=files, digest=digest)
 
 
-def bind_of(settings: Settings, host: Host) -> str | None:
-    return host.bind or settings.nginx.bind
-
-
-def render_hosts(settings: Settings) -> dict[str, Tree]:
-    """One tree per host, rendered once per distinct listen address."""
+def render_hosts(settings: Settings, hosts: list[Host] | None = None) -> dict[str, Tree]:
+    """One tree per host (default: the configured hosts), rendered once per distinct listen address."""
     trees: dict[str | None, Tree] = {}
     out: dict[str, Tree] = {}
-    for host in settings.hosts:
-        bind = bind_of(settings, host)
+    for host in settings.hosts if hosts is None else hosts:
+        bind = settings.bind_of(host)
         if bind not in trees:
             trees[bind] = render(settings, bind)
         out[host.name] = trees[bind]

@@ -209,6 +209,20 @@ class Nginx(Model):
     proxy_send_timeout: Seconds | None = None  # default: load balancer idle timeout + 60
 
 
+class Ssh(Model):
+    """How `fab` reaches the hosts. Host entries may override user, port, identity and gateway."""
+
+    user: UserName | None = None  # default: ~/.ssh/config, then the local user
+    port: Port | None = None  # default: ~/.ssh/config, then 22
+    identity_file: str | None = None
+    known_hosts: str = "~/.ssh/known_hosts"  # host keys are checked strictly against this file
+    config_file: str | None = "~/.ssh/config"  # honoured when it exists; null: ignore
+    gateway: str | None = None  # bastion, as [user@]host[:port]
+    connect_timeout: Seconds = 10
+    command_timeout: Seconds = 120
+    sudo: bool = False  # run remote commands with `sudo -n` (login user is not root)
+
+
 class Host(Model):
     """One backend host reached over SSH (used by the `fab` tasks)."""
 
@@ -216,7 +230,7 @@ class Host(Model):
     address: HostName
     instance_id: InstanceId | None = None
     ssh_user: UserName | None = None
-    ssh_port: Port = 22
+    ssh_port: Port | None = None
     identity_file: str | None = None
     gateway: str | None = None
     bind: IpAddress | None = None  # overrides nginx.bind for this host
@@ -245,6 +259,8 @@ class Settings(Model):
     app: App
     nginx: Nginx = Nginx()
     hosts: list[Host] = []
+    discover: bool = False  # hosts: the instances registered with the load balancer (AWS API)
+    ssh: Ssh = Ssh()
     record: Record = Record()
     aws: Aws
 
@@ -258,11 +274,19 @@ class Settings(Model):
                     f"nginx.{to_camel(key)} ({value}) must be >= loadBalancer.idleTimeout ({idle}),"
                     " or nginx closes idle WebSockets the load balancer still holds open"
                 )
+        if self.hosts and self.discover:
+            raise ValueError("set hosts or discover: true, not both")
         names = [h.name for h in self.hosts]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"host names must be unique: {', '.join(dupes)}")
         return self
+
+    def root_of(self, host: Host) -> str:
+        return host.root or self.nginx.root
+
+    def bind_of(self, host: Host) -> str | None:
+        return host.bind or self.nginx.bind
 
     @property
     def read_timeout(self) -> int:

@@ -72,10 +72,8 @@ def delete_record(settings: Settings) -> None:
 
 def registered_instances(settings: Settings) -> dict[str, str]:
     """Instances registered with the load balancer: instance ID -> private IP address."""
-    name = settings.load_balancer.name
-    elb = client(settings, "elb")
-    found = _call(f"elb describe-load-balancers {name}", elb.describe_load_balancers, LoadBalancerNames=[name])
-    ids = [i["InstanceId"] for d in found["LoadBalancerDescriptions"] for i in d.get("Instances", [])]
+    d = describe(settings)
+    ids = [i["InstanceId"] for i in d.get("Instances", [])] if d else []
     if not ids:
         return {}
     ec2 = client(settings, "ec2")
@@ -83,25 +81,52 @@ def registered_instances(settings: Settings) -> dict[str, str]:
     return {i["InstanceId"]: i.get("PrivateIpAddress", "") for r in reservations for i in r["Instances"]}
 
 
-def backend_policies(settings: Settings) -> dict[int, list[str]]:
-    """Instance port -> policy names attached to it on the load balancer."""
+def _not_found(exc: ClientError) -> bool:
+    return exc.response.get("Error", {}).get("Code") in ("LoadBalancerNotFound", "AccessPointNotFound")
+
+
+def describe(settings: Settings) -> dict | None:
+    """The load balancer's description, or None when it does not exist (yet)."""
     name = settings.load_balancer.name
     elb = client(settings, "elb")
-    found = _call(f"elb describe-load-balancers {name}", elb.describe_load_balancers, LoadBalancerNames=[name])
-    out: dict[int, list[str]] = {}
-    for d in found["LoadBalancerDescriptions"]:
-        for b in d.get("BackendServerDescriptions", []):
-            out[int(b["InstancePort"])] = list(b.get("PolicyNames", []))
-    return out
+    try:
+        found = elb.describe_load_balancers(LoadBalancerNames=[name])["LoadBalancerDescriptions"]
+    except ClientError as exc:
+        if _not_found(exc):
+            return None
+        raise AwsError(f"elb describe-load-balancers {name}: {exc}") from None
+    except BotoCoreError as exc:
+        raise AwsError(f"elb describe-load-balancers {name}: {exc}") from None
+    return found[0] if found else None
+
+
+def backend_policies(settings: Settings) -> dict[int, list[str]]:
+    """Instance port -> policy names attached to it on the load balancer."""
+    d = describe(settings) or {}
+    return {int(b["InstancePort"]): list(b.get("PolicyNames", [])) for b in d.get("BackendServerDescriptions", [])}
 
 
 def proxy_protocol_ports(settings: Settings) -> list[int]:
     """Backend ports whose policies include a ProxyProtocol policy with ProxyProtocol=true."""
     name = settings.load_balancer.name
+    attached = backend_policies(settings)
+    if not attached:
+        return []
     elb = client(settings, "elb")
     policies = _call(f"elb describe-load-balancer-policies {name}", elb.describe_load_balancer_policies,
                      LoadBalancerName=name)["PolicyDescriptions"]
     proxy = {p["PolicyName"] for p in policies if p.get("PolicyTypeName") == "ProxyProtocolPolicyType"
              and any(a["AttributeName"] == "ProxyProtocol" and a["AttributeValue"].lower() == "true"
                      for a in p.get("PolicyAttributeDescriptions", []))}
-    return sorted(port for port, names in backend_policies(settings).items() if proxy & set(names))
+    return sorted(port for port, names in attached.items() if proxy & set(names))
+
+
+def instance_health(settings: Settings) -> dict[str, str]:
+    """Instance ID -> InService / OutOfService (with the reason) as the load balancer sees it."""
+    if describe(settings) is None:
+        return {}
+    elb = client(settings, "elb")
+    states = _call("elb describe-instance-health", elb.describe_instance_health,
+                   LoadBalancerName=settings.load_balancer.name)["InstanceStates"]
+    return {s["InstanceId"]: s["State"] + (f" ({s['Description']})" if s.get("Description") not in (None, "N/A")
+                                           else "") for s in states}

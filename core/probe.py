@@ -1,0 +1,110 @@
+"""What a probe sends and what it must get back: speak to nginx as the load balancer will.
+
+Pure: requests are bytes, replies are parsed and judged here; `remote/probe.py` carries
+them over the SSH connection to the host's own ports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from core import proxyproto
+from core.settings import Settings
+
+PROBE_CLIENT = "192.0.2.10"  # a documentation address: what the probe's PROXY header claims
+PROBE_PATH = "/wsgate-probe"
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int | None  # None: closed without an answer
+    headers: dict[str, str]
+    body: bytes
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Reply:
+        if not raw:
+            return cls(None, {}, b"")
+        head, _, body = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        try:
+            status = int(parts[1])
+        except (IndexError, ValueError):
+            return cls(None, {}, raw)
+        headers = {}
+        for line in lines[1:]:
+            key, _, value = line.partition(":")
+            headers[key.strip().lower()] = value.strip()
+        return cls(status, headers, body)
+
+    def describe(self) -> str:
+        return "closed without an answer" if self.status is None else f"HTTP {self.status}"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One request to one port, and the judge of its reply (returns a problem or None)."""
+
+    name: str
+    port: int
+    request: bytes
+
+    def judge(self, reply: Reply, settings: Settings, digest: str) -> str | None:
+        return _JUDGES[self.name](reply, settings, digest)
+
+
+def _request(host: str, path: str) -> bytes:
+    return (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: wsgate-probe\r\n"
+            "Connection: close\r\n\r\n").encode()
+
+
+def health_request() -> bytes:
+    return _request("wsgate-probe", "/healthz")
+
+
+def live_digest(reply: Reply) -> str | None:
+    """The digest a health answer names (`ok <digest>`)."""
+    text = reply.body.decode("latin-1", "replace").strip()
+    return text[3:] if reply.status == 200 and text.startswith("ok ") else None
+
+
+def checks(settings: Settings) -> list[Check]:
+    """The port checks after a reload (the health port's digest is checked first, by polling)."""
+    p = settings.ports
+    header = proxyproto.v1(PROBE_CLIENT, "192.0.2.1", 40000, 443)
+    name = settings.server_name
+    lb = header if settings.proxy_protocol else b""  # what the load balancer will send
+    other = b"" if settings.proxy_protocol else header
+    return [
+        Check("redirect", p.http, lb + _request(name, PROBE_PATH)),
+        Check("app", p.tls, lb + _request(name, "/")),
+        Check("reject", p.http, other + _request(name, PROBE_PATH)),
+    ]
+
+
+def _redirect(reply: Reply, s: Settings, digest: str) -> str | None:
+    want = f"https://{s.server_name}{PROBE_PATH}"
+    if reply.status != 301 or reply.headers.get("location") != want:
+        return f"port {s.ports.http}: expected 301 to {want}, got {reply.describe()} {reply.headers.get('location', '')}"
+    if reply.headers.get("x-config-digest") != digest:
+        return f"port {s.ports.http}: answered by config {reply.headers.get('x-config-digest')}, not {digest[:12]}"
+    return None
+
+
+def _app(reply: Reply, s: Settings, digest: str) -> str | None:
+    if reply.status is None or reply.status >= 500:
+        return f"port {s.ports.tls}: expected the app, got {reply.describe()}"
+    if reply.headers.get("x-config-digest") != digest:
+        return f"port {s.ports.tls}: answered by config {reply.headers.get('x-config-digest')}, not {digest[:12]}"
+    return None
+
+
+def _reject(reply: Reply, s: Settings, digest: str) -> str | None:
+    if reply.status not in (None, 400):
+        what = "without" if s.proxy_protocol else "with"
+        return f"port {s.ports.http}: a request {what} a PROXY header was answered ({reply.describe()}), not rejected"
+    return None
+
+
+_JUDGES = {"redirect": _redirect, "app": _app, "reject": _reject}

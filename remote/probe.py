@@ -1,0 +1,67 @@
+"""Probes over the SSH connection: a direct-tcpip channel from the host to its own ports.
+
+Needs no tool on the host and no port open toward the operator.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from fabric import Connection
+
+from core.probe import Reply, checks, health_request, live_digest
+from core.settings import Settings
+from remote.ssh import Ssh, SshError
+
+
+def exchange(ssh: Ssh, conn: Connection, address: str, port: int, data: bytes, timeout: float = 5.0) -> Reply:
+    """Send `data`, read until the peer closes: the parsed reply."""
+    chan = ssh.channel(conn, address, port, timeout)
+    chunks = []
+    try:
+        chan.sendall(data)
+        while chunk := chan.recv(65536):
+            chunks.append(chunk)
+    except (socket.timeout, OSError):
+        pass
+    finally:
+        chan.close()
+    return Reply.parse(b"".join(chunks))
+
+
+def live(ssh: Ssh, conn: Connection, settings: Settings, address: str) -> str | None:
+    """The digest of the config nginx is running now, from the health port; None if no answer."""
+    try:
+        return live_digest(exchange(ssh, conn, address, settings.ports.health, health_request()))
+    except SshError:
+        return None
+
+
+def wait_live(ssh: Ssh, conn: Connection, settings: Settings, address: str, digest: str,
+              timeout: float = 10.0) -> str | None:
+    """Poll the health port until it names `digest` (a reload is asynchronous); the last digest seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = live(ssh, conn, settings, address)
+        if seen == digest or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.05)
+
+
+def probe(ssh: Ssh, conn: Connection, settings: Settings, address: str, digest: str) -> list[str]:
+    """Every problem found speaking to nginx as the load balancer will; [] means ready."""
+    seen = wait_live(ssh, conn, settings, address, digest)
+    if seen != digest:
+        return [f"live config is {seen[:12] if seen else 'unknown (no health answer)'}, not {digest[:12]}: "
+                "the reload did not take"]
+    problems = []
+    for check in checks(settings):
+        try:
+            reply = exchange(ssh, conn, address, check.port, check.request)
+        except SshError as exc:
+            problems.append(str(exc))
+            continue
+        if problem := check.judge(reply, settings, digest):
+            problems.append(problem)
+    return problems

@@ -1,0 +1,62 @@
+"""What a person watches and reads: progress lines as steps happen, then one table.
+
+Progress goes to stderr, the table (or JSON) to stdout, so `--json` output stays clean.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+from core.plan import HostOutcome
+
+
+class Reporter:
+    def __init__(self, out=None, err=None, quiet: bool = False):
+        self.out = Console(file=out or sys.stdout, highlight=False, soft_wrap=True)
+        self.err = Console(file=err or sys.stderr, highlight=False, soft_wrap=True)
+        self.quiet = quiet
+        self._lock = threading.Lock()
+        self._t0 = time.monotonic()
+
+    def _line(self, text: str) -> None:
+        if not self.quiet:
+            with self._lock:
+                self.err.print(f"[dim]{time.monotonic() - self._t0:6.2f}s[/] {text}")
+
+    def step(self, o: HostOutcome) -> None:
+        self._line(f"{o.host:<16} {o.step.value}")
+
+    def done(self, o: HostOutcome) -> None:
+        self._line(f"{o.host:<16} [green]ready[/] {o.after[:12] if o.after else ''}")
+
+    def failed(self, o: HostOutcome) -> None:
+        self._line(f"{o.host:<16} [red]FAILED at {o.step.value}[/]: {o.error}")
+
+    def restored(self, o: HostOutcome) -> None:
+        self._line(f"{o.host:<16} [yellow]restored[/] {o.before[:12] if o.before else '(nothing before)'}")
+
+    def note(self, text: str) -> None:
+        self._line(text)
+
+    def table(self, title: str, outcomes: list[HostOutcome]) -> None:
+        t = Table(title=title, title_justify="left")
+        for col in ("host", "instance", "step reached", "result", "time", "detail"):
+            t.add_column(col, overflow="fold")
+        for o in outcomes:
+            style = "green" if o.ok else "red" if o.ok is False else "yellow"
+            detail = o.error or (f"{(o.before or '-')[:12]} -> {(o.after or '-')[:12]}" if o.changed
+                                 else (o.after or o.before or "")[:12])
+            t.add_row(o.host, o.instance or "-", o.step.value, f"[{style}]{o.result}[/]", f"{o.elapsed:.2f}s", detail)
+        self.out.print(t)
+
+    def json(self, payload: dict) -> None:
+        self.out.print_json(json.dumps(payload, default=str))
+
+    def message(self, text: str, error: bool = False) -> None:
+        (self.err if error else self.out).print(text)

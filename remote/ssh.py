@@ -1,0 +1,146 @@
+"""SSH edge: one strict, time-bounded connection per host (Fabric on paramiko).
+
+Fabric's default accepts unknown host keys silently (AutoAddPolicy) and never reads
+known_hosts; here every connection checks the host key against the configured known_hosts
+and refuses unknown or changed keys. Connect and command timeouts are always set.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+
+import paramiko
+from fabric import Config, Connection
+from invoke.exceptions import CommandTimedOut
+from paramiko.config import SSHConfig
+
+from core.errors import KitError
+from core.settings import Host, Settings
+
+
+class SshError(KitError):
+    """A host could not be reached, refused us, or a command could not run."""
+
+
+class HostKeyError(SshError):
+    """The host's key is unknown or differs from known_hosts."""
+
+
+class Result:
+    def __init__(self, exited: int, stdout: str, stderr: str):
+        self.exited, self.stdout, self.stderr = exited, stdout, stderr
+
+    @property
+    def ok(self) -> bool:
+        return self.exited == 0
+
+
+def _fabric_config(settings: Settings) -> Config:
+    path = settings.ssh.config_file and os.path.expanduser(settings.ssh.config_file)
+    if path and os.path.exists(path):
+        return Config(runtime_ssh_path=path)
+    return Config(ssh_config=SSHConfig())  # explicit and empty: read no ssh config file
+
+
+def _target(spec: str) -> tuple[str | None, str, int | None]:
+    """`[user@]host[:port]` -> (user, host, port)."""
+    user, _, rest = spec.rpartition("@")
+    host, _, port = rest.partition(":")
+    return (user or None), host, (int(port) if port else None)
+
+
+class Ssh:
+    """Connections for one run: one per host, opened once and reused for every step."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.config = _fabric_config(settings)
+        self.known_hosts = Path(os.path.expanduser(settings.ssh.known_hosts))
+        self._gateways: dict[str, Connection] = {}
+        self._lock = threading.Lock()
+
+    def _strict(self, conn: Connection) -> Connection:
+        client = paramiko.SSHClient()
+        if self.known_hosts.exists():
+            client.load_host_keys(str(self.known_hosts))
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        conn.client = client
+        return conn
+
+    def _connection(self, host: str, user: str | None, port: int | None, identity: str | None,
+                    gateway: Connection | None) -> Connection:
+        kwargs = {"key_filename": [os.path.expanduser(identity)]} if identity else {}
+        conn = Connection(host, user=user, port=port, config=self.config,
+                          connect_timeout=self.settings.ssh.connect_timeout,
+                          connect_kwargs=kwargs or None, gateway=gateway)
+        return self._strict(conn)
+
+    def gateway(self, spec: str) -> Connection:
+        """A bastion connection, opened before any thread shares it."""
+        with self._lock:
+            if spec not in self._gateways:
+                user, host, port = _target(spec)
+                conn = self._connection(host, user or self.settings.ssh.user, port, self.settings.ssh.identity_file,
+                                        None)
+                self._open(conn, spec)
+                self._gateways[spec] = conn
+            return self._gateways[spec]
+
+    def connect(self, host: Host) -> Connection:
+        ssh = self.settings.ssh
+        gw_spec = host.gateway or ssh.gateway
+        gw = self.gateway(gw_spec) if gw_spec else None
+        conn = self._connection(host.address, host.ssh_user or ssh.user, host.ssh_port or ssh.port,
+                                host.identity_file or ssh.identity_file, gw)
+        self._open(conn, host.address)
+        return conn
+
+    def _open(self, conn: Connection, label: str) -> None:
+        try:
+            conn.open()
+        except paramiko.BadHostKeyException as exc:
+            raise HostKeyError(f"host key of {label} CHANGED: got {exc.key.get_name()} "
+                               f"{exc.key.get_fingerprint().hex()}, known_hosts ({self.known_hosts}) has another. "
+                               "Refusing to connect (possible man-in-the-middle).") from None
+        except paramiko.SSHException as exc:
+            if "not found in known_hosts" in str(exc):
+                raise HostKeyError(f"host key of {label} is not in {self.known_hosts}: refusing an unknown host. "
+                                   f"Verify it and add it (ssh-keyscan -p PORT {conn.host} >> known_hosts)") from None
+            raise SshError(f"ssh {label}: {exc}") from None
+        except (OSError, socket.timeout, EOFError) as exc:
+            raise SshError(f"ssh {label}:{conn.port}: cannot connect: {exc or type(exc).__name__}") from None
+
+    def run(self, conn: Connection, command: str, timeout: int | None = None) -> Result:
+        """Run one command; a non-zero exit is a result, a lost connection or timeout an error."""
+        try:
+            r = conn.run(command, hide=True, warn=True, in_stream=False,
+                         timeout=timeout or self.settings.ssh.command_timeout)
+        except CommandTimedOut as exc:
+            raise SshError(f"command timed out after {exc.timeout}s") from None
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise SshError(f"connection lost: {exc or type(exc).__name__}") from None
+        return Result(r.exited, r.stdout, r.stderr)
+
+    def put(self, conn: Connection, data: bytes, remote: str) -> None:
+        try:
+            with conn.sftp().open(remote, "wb") as f:
+                f.set_pipelined(True)
+                f.write(data)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise SshError(f"upload to {remote} failed: {exc or type(exc).__name__}") from None
+
+    def channel(self, conn: Connection, address: str, port: int, timeout: float = 5.0) -> paramiko.Channel:
+        """A TCP connection from the host itself to address:port (direct-tcpip over this SSH session)."""
+        try:
+            chan = conn.transport.open_channel("direct-tcpip", (address, port), ("127.0.0.1", 0), timeout=timeout)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise SshError(f"cannot reach {address}:{port} from the host: {exc or type(exc).__name__}") from None
+        chan.settimeout(timeout)
+        return chan
+
+    def close(self) -> None:
+        for conn in self._gateways.values():
+            conn.close()
