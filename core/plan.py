@@ -179,7 +179,7 @@ class Remote:
         q = shlex.quote
         tidy = ""
         if prune:
-            tidy = ('keep="$(readlink "$R/current" 2>/dev/null) $(readlink "$R/previous" 2>/dev/null)"; '
+            tidy = ('keep="$(readlink "$R/current" 2>/dev/null || true) $(readlink "$R/previous" 2>/dev/null || true)"; '
                     f'ls -1t "$R/releases" | grep -v "^\\." | tail -n +{KEEP_RELEASES + 1} | while read -r d; do '
                     'case " $keep " in *" releases/$d "*) ;; *) rm -rf "$R/releases/$d";; esac; done; ')
         return self.wrap(

@@ -10,7 +10,7 @@ import time
 
 from fabric import Connection
 
-from core.probe import Reply, checks, health_request, live_digest
+from core.probe import STALE, Reply, checks, health_request, live_digest
 from core.settings import Settings
 from remote.ssh import Ssh, SshError
 
@@ -49,19 +49,28 @@ def wait_live(ssh: Ssh, conn: Connection, settings: Settings, address: str, dige
         time.sleep(0.05)
 
 
-def probe(ssh: Ssh, conn: Connection, settings: Settings, address: str, digest: str) -> list[str]:
-    """Every problem found speaking to nginx as the load balancer will; [] means ready."""
-    seen = wait_live(ssh, conn, settings, address, digest)
+def probe(ssh: Ssh, conn: Connection, settings: Settings, address: str, digest: str,
+          timeout: float = 10.0) -> list[str]:
+    """Every problem found speaking to nginx as the load balancer will; [] means ready.
+
+    Right after a reload, old workers may still take a connection or two: a check answered
+    by another config is retried until `timeout`; any other problem is final.
+    """
+    deadline = time.monotonic() + timeout
+    seen = wait_live(ssh, conn, settings, address, digest, timeout)
     if seen != digest:
         return [f"live config is {seen[:12] if seen else 'unknown (no health answer)'}, not {digest[:12]}: "
                 "the reload did not take"]
     problems = []
     for check in checks(settings):
-        try:
-            reply = exchange(ssh, conn, address, check.port, check.request)
-        except SshError as exc:
-            problems.append(str(exc))
-            continue
-        if problem := check.judge(reply, settings, digest):
+        while True:
+            try:
+                problem = check.judge(exchange(ssh, conn, address, check.port, check.request), settings, digest)
+            except SshError as exc:
+                problem = str(exc)
+            if not (problem and STALE in problem and time.monotonic() < deadline):
+                break
+            time.sleep(0.05)
+        if problem:
             problems.append(problem)
     return problems

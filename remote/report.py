@@ -11,6 +11,7 @@ import threading
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from core.plan import HostOutcome
@@ -18,7 +19,9 @@ from core.plan import HostOutcome
 
 class Reporter:
     def __init__(self, out=None, err=None, quiet: bool = False):
-        self.out = Console(file=out or sys.stdout, highlight=False, soft_wrap=True)
+        # Not a terminal (CI, a pipe): wide enough that a table row stays one line.
+        self.out = Console(file=out or sys.stdout, highlight=False, soft_wrap=True,
+                           width=None if (out or sys.stdout).isatty() else 200)
         self.err = Console(file=err or sys.stderr, highlight=False, soft_wrap=True)
         self.quiet = quiet
         self._lock = threading.Lock()
@@ -36,13 +39,13 @@ class Reporter:
         self._line(f"{o.host:<16} [green]ready[/] {o.after[:12] if o.after else ''}")
 
     def failed(self, o: HostOutcome) -> None:
-        self._line(f"{o.host:<16} [red]FAILED at {o.step.value}[/]: {o.error}")
+        self._line(f"{escape(o.host):<16} [red]FAILED at {o.step.value}[/]: {escape(o.error)}")
 
     def restored(self, o: HostOutcome) -> None:
         self._line(f"{o.host:<16} [yellow]restored[/] {o.before[:12] if o.before else '(nothing before)'}")
 
     def note(self, text: str) -> None:
-        self._line(text)
+        self._line(escape(text))
 
     def table(self, title: str, outcomes: list[HostOutcome]) -> None:
         t = Table(title=title, title_justify="left")
@@ -52,11 +55,13 @@ class Reporter:
             style = "green" if o.ok else "red" if o.ok is False else "yellow"
             detail = o.error or (f"{(o.before or '-')[:12]} -> {(o.after or '-')[:12]}" if o.changed
                                  else (o.after or o.before or "")[:12])
-            t.add_row(o.host, o.instance or "-", o.step.value, f"[{style}]{o.result}[/]", f"{o.elapsed:.2f}s", detail)
+            t.add_row(escape(o.host), o.instance or "-", o.step.value, f"[{style}]{o.result}[/]", f"{o.elapsed:.2f}s",
+                      escape(detail))
         self.out.print(t)
 
     def json(self, payload: dict) -> None:
         self.out.print_json(json.dumps(payload, default=str))
 
-    def message(self, text: str, error: bool = False) -> None:
-        (self.err if error else self.out).print(text)
+    def message(self, text: str, error: bool = False, markup: bool = False) -> None:
+        """Print `text` as it is (markup=True: it carries rich markup of ours)."""
+        (self.err if error else self.out).print(text if markup else escape(text))

@@ -254,7 +254,9 @@ class Rollout:
 
     def _unlock(self, h: _Host) -> None:
         if not self.dry_run:
-            self.ssh.run(h.conn, h.remote.unlock(self.run_id, prune=bool(h.outcome.ok)))
+            r = self.ssh.run(h.conn, h.remote.unlock(self.run_id, prune=bool(h.outcome.ok)))
+            if not r.ok:
+                self.reporter.note(f"{h.host.name}: could not release the lock: {nginx_error(r.stderr + r.stdout)}")
 
     def _address(self, h: _Host) -> str:
         return self.settings.bind_of(h.host) or "127.0.0.1"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+from rich.markup import escape
 from rich.table import Table
 
 from core import proxyproto
@@ -89,17 +90,18 @@ def show(reporter, view: dict) -> None:
         t.add_column(col, overflow="fold")
     for r in view["hosts"]:
         if r["error"]:
-            t.add_row(r["host"], r["instance"] or "-", "[red]?[/]", r["rendered"][:12], "?", f"[red]{r['error']}[/]")
+            t.add_row(r["host"], r["instance"] or "-", "[red]?[/]", r["rendered"][:12], "?",
+                      f"[red]{escape(r['error'])}[/]")
             continue
         same = r["live"] == r["rendered"]
         live_text = (r["live"] or "no answer")[:12]
         probe = r["probe"] if isinstance(r["probe"], str) else "; ".join(r["probe"] or ["-"])
         t.add_row(r["host"], r["instance"] or "-", f"[{'green' if same else 'yellow'}]{live_text}[/]",
                   r["rendered"][:12], ",".join(map(str, r["proxy_protocol_ports"])) or "off",
-                  f"[{'green' if probe == 'ok' else 'red'}]{probe}[/]")
+                  f"[{'green' if probe == 'ok' else 'red'}]{escape(probe)}[/]")
     reporter.out.print(t)
     if "aws_error" in view:
-        reporter.message(f"[red]AWS: {view['aws_error']}[/]")
+        reporter.message(f"[red]AWS: {escape(view['aws_error'])}[/]", markup=True)
         return
     lb = view["loadBalancer"]
     if lb is None:
@@ -113,6 +115,7 @@ def show(reporter, view: dict) -> None:
     if not gate["wanted"]:
         reporter.message("gate: proxy protocol not asked for (proxyProtocol: false)")
     elif gate["missing"]:
-        reporter.message("gate: [yellow]closed[/] for: " + "; ".join(f"{i}: {why}" for i, why in gate["missing"].items()))
+        reporter.message("gate: [yellow]closed[/] for: " + escape("; ".join(f"{i}: {why}" for i, why in gate["missing"].items())),
+                         markup=True)
     else:
-        reporter.message("gate: [green]open[/]: every backend is in the readiness record")
+        reporter.message("gate: [green]open[/]: every backend is in the readiness record", markup=True)

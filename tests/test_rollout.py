@@ -1,0 +1,288 @@
+"""`fab rollout` against real hosts: one sshd and one nginx per host on its own loopback
+address, host keys checked strictly, the record written to a loopback AWS endpoint."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+
+import pytest
+
+from core.render import render_hosts
+from core.settings import load
+from remote import aws as remote_aws
+from tests.conftest import REPO
+from tests.support.fleet import Fleet, keygen, wait_for
+
+pytestmark = pytest.mark.integration
+_nets = itertools.count(10)
+
+
+@pytest.fixture
+def fleet(tmp_path, app, aws):
+    f = Fleet(tmp_path / "fleet", 3, next(_nets), app, aws.url).start()
+    yield f
+    f.stop()
+
+
+def fab(fleet, *args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "fabric", *args[:1], "--env", str(fleet.env_file), *args[1:]],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def settings(fleet):
+    return load(str(fleet.env_file))
+
+
+def live_digests(fleet) -> dict[str, str | None]:
+    """What each host's nginx says it runs (plain HTTP to the health port)."""
+    import urllib.request
+
+    out = {}
+    for h in fleet.hosts:
+        try:
+            with urllib.request.urlopen(f"http://{h.address}:{fleet.ports['health']}/healthz", timeout=2) as r:
+                out[h.name] = r.read().decode().split()[1]
+        except OSError:
+            out[h.name] = None
+    return out
+
+
+def targets(fleet) -> dict[str, str]:
+    return {name: t.digest for name, t in render_hosts(settings(fleet)).items()}
+
+
+def record(fleet):
+    return remote_aws.read_record(settings(fleet))
+
+
+def test_happy_path_then_a_rerun_is_a_no_op(fleet):
+    result = fab(fleet, "rollout")
+    assert result.returncode == 0, result.stdout + result.stderr
+    want = targets(fleet)
+    assert live_digests(fleet) == want
+    rec = record(fleet)
+    assert rec is not None and rec.instances == {h.instance_id: want[h.name] for h in fleet.hosts}
+    assert rec.proxy_protocol_ports == sorted([fleet.ports["http"], fleet.ports["tls"]])
+    assert "every host ready" in result.stdout
+
+    pids = {h.name: h.nginx.pid() for h in fleet.hosts}
+    rerun = fab(fleet, "rollout")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "upload" not in rerun.stderr and "reload" not in rerun.stderr
+    assert "unchanged" in rerun.stdout
+    assert record(fleet) == rec  # same record, not rewritten
+    assert {h.name: h.nginx.pid() for h in fleet.hosts} == pids
+
+
+# --- helpers for the failure cases ----------------------------------------------------------
+
+def baseline(fleet):
+    """A first successful rollout: every host on a known config, a record written."""
+    result = fab(fleet, "rollout")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return live_digests(fleet), record(fleet)
+
+
+def assert_untouched(fleet, before_digests, before_record):
+    assert live_digests(fleet) == before_digests
+    for h in fleet.hosts:
+        assert h.live_link() == f"releases/{before_digests[h.name]}"
+    assert record(fleet) == before_record
+
+
+def driver(fleet, hook=None, **kwargs):
+    """The rollout driver in-process, with a hook called at every step (to break things mid-run)."""
+    from remote.hosts import resolve
+    from remote.report import Reporter
+    from remote.rollout import Rollout
+    from remote.ssh import Ssh
+    from remote.tasks import _record_writer
+
+    class Hooked(Reporter):
+        def step(self, outcome):
+            super().step(outcome)
+            if hook:
+                hook(outcome)
+
+    s = settings(fleet)
+    hosts = resolve(s)
+    reporter = Hooked()
+    run = Rollout(s, hosts, render_hosts(s, hosts), Ssh(s), reporter, **kwargs)
+    ok = run.run(on_ready=_record_writer(s, reporter))
+    return ok, {o.host: o for o in run.outcomes}
+
+
+# --- safety properties ----------------------------------------------------------------------
+
+def test_nginx_t_failing_on_one_host_changes_no_host(fleet):
+    before, rec = baseline(fleet)
+    fleet.set("wsgate:nginx", {"workerShutdownTimeout": 7})
+    h2 = fleet.hosts[1]
+    (h2.root / "logs" / "error.log").unlink()
+    (h2.root / "logs" / "error.log").mkdir()  # nginx -t cannot open its error log there
+    result = fab(fleet, "rollout")
+    assert result.returncode == 1
+    assert_untouched(fleet, before, rec)
+    assert "h2: failed at test: nginx -t rejected the new config: " in result.stderr
+    assert "[emerg]" in result.stderr and "error.log\" failed (21: Is a directory)" in result.stderr
+    assert "Is a directory" in result.stderr
+    assert "Traceback" not in result.stderr
+    for h in fleet.hosts:  # no stage left behind
+        assert not [p for p in (h.root / "releases").iterdir() if p.name.startswith(".stage")]
+
+
+def test_unreachable_host_stops_the_run_before_any_change(fleet):
+    before, rec = baseline(fleet)
+    fleet.set("wsgate:nginx", {"workerShutdownTimeout": 7})
+    fleet.hosts[2].stop_sshd()
+    result = fab(fleet, "rollout")
+    assert result.returncode == 1
+    assert_untouched(fleet, before, rec)
+    assert "h3: failed at connect: ssh 127.0." in result.stderr and "cannot connect" in result.stderr
+
+
+def test_host_dropping_mid_run_puts_every_changed_host_back(fleet):
+    before, rec = baseline(fleet)
+    fleet.set("wsgate:nginx", {"workerShutdownTimeout": 7})
+    h3 = fleet.hosts[2]
+
+    def drop(outcome):
+        if outcome.host == "h3" and outcome.step.value == "swap":
+            h3.stop_sshd()
+
+    ok, outcomes = driver(fleet, drop, parallel=1)
+    assert not ok
+    assert outcomes["h3"].ok is False and "connection lost" in outcomes["h3"].error
+    assert outcomes["h1"].restored and outcomes["h2"].restored
+    assert_untouched(fleet, before, rec)
+
+
+def test_reload_that_does_not_take_is_caught_and_restored(fleet):
+    import socket
+
+    before, rec = baseline(fleet)
+    h2 = fleet.hosts[1]
+    blocker = socket.socket()
+    blocker.bind((h2.address, 0))
+    blocker.listen()
+    try:  # the new tls port is taken on h2: nginx -t passes, the reload keeps the old config
+        fleet.set("wsgate:ports", {"tls": blocker.getsockname()[1]})
+        result = fab(fleet, "rollout")
+    finally:
+        blocker.close()
+    assert result.returncode == 1
+    assert "h2: failed at probe:" in result.stderr and "the reload did not take" in result.stderr
+    assert_untouched(fleet, before, rec)
+
+
+def test_failing_probe_restores_every_host(fleet):
+    from tests.support.procs import free_port
+
+    before, rec = baseline(fleet)
+    fleet.set("wsgate:app", {"upstreams": [f"127.0.0.1:{free_port()}"]})  # nothing listens: 502
+    result = fab(fleet, "rollout")
+    assert result.returncode == 1
+    assert "failed at probe" in result.stderr and "expected the app, got HTTP 502" in result.stderr
+    assert_untouched(fleet, before, rec)
+
+
+@pytest.mark.parametrize("change", ["unknown", "changed"])
+def test_unknown_or_changed_host_key_is_refused_before_any_upload(fleet, change, tmp_path):
+    h2 = fleet.hosts[1]
+    lines = fleet.known_hosts.read_text().splitlines()
+    mine = [ln for ln in lines if ln.startswith(f"[{h2.address}]")]
+    others = [ln for ln in lines if ln not in mine]
+    if change == "changed":
+        other_key = keygen(tmp_path / "other")
+        others.append(f"[{h2.address}]:{h2.ssh_port} {' '.join(other_key.split()[:2])}")
+    fleet.known_hosts.write_text("\n".join(others) + "\n")
+    result = fab(fleet, "rollout")
+    assert result.returncode == 1
+    want = "CHANGED" if change == "changed" else "is not in"
+    assert f"h2: failed at connect: host key of {h2.address} {want}" in result.stderr
+    for h in fleet.hosts:
+        assert not (h.root / "releases").exists() or not list((h.root / "releases").iterdir())
+        assert h.live_link() is None
+    assert record(fleet) is None
+
+
+def test_a_second_rollout_of_the_same_environment_refuses_while_one_runs(fleet):
+    seen = {}
+
+    def second_run(outcome):
+        if outcome.host == "h1" and outcome.step.value == "probe" and not seen:
+            seen["result"] = fab(fleet, "rollout")
+
+    ok, _ = driver(fleet, second_run, parallel=1)
+    assert ok
+    second = seen["result"]
+    assert second.returncode == 1
+    assert "another rollout holds the lock" in second.stderr
+    assert live_digests(fleet) == targets(fleet)
+    assert fab(fleet, "rollout").returncode == 0  # the locks were released
+
+
+def test_canary_failure_leaves_the_rest_untouched(fleet):
+    import socket
+
+    before, rec = baseline(fleet)
+    h1 = fleet.hosts[0]
+    blocker = socket.socket()
+    blocker.bind((h1.address, 0))
+    blocker.listen()
+    try:
+        fleet.set("wsgate:ports", {"tls": blocker.getsockname()[1]})
+        result = fab(fleet, "rollout", "--batch", "1,100%")
+    finally:
+        blocker.close()
+    assert result.returncode == 1
+    assert "h1: failed at probe" in result.stderr
+    assert "h2               swap" not in result.stderr and "h3               swap" not in result.stderr
+    assert_untouched(fleet, before, rec)
+
+
+def test_check_shows_a_diff_and_changes_nothing(fleet):
+    before, rec = baseline(fleet)
+    fleet.set("wsgate:nginx", {"workerShutdownTimeout": 7})
+    result = fab(fleet, "check")
+    assert result.returncode == 0, result.stderr
+    assert "-worker_shutdown_timeout 5s;" in result.stdout and "+worker_shutdown_timeout 7s;" in result.stdout
+    assert "would change" in result.stdout
+    assert_untouched(fleet, before, rec)
+
+
+def test_rollback_returns_every_host_to_its_previous_release(fleet):
+    first, _ = baseline(fleet)
+    fleet.set("wsgate:nginx", {"workerShutdownTimeout": 7})
+    assert fab(fleet, "rollout").returncode == 0
+    second = live_digests(fleet)
+    assert second != first
+    result = fab(fleet, "rollback")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert live_digests(fleet) == first
+    assert record(fleet).instances == {h.instance_id: first[h.name] for h in fleet.hosts}
+
+
+def test_status_json_reports_live_digest_ports_and_gate(fleet):
+    baseline(fleet)
+    result = fab(fleet, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    view = json.loads(result.stdout)
+    want = targets(fleet)
+    for row in view["hosts"]:
+        assert row["live"] == row["rendered"] == want[row["host"]]
+        assert sorted(row["proxy_protocol_ports"]) == sorted([fleet.ports["http"], fleet.ports["tls"]])
+        assert row["probe"] == "ok"
+    assert view["gate"]["missing"] == {}
+
+
+def test_bad_batch_spec_is_refused_before_any_host_is_touched(fleet):
+    result = fab(fleet, "rollout", "--batch", "50%,1")
+    assert result.returncode == 1
+    assert "batches must not shrink" in result.stderr
+    assert all(h.live_link() is None for h in fleet.hosts)
+
+
