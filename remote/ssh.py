@@ -72,10 +72,13 @@ class Ssh:
 
     def _connection(self, host: str, user: str | None, port: int | None, identity: str | None,
                     gateway: Connection | None) -> Connection:
-        kwargs = {"key_filename": [os.path.expanduser(identity)]} if identity else {}
-        conn = Connection(host, user=user, port=port, config=self.config,
-                          connect_timeout=self.settings.ssh.connect_timeout,
-                          connect_kwargs=kwargs or None, gateway=gateway)
+        timeout = self.settings.ssh.connect_timeout
+        # A host that accepts TCP and then says nothing must not hang the run either.
+        kwargs = {"banner_timeout": timeout, "auth_timeout": timeout}
+        if identity:
+            kwargs["key_filename"] = [os.path.expanduser(identity)]
+        conn = Connection(host, user=user, port=port, config=self.config, connect_timeout=timeout,
+                          connect_kwargs=kwargs, gateway=gateway)
         return self._strict(conn)
 
     def gateway(self, spec: str) -> Connection:

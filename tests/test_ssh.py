@@ -1,0 +1,93 @@
+"""The SSH edge against real sshd: ~/.ssh/config honoured, bastions, sudo, bounded waits."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import threading
+import time
+
+import pytest
+
+from core.settings import load
+from remote.ssh import Ssh, SshError
+from tests.support.fleet import Fleet
+
+pytestmark = pytest.mark.integration
+_nets = itertools.count(40)
+
+
+@pytest.fixture
+def fleet(tmp_path, app, aws):
+    f = Fleet(tmp_path / "fleet", 2, next(_nets), app, aws.url).start()
+    yield f
+    f.stop()
+
+
+def test_ssh_config_file_is_honoured(fleet, tmp_path):
+    h1 = fleet.hosts[0]
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host web-one\n  HostName {h1.address}\n  Port {h1.ssh_port}\n")
+    fleet.set("wsgate:ssh", {"configFile": str(config)})
+    fleet.set("wsgate:hosts", [{"name": "h1", "address": "web-one"}])
+    s = load(str(fleet.env_file))
+    ssh = Ssh(s)
+    conn = ssh.connect(s.hosts[0])
+    assert ssh.run(conn, "echo via-config").stdout.strip() == "via-config"
+    conn.close()
+
+
+def test_a_bastion_is_used_and_its_host_key_checked_too(fleet):
+    h1, h2 = fleet.hosts
+    fleet.set("wsgate:ssh", {"gateway": f"{h1.address}:{h1.ssh_port}"})
+    s = load(str(fleet.env_file))
+    ssh = Ssh(s)
+    conn = ssh.connect(s.hosts[1])
+    assert ssh.run(conn, "echo through-bastion").stdout.strip() == "through-bastion"
+    conn.close()
+    ssh.close()
+    # The bastion's own key is checked strictly as well.
+    lines = [ln for ln in fleet.known_hosts.read_text().splitlines() if not ln.startswith(f"[{h1.address}]")]
+    fleet.known_hosts.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SshError, match="is not in"):
+        Ssh(load(str(fleet.env_file))).connect(load(str(fleet.env_file)).hosts[1])
+
+
+def test_sudo_wraps_every_remote_command(fleet):
+    from core.plan import Remote
+
+    fleet.set("wsgate:ssh", {"sudo": True})
+    s = load(str(fleet.env_file))
+    remote = Remote.of(s, s.hosts[0])
+    assert remote.inspect(None).startswith("sudo -n sh -c ")
+    ssh = Ssh(s)
+    conn = ssh.connect(s.hosts[0])
+    result = ssh.run(conn, remote.wrap("id -u"))
+    assert result.ok and result.stdout.strip() == "0"
+    conn.close()
+
+
+def test_a_host_that_never_speaks_ssh_fails_within_the_connect_timeout(fleet):
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen()
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(mute.accept()), daemon=True).start()
+    fleet.set("wsgate:ssh", {"connectTimeout": 2})
+    fleet.set("wsgate:hosts", [{"name": "mute", "address": "127.0.0.1", "sshPort": mute.getsockname()[1]}])
+    s = load(str(fleet.env_file))
+    started = time.monotonic()
+    with pytest.raises(SshError):
+        Ssh(s).connect(s.hosts[0])
+    assert time.monotonic() - started < 10
+    mute.close()
+
+
+def test_a_command_that_hangs_is_cut_at_the_command_timeout(fleet):
+    fleet.set("wsgate:ssh", {"commandTimeout": 1})
+    s = load(str(fleet.env_file))
+    ssh = Ssh(s)
+    conn = ssh.connect(s.hosts[0])
+    with pytest.raises(SshError, match="timed out after 1s"):
+        ssh.run(conn, "sleep 30")
+    conn.close()
