@@ -132,8 +132,8 @@ def proxy_ports(mocks) -> list[int]:
 def test_listeners_health_check_and_idle_timeout(aws, env, http, tls, health):
     mocks, exports, _ = run(env, aws.url)
     (lb,) = mocks.of(LB)
-    listeners = sorted(lb.inputs["listeners"], key=lambda l: l["lbPort"])
-    assert [(l["lbPort"], l["lbProtocol"], l["instancePort"], l["instanceProtocol"]) for l in listeners] == [
+    listeners = sorted(lb.inputs["listeners"], key=lambda x: x["lbPort"])
+    assert [(x["lbPort"], x["lbProtocol"], x["instancePort"], x["instanceProtocol"]) for x in listeners] == [
         (80, "tcp", http, "tcp"), (443, "ssl", tls, "tcp")]
     assert listeners[1]["sslCertificateId"].startswith("arn:aws:")
     assert lb.inputs["healthCheck"]["target"] == f"HTTP:{health}/healthz"

@@ -14,7 +14,7 @@ from core.render import render_hosts
 from core.settings import load
 from remote import aws as remote_aws
 from tests.conftest import REPO
-from tests.support.fleet import Fleet, keygen, wait_for
+from tests.support.fleet import Fleet, keygen
 
 pytestmark = pytest.mark.integration
 _nets = itertools.count(10)
@@ -137,7 +137,7 @@ def test_nginx_t_failing_on_one_host_changes_no_host(fleet):
 def test_unreachable_host_stops_the_run_before_any_change(fleet):
     before, rec = baseline(fleet)
     fleet.set("wsgate:nginx", {"workerShutdownTimeout": 7})
-    fleet.hosts[2].stop_sshd()
+    fleet.hosts[2].stop()
     result = fab(fleet, "rollout")
     assert result.returncode == 1
     assert_untouched(fleet, before, rec)
@@ -151,7 +151,7 @@ def test_host_dropping_mid_run_puts_every_changed_host_back(fleet):
 
     def drop(outcome):
         if outcome.host == "h3" and outcome.step.value == "swap":
-            h3.stop_sshd()
+            h3.stop()
 
     ok, outcomes = driver(fleet, drop, parallel=1)
     assert not ok

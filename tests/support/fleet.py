@@ -8,51 +8,18 @@ from __future__ import annotations
 import getpass
 import os
 import shutil
-import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from lab.hosts import SshHost, keygen
 from tests.support.nginx import Nginx
-from tests.support.procs import free_port, wait_port
-
-SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
-SSHD_CONFIG = """\
-Port {port}
-ListenAddress {address}
-HostKey {dir}/ssh_host_ed25519_key
-PidFile {dir}/sshd.pid
-AuthorizedKeysFile {dir}/authorized_keys
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PubkeyAuthentication yes
-UsePAM no
-StrictModes no
-PermitRootLogin prohibit-password
-AllowTcpForwarding yes
-Subsystem sftp internal-sftp
-MaxStartups 200:30:400
-MaxSessions 100
-LogLevel ERROR
-"""
-
-
-def keygen(path: Path) -> str:
-    """A new ed25519 key pair at `path`; returns the public key line."""
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
-    return Path(f"{path}.pub").read_text().strip()
-
+from tests.support.procs import free_port
 
 @dataclass
-class FleetHost:
-    name: str
-    address: str
-    ssh_port: int
-    dir: Path
-    instance_id: str
-    proc: subprocess.Popen | None = None
+class FleetHost(SshHost):
+    instance_id: str = ""
 
     @property
     def root(self) -> Path:
@@ -61,20 +28,6 @@ class FleetHost:
     @property
     def nginx(self) -> Nginx:
         return Nginx(self.root)
-
-    def start_sshd(self) -> None:
-        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(self.dir / "sshd_config")],
-                                     stdout=subprocess.DEVNULL, stderr=(self.dir / "sshd.log").open("ab"))
-        wait_port(self.address, self.ssh_port)
-
-    def stop_sshd(self) -> None:
-        """Stop the listener and every session it forked (a host that drops off the network)."""
-        if self.proc is None:
-            return
-        subprocess.run(["pkill", "-KILL", "-P", str(self.proc.pid)], check=False)
-        self.proc.kill()
-        self.proc.wait()
-        self.proc = None
 
     def live_link(self) -> str | None:
         link = self.root / "current"
@@ -93,17 +46,10 @@ class Fleet:
         lines = []
         for i in range(1, count + 1):
             address = f"127.0.{net}.{i}"
-            hdir = self.dir / f"h{i}"
-            hdir.mkdir()
-            host = FleetHost(f"h{i}", address, free_port(address), hdir, f"i-{i:017x}")
-            pub = keygen(hdir / "ssh_host_ed25519_key")
-            (hdir / "authorized_keys").write_text(client_pub + "\n")
-            (hdir / "sshd_config").write_text(SSHD_CONFIG.format(port=host.ssh_port, address=address, dir=hdir))
-            lines.append(f"[{address}]:{host.ssh_port} {' '.join(pub.split()[:2])}")
+            host = FleetHost(f"h{i}", address, free_port(address), self.dir / f"h{i}", f"i-{i:017x}")
+            lines.append(host.prepare(client_pub))
             self.hosts.append(host)
         self.known_hosts.write_text("\n".join(lines) + "\n")
-        if os.geteuid() == 0:
-            Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
         first = self.hosts[0].address
         self.ports = {"http": free_port(first), "tls": free_port(first), "health": free_port(first)}
         self.config = {
@@ -147,21 +93,10 @@ class Fleet:
 
     def start(self) -> Fleet:
         for h in self.hosts:
-            h.start_sshd()
+            h.start()
         return self
 
     def stop(self) -> None:
         for h in self.hosts:
             h.nginx.stop()
-            h.stop_sshd()
-
-
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
-
-
+            h.stop()

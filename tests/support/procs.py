@@ -5,8 +5,9 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from lab.hosts import wait_port  # noqa: F401  (one waiter for lab and tests)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -15,18 +16,6 @@ def free_port(address: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((address, 0))
         return s.getsockname()[1]
-
-
-def wait_port(address: str, port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((address, port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listens on {address}:{port} after {timeout}s") from None
-            time.sleep(0.05)
 
 
 def start_app(address: str, port: int, log: Path) -> subprocess.Popen:
