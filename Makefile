@@ -3,10 +3,16 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: test deps system-deps venv render clean
+.PHONY: test lab lab-down deps system-deps venv clean
 
 test: deps
 	$(PY) -m pytest
+
+lab: deps
+	$(PY) -m lab up
+
+lab-down:
+	@if [ -x $(PY) ]; then $(PY) -m lab down; fi
 
 deps: system-deps venv
 

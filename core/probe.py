@@ -13,7 +13,6 @@ from core.settings import Settings
 
 PROBE_CLIENT = "192.0.2.10"  # a documentation address: what the probe's PROXY header claims
 PROBE_PATH = "/wsgate-probe"
-STALE = "answered by config"  # a check answered by another config than the one just loaded
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,7 @@ def _redirect(reply: Reply, s: Settings, digest: str) -> str | None:
     if reply.status != 301 or reply.headers.get("location") != want:
         return f"port {s.ports.http}: expected 301 to {want}, got {reply.describe()} {reply.headers.get('location', '')}"
     if reply.headers.get("x-config-digest") != digest:
-        return f"port {s.ports.http}: {STALE} {reply.headers.get('x-config-digest')}, not {digest[:12]}"
+        return f"port {s.ports.http}: answered by config {reply.headers.get('x-config-digest')}, not {digest[:12]}"
     return None
 
 
@@ -97,7 +96,7 @@ def _app(reply: Reply, s: Settings, digest: str) -> str | None:
     if reply.status is None or reply.status >= 500:
         return f"port {s.ports.tls}: expected the app, got {reply.describe()}"
     if reply.headers.get("x-config-digest") != digest:
-        return f"port {s.ports.tls}: {STALE} {reply.headers.get('x-config-digest')}, not {digest[:12]}"
+        return f"port {s.ports.tls}: answered by config {reply.headers.get('x-config-digest')}, not {digest[:12]}"
     return None
 
 

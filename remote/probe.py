@@ -10,7 +10,7 @@ import time
 
 from fabric import Connection
 
-from core.probe import STALE, Reply, checks, health_request, live_digest
+from core.probe import Reply, checks, health_request, live_digest
 from core.settings import Settings
 from remote.ssh import Ssh, SshError
 
@@ -53,8 +53,8 @@ def probe(ssh: Ssh, conn: Connection, settings: Settings, address: str, digest: 
           timeout: float = 10.0) -> list[str]:
     """Every problem found speaking to nginx as the load balancer will; [] means ready.
 
-    Right after a reload, old workers may still take a connection or two: a check answered
-    by another config is retried until `timeout`; any other problem is final.
+    Right after a reload, an old worker may still take a connection or two and answer with
+    the old config: a failing check is retried until `timeout` before it counts.
     """
     deadline = time.monotonic() + timeout
     seen = wait_live(ssh, conn, settings, address, digest, timeout)
@@ -68,7 +68,7 @@ def probe(ssh: Ssh, conn: Connection, settings: Settings, address: str, digest: 
                 problem = check.judge(exchange(ssh, conn, address, check.port, check.request), settings, digest)
             except SshError as exc:
                 problem = str(exc)
-            if not (problem and STALE in problem and time.monotonic() < deadline):
+            if not problem or time.monotonic() >= deadline:
                 break
             time.sleep(0.05)
         if problem:

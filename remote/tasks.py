@@ -120,8 +120,15 @@ def _apply(settings: Settings, reporter) -> None:
     from infra import automation
     from remote import aws
 
-    reporter.note(f"pulumi up -s {settings.env} (Automation API)")
-    outputs = automation.up(settings.env, on_output=lambda line: reporter.note(line.rstrip()))
+    if not automation.cli_available() and aws.is_lab(settings):
+        from lab.elb import apply
+
+        reporter.note("pulumi CLI not installed: applying the lab's load balancer with boto3 (same gate code)")
+        decision = apply(settings)
+        outputs = {"proxyProtocolGate": decision.state.value, "gateMessage": decision.message}
+    else:
+        reporter.note(f"pulumi up -s {settings.env} (Automation API)")
+        outputs = automation.up(settings.env, on_output=lambda line: reporter.note(line.rstrip()))
     want = sorted(settings.ports.proxied) if settings.proxy_protocol else []
     have = aws.proxy_protocol_ports(settings)
     if have != want:

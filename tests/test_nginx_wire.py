@@ -18,7 +18,7 @@ from tests.conftest import settings_from
 from tests.support.haproxy import HAProxy
 from tests.support.nginx import Nginx
 from tests.support.procs import free_port, wait_port
-from tests.support.wire import dial, http_get, raw_exchange, ws_hello
+from lab.client import dial, http_get, raw_exchange, ws_hello
 
 pytestmark = pytest.mark.integration
 

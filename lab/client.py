@@ -1,10 +1,11 @@
-"""Client side of the wire: sockets from a chosen loopback source, raw HTTP, WebSockets."""
+"""The lab client: sockets from a chosen loopback source, raw HTTP, WebSockets (plain or TLS)."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import socket
+import ssl
 
 from websockets.sync.client import connect as ws_connect
 
@@ -42,9 +43,11 @@ def raw_exchange(sock: socket.socket, data: bytes) -> bytes:
     return b"".join(chunks)
 
 
-def ws_hello(sock: socket.socket, host: str, headers: dict | None = None) -> tuple[dict, str]:
-    """Open a WebSocket over `sock`, return the app's first message and one echo."""
-    with ws_connect(f"ws://{host}/ws", sock=sock, additional_headers=headers or {},
+def ws_hello(sock: socket.socket, host: str, headers: dict | None = None,
+             tls: ssl.SSLContext | None = None) -> tuple[dict, str]:
+    """Open a WebSocket over `sock` (TLS with `tls`), return the app's first message and one echo."""
+    scheme = "wss" if tls else "ws"
+    with ws_connect(f"{scheme}://{host}/ws", sock=sock, additional_headers=headers or {}, ssl=tls,
                     open_timeout=5, close_timeout=2) as ws:
         hello = json.loads(ws.recv(timeout=5))
         ws.send("ping-echo")

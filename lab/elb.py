@@ -1,0 +1,76 @@
+"""The lab's load balancer, made with boto3 where the `pulumi` CLI is not installed.
+
+The same calls the Pulumi program's resources make, against the lab's own AWS endpoint only,
+deciding the ProxyProtocol policy with the same gate code (core.gate). Never used for a real
+AWS account: `apply` refuses any environment whose endpoints are not on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+
+from core.errors import KitError
+from core.gate import Decision, decide
+from core.settings import Settings
+from remote import aws
+
+HEALTH_PATH = "/healthz"
+
+
+def read_gate(settings: Settings) -> bool:
+    ssm = aws.client(settings, "ssm")
+    try:
+        value = ssm.get_parameter(Name=settings.gate_parameter_path)["Parameter"]["Value"]
+    except ssm.exceptions.ParameterNotFound:
+        return False
+    return bool(json.loads(value).get("attached"))
+
+
+def apply(settings: Settings) -> Decision:
+    """Create or update the lab's ELB and apply the gate's decision; returns the decision."""
+    if not aws.is_lab(settings):
+        raise KitError(f"{settings.env}: the boto3 fallback only runs against a loopback AWS endpoint (the lab); "
+                       "install the pulumi CLI for a real account")
+    lb, s = settings.load_balancer, settings
+    elb = aws.client(settings, "elb")
+    name = lb.name
+    if aws.describe(settings) is None:
+        elb.create_load_balancer(
+            LoadBalancerName=name, AvailabilityZones=lb.availability_zones or ["us-east-1a"],
+            Listeners=[
+                {"Protocol": "TCP", "LoadBalancerPort": 80, "InstanceProtocol": "TCP", "InstancePort": s.ports.http},
+                {"Protocol": "SSL", "LoadBalancerPort": 443, "InstanceProtocol": "TCP", "InstancePort": s.ports.tls,
+                 "SSLCertificateId": lb.certificate_arn},
+            ],
+            Tags=[{"Key": "wsgate:env", "Value": s.env}])
+    elb.configure_health_check(LoadBalancerName=name, HealthCheck={
+        "Target": f"HTTP:{s.ports.health}{HEALTH_PATH}", "Interval": 10, "Timeout": 5,
+        "UnhealthyThreshold": 2, "HealthyThreshold": 2})
+    elb.modify_load_balancer_attributes(LoadBalancerName=name, LoadBalancerAttributes={
+        "ConnectionSettings": {"IdleTimeout": lb.idle_timeout},
+        "CrossZoneLoadBalancing": {"Enabled": lb.cross_zone},
+        "ConnectionDraining": {"Enabled": lb.connection_draining > 0, "Timeout": lb.connection_draining or 300}})
+    registered = {i["InstanceId"] for i in (aws.describe(settings) or {}).get("Instances", [])}
+    new = [i for i in lb.instances if i not in registered]
+    if new:
+        elb.register_instances_with_load_balancer(LoadBalancerName=name, Instances=[{"InstanceId": i} for i in new])
+
+    record = aws.read_record(settings)
+    decision = decide(env=s.env, wanted=s.proxy_protocol, backends=list(lb.instances), ports=list(s.ports.proxied),
+                      record=record, attached=read_gate(settings),
+                      record_problem=None if record else f"no readiness record at {s.parameter_path}")
+    policy = f"{name}-proxy-protocol"
+    if decision.attach:
+        existing = {p["PolicyName"] for p in elb.describe_load_balancer_policies(LoadBalancerName=name)
+                    ["PolicyDescriptions"]}
+        if policy not in existing:
+            elb.create_load_balancer_policy(
+                LoadBalancerName=name, PolicyName=policy, PolicyTypeName="ProxyProtocolPolicyType",
+                PolicyAttributes=[{"AttributeName": "ProxyProtocol", "AttributeValue": "true"}])
+    for port in s.ports.proxied:
+        elb.set_load_balancer_policies_for_backend_server(
+            LoadBalancerName=name, InstancePort=port, PolicyNames=[policy] if decision.attach else [])
+    aws.client(settings, "ssm").put_parameter(
+        Name=s.gate_parameter_path, Type="String", Overwrite=True,
+        Value=json.dumps({"attached": decision.attach, "ports": list(s.ports.proxied) if decision.attach else []}))
+    return decision
