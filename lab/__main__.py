@@ -37,8 +37,9 @@ def say(text: str) -> None:
 
 class Lab:
     def __init__(self, env: str = "lab", directory: Path | None = None, listen: dict[int, int] | None = None):
-        self.env = env
+        self.env = env  # a name (Pulumi.<env>.yaml here) or a path to an environment file
         self.settings: Settings = load(env, REPO)
+        self.env_file = Path(env) if env.endswith((".yaml", ".yml")) else REPO / f"Pulumi.{env}.yaml"
         self.dir = Path(directory or Path(self.settings.ssh.known_hosts).parent.parent)
         self.listen = listen or LISTEN
         self.state_file = self.dir / "state.json"
@@ -55,7 +56,7 @@ class Lab:
         wrong += [f"hosts[{h.name}].root must be {self.dir}/{h.name}/nginx" for h in s.hosts
                   if Path(s.root_of(h)) != self.dir / h.name / "nginx"]
         if wrong:
-            raise KitError(f"Pulumi.{self.env}.yaml does not describe a lab under {self.dir}: " + "; ".join(wrong))
+            raise KitError(f"{self.env_file.name} does not describe a lab under {self.dir}: " + "; ".join(wrong))
 
     # -- processes ---------------------------------------------------------------------------
 
@@ -132,7 +133,7 @@ class Lab:
         say(f"load balancer stand-in (HAProxy): TCP 127.0.0.1:{self.listen[80]}, SSL 127.0.0.1:{self.listen[443]}")
         self._save(endpoints=self.endpoints())
         if rollout:
-            say(f"fab rollout --env {self.env} --apply")
+            say(f"fab rollout --env {self.settings.env} --apply")
             result = subprocess.run([sys.executable, "-m", "fabric", "rollout", "--env", self.env, "--apply"],
                                     cwd=REPO)
             if result.returncode != 0:
@@ -154,7 +155,7 @@ class Lab:
             "hosts": {h.name: {"ssh": f"{h.address}:{h.ssh_port or 22}", "instance": h.instance_id,
                                "health": f"http://{s.bind_of(h) or h.address}:{s.ports.health}/healthz"}
                       for h in s.hosts},
-            "env_file": str(REPO / f"Pulumi.{self.env}.yaml"),
+            "env_file": str(self.env_file),
         }
 
     def _bootstrap_plain(self) -> None:
@@ -176,7 +177,7 @@ class Lab:
         from infra import automation
 
         if automation.cli_available():
-            automation.up(self.env, on_output=lambda line: None)
+            automation.up(self.settings.env, on_output=lambda line: None)
             say("load balancer: pulumi up")
         else:
             from lab.elb import apply
@@ -218,15 +219,28 @@ def _terminate(pid: int, timeout: float = 10.0) -> None:
         return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):
             return
         time.sleep(0.05)
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` still runs (reaping it if it is our own child that exited)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child: `make lab` started it from another process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def follow(env: str, directory: Path, listen: dict[int, int]) -> None:

@@ -1,0 +1,33 @@
+"""A lab environment file of its own for a test: the shipped lab with its own addresses,
+ports and directory, so a test never meets a running `make lab`."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import stack_config
+from tests.support.procs import free_port
+
+
+def lab_env(directory: Path, net: int) -> tuple[Path, dict[int, int]]:
+    """Write `directory/Pulumi.labtest.yaml`; return it and the stand-in's listen ports."""
+    config = copy.deepcopy(stack_config("lab"))
+    moto = free_port()
+    config["aws:endpoints"] = [{s: f"http://127.0.0.1:{moto}" for s in ("ec2", "elb", "ssm", "sts")}]
+    addresses = [f"127.0.{net}.{i}" for i in (1, 2, 3)]
+    config["wsgate:ports"] = {name: free_port(addresses[0]) for name in ("http", "tls", "health")}
+    config["wsgate:app"] = {"upstreams": [f"127.0.0.1:{free_port()}"]}
+    config["wsgate:loadBalancer"] = {**config["wsgate:loadBalancer"], "name": f"wsgate-labtest-{net}"}
+    config["wsgate:nginx"] = {**config["wsgate:nginx"], "root": str(directory / "nginx")}
+    config["wsgate:ssh"] = {**config["wsgate:ssh"], "identityFile": str(directory / "client" / "id_ed25519"),
+                            "knownHosts": str(directory / "client" / "known_hosts")}
+    for host, address in zip(config["wsgate:hosts"], addresses):
+        host.update(address=address, bind=address, sshPort=free_port(address),
+                    root=str(directory / host["name"] / "nginx"))
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "Pulumi.labtest.yaml"
+    path.write_text(yaml.safe_dump({"config": config}, sort_keys=False))
+    return path, {80: free_port(), 443: free_port()}
