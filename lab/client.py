@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import socket
 import ssl
 
-from websockets.sync.client import connect as ws_connect
+from websockets.asyncio.client import connect as ws_connect
 
 
 def dial(address: str, port: int, source: str = "127.0.0.1", preface: bytes = b"") -> socket.socket:
@@ -45,10 +46,19 @@ def raw_exchange(sock: socket.socket, data: bytes) -> bytes:
 
 def ws_hello(sock: socket.socket, host: str, headers: dict | None = None,
              tls: ssl.SSLContext | None = None) -> tuple[dict, str]:
-    """Open a WebSocket over `sock` (TLS with `tls`), return the app's first message and one echo."""
+    """Open a WebSocket over `sock` (TLS with `tls`), return the app's first message and one echo.
+
+    The asyncio client: websockets' threaded client reads and writes one TLS socket from two
+    threads, which now and then loses a handshake over TLS.
+    """
+    return asyncio.run(_hello(sock, host, headers or {}, tls))
+
+
+async def _hello(sock: socket.socket, host: str, headers: dict, tls: ssl.SSLContext | None) -> tuple[dict, str]:
+    sock.setblocking(False)
     scheme = "wss" if tls else "ws"
-    with ws_connect(f"{scheme}://{host}/ws", sock=sock, additional_headers=headers or {}, ssl=tls,
-                    open_timeout=5, close_timeout=2) as ws:
-        hello = json.loads(ws.recv(timeout=5))
-        ws.send("ping-echo")
-        return hello, ws.recv(timeout=5)
+    async with ws_connect(f"{scheme}://{host}/ws", sock=sock, additional_headers=headers, ssl=tls,
+                          open_timeout=5, close_timeout=2) as ws:
+        hello = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        await ws.send("ping-echo")
+        return hello, await asyncio.wait_for(ws.recv(), 5)

@@ -52,10 +52,13 @@ def read_state(settings: Settings) -> ElbState | None:
     )
 
 
-def config(state: ElbState, cert: Path, listen: dict[int, int] = LISTEN) -> str:
+def config(state: ElbState, cert: Path, listen: dict[int, int] = LISTEN, socket: Path | None = None) -> str:
     """haproxy.cfg for a state. Pure."""
     idle = state.idle_timeout
-    lines = ["global", "    log stderr local0 warning", "", "defaults", "    mode tcp",
+    lines = ["global", "    log stderr local0 warning"]
+    if socket:  # seamless reloads: the new worker takes the listening sockets over, nothing is dropped
+        lines.append(f"    stats socket {socket} mode 600 level admin expose-fd listeners")
+    lines += ["", "defaults", "    mode tcp",
              "    timeout connect 5s", f"    timeout client {idle}s", f"    timeout server {idle}s", ""]
     check = ""
     if state.health.startswith("HTTP:"):
@@ -67,7 +70,7 @@ def config(state: ElbState, cert: Path, listen: dict[int, int] = LISTEN) -> str:
         if protocol in ("SSL", "HTTPS"):
             bind += f" ssl crt {cert}"
         lines += [f"frontend listener_{lb_port}", bind, f"    default_backend port_{instance_port}", "",
-                  f"backend port_{instance_port}", "    source 127.0.0.1"]
+                  f"backend port_{instance_port}"]
         if check:
             lines.append(health_line)
         proxy = " send-proxy" if instance_port in state.proxy_ports else ""
@@ -93,7 +96,7 @@ class StandIn:
         state = read_state(self.settings)
         if state is None or state == self.state:
             return False
-        text = config(state, self.cert, self.listen)
+        text = config(state, self.cert, self.listen, self.dir / "haproxy.sock")
         candidate = self.dir / "haproxy.cfg.new"
         candidate.write_text(text)
         check = subprocess.run([HAPROXY, "-c", "-f", str(candidate)], capture_output=True, text=True)

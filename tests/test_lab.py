@@ -89,27 +89,39 @@ def test_one_broken_host_keeps_the_policy_off_and_traffic_flowing(lab):
 
 
 def test_an_open_websocket_survives_a_config_rollout(lab):
-    from websockets.sync.client import connect
+    import asyncio
+
+    from websockets.asyncio.client import connect
 
     assert fab(lab, "rollout", "--apply").returncode == 0
     lab.wait_for_header(True)
     s = lab.settings
-    sock = dial("127.0.0.1", lab.listen[443], source="127.0.0.77")
-    with connect(f"wss://{s.server_name}/ws", sock=sock, ssl=lab.tls_context(), open_timeout=5) as ws:
-        ws.recv(timeout=5)
-        old_digest = ws.response.headers["X-Config-Digest"]
-        text = lab.env_file.read_text().replace("proxyConnectTimeout", "proxyConnectTimeout")
-        lab.env_file.write_text(text.replace("workerShutdownTimeout: 30", "workerShutdownTimeout: 31"))
-        result = fab(lab, "rollout")
-        assert result.returncode == 0, result.stdout + result.stderr
-        ws.send("still here")
-        assert ws.recv(timeout=5) == "still here"  # served by the old worker, untouched
-    new = load(str(lab.env_file))
-    with connect(f"wss://{s.server_name}/ws", sock=dial("127.0.0.1", lab.listen[443], source="127.0.0.77"),
-                 ssl=lab.tls_context(), open_timeout=5) as ws:
-        ws.recv(timeout=5)
-        assert ws.response.headers["X-Config-Digest"] != old_digest
-    assert new.nginx.worker_shutdown_timeout == 31
+
+    def open_socket():
+        sock = dial("127.0.0.1", lab.listen[443], source="127.0.0.77")
+        sock.setblocking(False)
+        return sock
+
+    async def scenario():
+        async with connect(f"wss://{s.server_name}/ws", sock=open_socket(), ssl=lab.tls_context()) as ws:
+            await ws.recv()
+            old_digest = ws.response.headers["X-Config-Digest"]
+            lab.env_file.write_text(lab.env_file.read_text().replace("workerShutdownTimeout: 30",
+                                                                     "workerShutdownTimeout: 31"))
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "fabric", "rollout", "--env", lab.env, cwd=REPO,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await proc.communicate()
+            assert proc.returncode == 0, (out + err).decode()
+            await ws.send("still here")
+            assert await asyncio.wait_for(ws.recv(), 5) == "still here"  # the old worker still serves it
+        async with connect(f"wss://{s.server_name}/ws", sock=open_socket(), ssl=lab.tls_context()) as ws:
+            await ws.recv()
+            return old_digest, ws.response.headers["X-Config-Digest"]
+
+    old_digest, new_digest = asyncio.run(scenario())
+    assert new_digest != old_digest
+    assert load(str(lab.env_file)).nginx.worker_shutdown_timeout == 31
 
 
 def test_cutover_under_load(lab, capsys):

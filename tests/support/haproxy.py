@@ -26,7 +26,6 @@ def config(routes: list[tuple[int, str, int, str]]) -> str:
         lines += [
             f"listen lb{fport}",
             f"    bind 127.0.0.1:{fport}",
-            "    source 127.0.0.1",
             f"    server host1 {baddr}:{bport} {proxy}".rstrip(),
         ]
     return "\n".join(lines) + "\n"

@@ -11,12 +11,15 @@ from lab.client import dial, http_get, ws_hello
 
 
 class Load:
-    """Alternates an HTTPS request and a WebSocket through the SSL listener, from a client address.
+    """Clients that alternate an HTTPS request and a WebSocket through the SSL listener.
 
-    Bounded: stops by itself after `max_seconds` or `max_requests`.
+    `clients` run at once, so one stuck request cannot blind a phase; each request is cut at
+    6 s and counted in the phase it started in. Bounded: stops by itself after `max_seconds`
+    or `max_requests` per client.
     """
 
-    def __init__(self, lab, source: str = "127.0.0.77", max_seconds: float = 120, max_requests: int = 20000):
+    def __init__(self, lab, source: str = "127.0.0.77", max_seconds: float = 120, max_requests: int = 20000,
+                 clients: int = 3):
         self.lab, self.source = lab, source
         self.max_seconds, self.max_requests = max_seconds, max_requests
         self.phase = "before"
@@ -26,10 +29,12 @@ class Load:
         self.errors: dict[str, set] = {}
         self.client_ips: dict[str, Counter] = {}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
 
     def start(self) -> Load:
-        self._thread.start()
+        for t in self._threads:
+            t.start()
         return self
 
     def mark(self, phase: str) -> None:
@@ -38,7 +43,8 @@ class Load:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(30)
+        for t in self._threads:
+            t.join(30)
         self.marks.append(("", time.monotonic()))
 
     def _one(self, n: int) -> str:
@@ -54,7 +60,7 @@ class Load:
         return json.loads(body)["client_ip"]
 
     def _bounded(self, n: int) -> str:
-        """One request in a thread of its own, abandoned after 10 s (a client library can hang)."""
+        """One request in a thread of its own, abandoned after 6 s (a client library can hang)."""
         result: dict = {}
 
         def go():
@@ -65,10 +71,10 @@ class Load:
 
         worker = threading.Thread(target=go, daemon=True)
         worker.start()
-        worker.join(10)
+        worker.join(6)
         if "ip" in result:
             return result["ip"]
-        raise result.get("error") or TimeoutError("no answer in 10 s")
+        raise result.get("error") or TimeoutError("no answer in 6 s")
 
     def _run(self) -> None:
         started = time.monotonic()
@@ -78,11 +84,14 @@ class Load:
             phase = self.phase
             try:
                 ip = self._bounded(n)
+            except Exception as exc:
+                with self._lock:
+                    self.failed[phase] += 1
+                    self.errors.setdefault(phase, set()).add(type(exc).__name__)
+                continue
+            with self._lock:
                 self.ok[phase] += 1
                 self.client_ips.setdefault(phase, Counter())[ip] += 1
-            except Exception as exc:
-                self.failed[phase] += 1
-                self.errors.setdefault(phase, set()).add(type(exc).__name__)
 
     def table(self) -> str:
         rows = [f"{'phase':<28}{'seconds':>8}{'ok':>7}{'failed':>8}  client_ip seen / errors"]
