@@ -7,6 +7,7 @@ answered from that endpoint. So the two halves cannot drift apart.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -75,6 +76,7 @@ def run(env: str, aws_url: str, **changes):
         config[key] = value
     ssm = boto3.client("ssm", region_name=config["aws:region"], endpoint_url=aws_url)
     mocks = Recorder(ssm)
+    asyncio.set_event_loop(asyncio.new_event_loop())  # Pulumi's runtime wants a current loop
     warnings = Warnings()
     logger = logging.getLogger(f"pulumi-test-{id(mocks)}")
     logger.addHandler(warnings)
