@@ -3,13 +3,17 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: test lab lab-down deps system-deps venv clean
+.PHONY: test lab lab-down bench deps system-deps venv clean
 
 test: deps
 	$(PY) -m pytest
 
 lab: deps
 	$(PY) -m lab up
+
+bench: deps
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-bench.txt
+	$(PY) -m benchmarks.rollout
 
 lab-down:
 	@if [ -x $(PY) ]; then $(PY) -m lab down; fi

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print figures and ratios side by side (never unit tests)."""
