@@ -19,7 +19,6 @@ import getpass
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess

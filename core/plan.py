@@ -26,6 +26,10 @@ from core.errors import KitError
 from core.settings import Host, Settings
 
 LOCKED_EXIT = 75  # the inspect step's exit code when another run holds the lock
+STAGED = "wsgate: staged"  # printed once the uploaded tree is unpacked, before `nginx -t`
+SWAPPED = "wsgate: swapped"  # printed once `current` points at the new release, before the reload
+LOCKED = "wsgate: locked"  # printed once the rollout lock is held (and the state reported)
+DONE = "wsgate: done"  # ends the answer to each session request, with its exit code
 KEEP_RELEASES = 3
 
 
@@ -77,9 +81,63 @@ def split(items: list, spec: str | None) -> list[list]:
     return out
 
 
+# The per-host session: one SSH command that takes the host's rollout lock, reports the live
+# state, then serves one request a line until its stdin closes. The lock (an flock on fd 9)
+# lasts exactly as long as the session, so a run that dies or loses the host never leaves a
+# stale lock behind, and every step costs one round trip instead of a new remote shell.
+_SESSION = r"""
+exec 9>>"$R/.rollout.lock"
+if ! flock -n 9; then printf 'locked\t%s\n' "$(cat "$R/.rollout.owner" 2>/dev/null)"; exit __LOCKED_EXIT__; fi
+printf '%s\n' "$OWNER" > "$R/.rollout.owner"
+BEFORE=$(readlink "$R/current" 2>/dev/null || true)
+PREVIOUS=$(readlink "$R/previous" 2>/dev/null || true)
+printf 'current\t%s\nprevious\t%s\n' "$BEFORE" "$PREVIOUS"
+if running; then printf 'running\tyes\n'; else printf 'running\tno\n'; fi
+echo "__LOCKED__"
+set +e
+exec 2>&1  # from here on, every answer carries its errors
+S="$R/releases/$STAGE"
+ngx() { "$N" -p "$R/" -c "$@" 9>&-; }
+reload() { if running; then ngx "$R/current/nginx.conf" -s reload; else ngx "$R/current/nginx.conf"; fi; }
+point() { ln -sfn "$1" "$R/current.new" && mv -T "$R/current.new" "$R/current"; }
+switch() {
+  old=$(readlink "$R/current" 2>/dev/null || true)
+  if [ -n "$old" ]; then ln -sfn "$old" "$R/previous.new" && mv -T "$R/previous.new" "$R/previous" || return 1; fi
+  point "$1"
+}
+prune() {
+  keep=" $(readlink "$R/current" 2>/dev/null) $(readlink "$R/previous" 2>/dev/null) "
+  ls -1t "$R/releases" | grep -v '^\.' | tail -n +__KEEP__ | while read -r d; do
+    case "$keep" in *" releases/$d "*) ;; *) rm -rf "$R/releases/$d";; esac
+  done
+}
+while read -r cmd; do
+  case "$cmd" in
+    stage) read -r payload
+           rm -rf "$S" && mkdir -p "$S" && printf '%s' "$payload" | base64 -d | tar -xf - -C "$S" \
+             && echo "__STAGED__" && ngx "$S/nginx.conf" -t; rc=$? ;;
+    discard) rm -rf "$S"; rc=$? ;;
+    live) D="$R/releases/$TARGET"
+          { [ ! -d "$S" ] || { [ -d "$D" ] && rm -rf "$S"; } || mv -T "$S" "$D"; } \
+            && [ -d "$D" ] && switch "releases/$TARGET" && echo "__SWAPPED__" && { prune; reload; }; rc=$? ;;
+    back) [ -n "$PREVIOUS" ] && [ -d "$R/$PREVIOUS" ] && switch "$PREVIOUS" && echo "__SWAPPED__" && reload; rc=$? ;;
+    reload) reload; rc=$? ;;
+    restore) if [ -n "$BEFORE" ]; then point "$BEFORE" && reload; rc=$?
+             else { ! running || ngx "$R/current/nginx.conf" -s quit; } && rm -f "$R/current"; rc=$?; fi ;;
+    show) if cd "$R/current" 2>/dev/null; then
+            find . -type f | sort | while read -r f; do printf '%s\0' "${f#./}"; cat "$f"; printf '\0'; done; cd /
+          fi; echo; rc=0 ;;
+    *) echo "unknown request: $cmd"; rc=2 ;;
+  esac
+  echo "__DONE__ $rc"
+done
+"""
+
+
 @dataclass(frozen=True)
 class Remote:
-    """The shell scripts of one host's steps. Every value is quoted; every script is POSIX sh."""
+    """The shell of one host: the session script and the state report. POSIX sh; every value
+    from settings is quoted, every request is a fixed word."""
 
     root: str
     nginx: str
@@ -98,109 +156,33 @@ class Remote:
         command = f"sh -c {shlex.quote(script)}"
         return f"sudo -n {command}" if self.sudo else command
 
-    def _head(self) -> str:
+    def _head(self, **values: str) -> str:
         q = shlex.quote
-        return (f"set -e; R={q(self.root)}; N={q(self.nginx)}; P={q(self.pid_file)}; "
-                'running() { [ -f "$P" ] && kill -0 "$(cat "$P")" 2>/dev/null; }; ')
+        assigned = "".join(f"{k}={q(v)}; " for k, v in {"R": self.root, "N": self.nginx, "P": self.pid_file,
+                                                         **values}.items())
+        return (f"set -e; {assigned}"
+                'running() { [ -f "$P" ] && kill -0 "$(cat "$P")" 2>/dev/null; }; '
+                '[ -x "$N" ] || { echo "nginx binary $N not found" >&2; exit 127; }; '
+                'mkdir -p "$R/releases" "$R/logs" "$R/tmp"; ')
 
-    def _nginx(self, conf: str = '"$R/current/nginx.conf"') -> str:
-        return f'"$N" -p "$R/" -c {conf}'
+    def inspect(self) -> str:
+        """The live state, one `key<TAB>value` a line, without a lock (for `fab status`)."""
+        return self.wrap(self._head() + "printf 'current\\t%s\\nprevious\\t%s\\n' "
+                         '"$(readlink "$R/current" 2>/dev/null || true)" "$(readlink "$R/previous" 2>/dev/null || true)"; '
+                         "if running; then printf 'running\\tyes\\n'; else printf 'running\\tno\\n'; fi")
 
-    def inspect(self, owner: str | None) -> str:
-        """Take the lock (when `owner` is set) and report the live state, one `key<TAB>value` a line."""
-        lock = ""
-        if owner is not None:
-            lock = (f'if ! mkdir "$R/.lock" 2>/dev/null; then printf "locked\\t%s\\n" '
-                    f'"$(cat "$R/.lock/owner" 2>/dev/null || echo unknown)"; exit {LOCKED_EXIT}; fi; '
-                    f'printf "%s\\n" {shlex.quote(owner)} > "$R/.lock/owner"; ')
-        return self.wrap(
-            self._head()
-            + 'mkdir -p "$R/releases" "$R/logs" "$R/tmp"; '
-            + lock
-            + 'printf "current\\t%s\\n" "$(readlink "$R/current" 2>/dev/null || true)"; '
-            + 'printf "previous\\t%s\\n" "$(readlink "$R/previous" 2>/dev/null || true)"; '
-            + 'if running; then echo "running\\tyes"; else echo "running\\tno"; fi; '
-            + '[ -x "$N" ] || { echo "nginx binary $N not found" >&2; exit 127; }'
-        )
-
-    def stage_and_test(self, archive: str, stage: str) -> str:
-        """Unpack the uploaded tree into the stage and `nginx -t` the whole staged tree."""
-        q = shlex.quote
-        return self.wrap(
-            self._head()
-            + f'S="$R/releases/"{q(stage)}; rm -rf "$S"; mkdir -p "$S"; '
-            + f'tar -xf {q(archive)} -C "$S"; rm -f {q(archive)}; '
-            + self._nginx('"$S/nginx.conf"') + " -t 2>&1"
-        )
-
-    def discard(self, stage: str) -> str:
-        return self.wrap(self._head() + f'rm -rf "$R/releases/"{shlex.quote(stage)}')
-
-    def swap(self, stage: str, digest: str) -> str:
-        """Name the staged tree by its digest and make it current (previous: what was current)."""
-        q = shlex.quote
-        return self.wrap(
-            self._head()
-            + f'S="$R/releases/"{q(stage)}; D="$R/releases/"{q(digest)}; '
-            + 'if [ -d "$D" ]; then rm -rf "$S"; else mv -T "$S" "$D"; fi; '
-            + self._switch(f'"releases/"{q(digest)}')
-        )
-
-    def switch(self, link: str) -> str:
-        """Make an existing release current (previous: what was current). For `fab rollback`."""
-        return self.wrap(self._head() + f'[ -d "$R/"{shlex.quote(link)} ] || {{ echo "no release {link}" >&2; exit 1; }}; '
-                         + self._switch(shlex.quote(link)))
-
-    @staticmethod
-    def _switch(link: str) -> str:
-        """Atomic renames of two symlinks: never a moment without a `current`."""
-        return ('old=$(readlink "$R/current" 2>/dev/null || true); '
-                'if [ -n "$old" ]; then ln -sfn "$old" "$R/previous.new"; mv -T "$R/previous.new" "$R/previous"; fi; '
-                f'ln -sfn {link} "$R/current.new"; mv -T "$R/current.new" "$R/current"')
-
-    def reload(self) -> str:
-        """Reload a running nginx, or start it. (Exit 0 does not prove the new config took.)"""
-        return self.wrap(self._head() + "if running; then " + self._nginx() + " -s reload 2>&1; else "
-                         + self._nginx() + " 2>&1; fi")
-
-    def restore(self, link: str) -> str:
-        """Point `current` back at `link` (a `releases/<digest>` path) and reload, or, when there
-        was nothing before this run, remove `current` and stop the nginx this run started."""
-        if link:
-            return self.wrap(
-                self._head()
-                + f'ln -sfn {shlex.quote(link)} "$R/current.new"; mv -T "$R/current.new" "$R/current"; '
-                + "if running; then " + self._nginx() + " -s reload 2>&1; else " + self._nginx() + " 2>&1; fi"
-            )
-        return self.wrap(self._head() + "if running; then " + self._nginx() + ' -s quit 2>&1; fi; rm -f "$R/current"')
-
-    def unlock(self, owner: str, prune: bool) -> str:
-        """Release our lock (never another run's) and keep only the newest releases."""
-        q = shlex.quote
-        tidy = ""
-        if prune:
-            tidy = ('keep="$(readlink "$R/current" 2>/dev/null || true) $(readlink "$R/previous" 2>/dev/null || true)"; '
-                    f'ls -1t "$R/releases" | grep -v "^\\." | tail -n +{KEEP_RELEASES + 1} | while read -r d; do '
-                    'case " $keep " in *" releases/$d "*) ;; *) rm -rf "$R/releases/$d";; esac; done; ')
-        return self.wrap(
-            self._head() + tidy
-            + f'if [ "$(cat "$R/.lock/owner" 2>/dev/null)" = {q(owner)} ]; then rm -rf "$R/.lock"; fi'
-        )
-
-    def force_unlock(self) -> str:
-        return self.wrap(self._head() + 'cat "$R/.lock/owner" 2>/dev/null || true; rm -rf "$R/.lock"')
-
-    def show(self, digest_path: str = "current") -> str:
-        """The files of a tree, for diffs: `path<NUL>content<NUL>` pairs."""
-        return self.wrap(
-            self._head()
-            + f'cd "$R/{digest_path}" 2>/dev/null || exit 0; '
-            + 'find . -type f | sort | while read -r f; do printf "%s\\0" "${f#./}"; cat "$f"; printf "\\0"; done'
-        )
+    def session(self, owner: str, stage: str, target: str = "") -> str:
+        """The session command (see _SESSION). Requests: stage (+ a base64 tar line), discard,
+        live (stage -> releases/<target> -> current, reload), back (previous -> current,
+        reload), reload, restore (what was current when the session began), show."""
+        script = (_SESSION.replace("__LOCKED_EXIT__", str(LOCKED_EXIT)).replace("__LOCKED__", LOCKED)
+                  .replace("__STAGED__", STAGED).replace("__SWAPPED__", SWAPPED).replace("__DONE__", DONE)
+                  .replace("__KEEP__", str(KEEP_RELEASES + 1)))
+        return self.wrap(self._head(OWNER=owner, STAGE=stage, TARGET=target) + script)
 
 
 def parse_state(stdout: str) -> dict[str, str]:
-    """The `key<TAB>value` lines of `inspect`."""
+    """The `key<TAB>value` lines of `inspect` and of a session's start."""
     out = {}
     for line in stdout.splitlines():
         key, sep, value = line.partition("\t")
@@ -210,8 +192,8 @@ def parse_state(stdout: str) -> dict[str, str]:
 
 
 def parse_files(stdout: str) -> dict[str, str]:
-    """The output of `Remote.show`: path -> content."""
-    parts = stdout.split("\0")
+    """The answer to the session's `show`: path -> content."""
+    parts = stdout.split("\0")[:-1]  # the last part is what follows the last file: a newline
     return {parts[i]: parts[i + 1] for i in range(0, len(parts) - 1, 2)}
 
 

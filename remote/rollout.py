@@ -1,33 +1,39 @@
 """The rollout driver: phases run as barriers across hosts, in parallel with a bound.
 
-1. connect, lock and inspect every host (nothing changes);
+1. connect, lock and inspect every host (nothing changes): one session command per host;
 2. upload and `nginx -t` the staged tree on every host that needs it (nothing live changes);
    any failure: discard every stage and stop;
 3. per batch: swap, reload, probe; any failure: every host this run changed goes back to its
    previous tree, reloaded; later batches are never touched;
-4. all ready: `on_ready` (the readiness record) runs while the locks are still held.
+4. all ready: the readiness record is written while the locks are still held.
+
+Every host's rollout lock is held from step 1 to the end by its session (core.plan): the
+steps are requests to it, so each costs a round trip, not a new remote shell, and the lock
+cannot outlive the run. A host whose live tree already is the target is not
+uploaded to or reloaded; its live digest is still read from nginx.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import secrets
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 from fabric import Connection
 
 from core.errors import KitError
-from core.plan import (LOCKED_EXIT, HostOutcome, Remote, Step, digest_of_link, nginx_error, parse_files,
-                       parse_state, split, tree_diff)
+from core.plan import (DONE, LOCKED, LOCKED_EXIT, STAGED, SWAPPED, HostOutcome, Remote, Step, digest_of_link,
+                       nginx_error, parse_files, parse_state, split, tree_diff)
 from core.render import Tree
 from core.settings import Host, Settings
 from remote.probe import probe, wait_live
 from remote.report import Reporter
-from remote.ssh import Ssh
+from remote.ssh import Session, Ssh
 
 
 class StepFailed(KitError):
@@ -46,6 +52,14 @@ def archive(tree: Tree) -> bytes:
     return buf.getvalue()
 
 
+class RecordSink(Protocol):
+    """Where proven readiness goes (the readiness record)."""
+
+    def needs(self, outcomes: list[HostOutcome]) -> bool: ...
+
+    def write(self, outcomes: list[HostOutcome]) -> None: ...
+
+
 @dataclass
 class _Host:
     host: Host
@@ -53,26 +67,25 @@ class _Host:
     tree: Tree | None  # None: roll back to the host's previous release
     outcome: HostOutcome
     conn: Connection | None = None
+    session: Session | None = None  # open while this run holds the host's rollout lock
     link_before: str = ""  # `releases/<digest>` that was current before this run
-    link_target: str = ""  # `releases/<digest>` to make current
     upload: bool = False  # the tree must be uploaded
     reload: bool = False  # nginx must (re)load the target
 
 
 class Rollout:
     def __init__(self, settings: Settings, hosts: list[Host], trees: dict[str, Tree] | None, ssh: Ssh,
-                 reporter: Reporter, parallel: int = 10, batch: str | None = None, dry_run: bool = False):
+                 reporter: Reporter, parallel: int = 10, batch: str | None = None):
         """`trees`: host name -> tree to roll out; None rolls every host back to its previous release."""
         self.settings, self.ssh, self.reporter = settings, ssh, reporter
-        self.parallel, self.batch, self.dry_run = max(1, parallel), batch, dry_run
+        self.parallel, self.batch = max(1, parallel), batch
         self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}"
-        self.stage = f".stage-{self.run_id}"
         self.hosts = [
             _Host(h, Remote.of(settings, h), trees[h.name] if trees else None,
                   HostOutcome(h.name, h.instance_id, h.address, target=trees[h.name].digest if trees else ""))
             for h in hosts
         ]
-        self._archives: dict[str, bytes] = {}
+        self._payloads: dict[str, bytes] = {}
         self.diffs: dict[str, str] = {}  # check: host -> unified diff of live vs new files
 
     @property
@@ -81,14 +94,14 @@ class Rollout:
 
     # -- phases ------------------------------------------------------------------------------
 
-    def run(self, on_ready: Callable[[list[HostOutcome]], None] | None = None) -> bool:
-        """The whole rollout; True when every host is proven ready (and `on_ready` ran)."""
+    def run(self, record: RecordSink | None = None) -> bool:
+        """The whole rollout; True when every host is proven ready (and the record is written)."""
         try:
             if not self._each(self.hosts, self._prepare):
                 return self._stopped()
             todo = [h for h in self.hosts if h.upload]
             if not self._each(todo, self._stage):
-                self._each([h for h in todo if h.conn], self._discard, quiet=True)
+                self._each([h for h in todo if h.session], self._discard, quiet=True)
                 return self._stopped()
             for group in split([h for h in self.hosts if h.reload], self.batch):
                 if not self._each(group, self._go_live):
@@ -97,25 +110,21 @@ class Rollout:
             for h in self.hosts:
                 if h.outcome.ok is None:
                     h.outcome.finish()
-            if on_ready:
-                on_ready(self.outcomes)
+            if record and record.needs(self.outcomes):
+                record.write(self.outcomes)
             return True
         except BaseException:
             self._roll_back()
             self._stopped()
             raise
         finally:
-            self._each([h for h in self.hosts if h.conn], self._unlock, quiet=True)
-            for h in self.hosts:
-                if h.conn:
-                    h.conn.close()
-            self.ssh.close()
+            self._close()
 
     def check(self) -> bool:
         """Dry run: stage and test on every host, report what would change, change nothing live."""
         try:
             ok = self._each(self.hosts, self._prepare)
-            todo = [h for h in self.hosts if h.upload and h.conn]
+            todo = [h for h in self.hosts if h.upload and h.session]
             ok = self._each(todo, self._stage) and ok
             self._each(todo, self._discard, quiet=True)
             self._each(todo, self._diff, quiet=True)
@@ -124,10 +133,16 @@ class Rollout:
                     h.outcome.finish()
             return ok
         finally:
-            for h in self.hosts:
-                if h.conn:
-                    h.conn.close()
-            self.ssh.close()
+            self._close()
+
+    def _close(self) -> None:
+        """Release every lock (closing a session ends the command holding it) and disconnect."""
+        for h in self.hosts:
+            if h.session:
+                h.session.close()
+            if h.conn:
+                h.conn.close()
+        self.ssh.close()
 
     def _each(self, hosts: list[_Host], fn: Callable[[_Host], None], quiet: bool = False) -> bool:
         """Run `fn` on every host, `parallel` at a time; False if any host failed."""
@@ -156,30 +171,29 @@ class Rollout:
                 h.outcome.error = "stopped: another host failed"
         return False
 
+    # -- per host ----------------------------------------------------------------------------
+
     def _prepare(self, h: _Host) -> None:
+        """Connect, take the lock, read what is live."""
         self._step(h, Step.CONNECT)
         h.conn = self.ssh.connect(h.host)
         self._step(h, Step.LOCK)
-        r = self.ssh.run(h.conn, h.remote.inspect(None if self.dry_run else self.run_id))
+        stage = f".stage-{self.run_id}"
+        r, h.session = self.ssh.hold(h.conn, h.remote.session(self.run_id, stage, h.outcome.target), LOCKED, DONE)
         state = parse_state(r.stdout)
         if r.exited == LOCKED_EXIT:
-            h.conn.close()
-            h.conn = None  # not ours to unlock
-            raise StepFailed(f"another rollout holds the lock on {h.remote.root} ({state.get('locked', '?')}); "
-                          "wait for it, or `fab unlock` if it died")
-        if not r.ok:
+            raise StepFailed(f"another rollout holds the lock on {h.remote.root} (run {state.get('locked') or '?'}); "
+                             "it is released when that run ends")
+        if h.session is None:
             raise StepFailed(f"cannot inspect {h.remote.root}: {nginx_error(r.stderr + r.stdout)}")
         h.link_before = state.get("current", "")
         h.outcome.before = digest_of_link(h.link_before)
         if h.tree is None:  # rollback: the previous release becomes current
-            h.link_target = state.get("previous", "")
-            h.outcome.target = digest_of_link(h.link_target) or ""
+            h.outcome.target = digest_of_link(state.get("previous", "")) or ""
             if not h.outcome.target:
                 raise StepFailed(f"no previous release to roll back to under {h.remote.root}")
             h.reload = True
             return
-        h.outcome.target = h.tree.digest
-        h.link_target = f"releases/{h.tree.digest}"
         h.upload = h.reload = h.outcome.before != h.tree.digest
         if not h.upload:  # same tree: only prove it is the one running
             running = state.get("running") == "yes"
@@ -189,36 +203,39 @@ class Rollout:
             if not h.reload:
                 h.outcome.after = live
 
+    def _request(self, h: _Host, word: str, payload: bytes | None = None):
+        return h.session.request(word, payload)
+
     def _stage(self, h: _Host) -> None:
+        """Upload the tree into the stage and `nginx -t` the whole staged tree: one request."""
         self._step(h, Step.UPLOAD)
-        data = self._archive(h.tree)
-        remote_tar = f"/tmp/wsgate-{self.run_id}-{h.host.name}.tar"
-        self.ssh.put(h.conn, data, remote_tar)
-        self._step(h, Step.TEST)
-        r = self.ssh.run(h.conn, h.remote.stage_and_test(remote_tar, self.stage))
+        r = self._request(h, "stage", self._payload(h.tree))
+        if STAGED not in r.stdout:
+            raise StepFailed(f"upload failed: {nginx_error(r.stdout)}")
+        h.outcome.step = Step.TEST
         if not r.ok:
-            raise StepFailed(f"nginx -t rejected the new config: {nginx_error(r.stdout + r.stderr)}")
+            raise StepFailed(f"nginx -t rejected the new config: {nginx_error(r.stdout.split(STAGED)[-1])}")
 
     def _diff(self, h: _Host) -> None:
-        r = self.ssh.run(h.conn, h.remote.show())
-        self.diffs[h.host.name] = tree_diff(parse_files(r.stdout), h.tree.files)
+        self.diffs[h.host.name] = tree_diff(parse_files(self._request(h, "show").stdout), h.tree.files)
 
     def _discard(self, h: _Host) -> None:
-        self.ssh.run(h.conn, h.remote.discard(self.stage))
+        self._request(h, "discard")
 
     def _go_live(self, h: _Host) -> None:
+        """Swap (when the tree changes) and reload: one request; then the probe."""
         digest = h.outcome.target
-        if h.link_target != h.link_before:
+        if h.tree is None or h.upload:
             self._step(h, Step.SWAP)
-            command = h.remote.swap(self.stage, digest) if h.upload else h.remote.switch(h.link_target)
-            r = self.ssh.run(h.conn, command)
-            if not r.ok:
-                raise StepFailed(f"swap failed: {nginx_error(r.stderr + r.stdout)}")
+            r = self._request(h, "back" if h.tree is None else "live")
+            if SWAPPED not in r.stdout:
+                raise StepFailed(f"swap failed: {nginx_error(r.stdout)}")
             h.outcome.changed = True
-        self._step(h, Step.RELOAD)
-        r = self.ssh.run(h.conn, h.remote.reload())
+        else:
+            r = self._request(h, "reload")
+        h.outcome.step = Step.RELOAD
         if not r.ok:
-            raise StepFailed(f"reload failed: {nginx_error(r.stdout + r.stderr)}")
+            raise StepFailed(f"reload failed: {nginx_error(r.stdout.split(SWAPPED)[-1])}")
         self._step(h, Step.PROBE)
         problems = probe(self.ssh, h.conn, self.settings, self._address(h), digest)
         if problems:
@@ -228,7 +245,7 @@ class Rollout:
         self.reporter.done(h.outcome)
 
     def _roll_back(self) -> None:
-        changed = [h for h in self.hosts if h.outcome.changed and h.conn]
+        changed = [h for h in self.hosts if h.outcome.changed and h.session]
         if changed:
             self.reporter.note(f"rolling back {len(changed)} host(s) this run changed")
             self._each(changed, self._restore, quiet=True)
@@ -236,9 +253,9 @@ class Rollout:
     def _restore(self, h: _Host) -> None:
         note = h.outcome
         try:
-            r = self.ssh.run(h.conn, h.remote.restore(h.link_before))
+            r = self._request(h, "restore")
             if not r.ok:
-                raise StepFailed(f"reload failed: {nginx_error(r.stdout + r.stderr)}")
+                raise StepFailed(f"reload failed: {nginx_error(r.stdout)}")
             if note.before:
                 seen = wait_live(self.ssh, h.conn, self.settings, self._address(h), note.before)
                 if seen != note.before:
@@ -252,16 +269,11 @@ class Rollout:
             note.error = f"{note.error}; ROLLBACK FAILED: {exc}".lstrip("; ")
             self.reporter.failed(note)
 
-    def _unlock(self, h: _Host) -> None:
-        if not self.dry_run:
-            r = self.ssh.run(h.conn, h.remote.unlock(self.run_id, prune=bool(h.outcome.ok)))
-            if not r.ok:
-                self.reporter.note(f"{h.host.name}: could not release the lock: {nginx_error(r.stderr + r.stdout)}")
-
     def _address(self, h: _Host) -> str:
         return self.settings.bind_of(h.host) or "127.0.0.1"
 
-    def _archive(self, tree: Tree) -> bytes:
-        if tree.digest not in self._archives:
-            self._archives[tree.digest] = archive(tree)
-        return self._archives[tree.digest]
+    def _payload(self, tree: Tree) -> bytes:
+        """The tree as one base64 line (a tar), made once per distinct tree."""
+        if tree.digest not in self._payloads:
+            self._payloads[tree.digest] = base64.b64encode(archive(tree))
+        return self._payloads[tree.digest]

@@ -8,13 +8,14 @@ and refuses unknown or changed keys. Connect and command timeouts are always set
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
+import time
 from pathlib import Path
 
 import paramiko
 from fabric import Config, Connection
-from invoke.exceptions import CommandTimedOut
 from paramiko.config import SSHConfig
 
 from core.errors import KitError
@@ -27,6 +28,43 @@ class SshError(KitError):
 
 class HostKeyError(SshError):
     """The host's key is unknown or differs from known_hosts."""
+
+
+class Session:
+    """A command that holds a lock on the host and serves one request a line (core.plan._SESSION).
+
+    Closing it closes its stdin: the command ends and the lock is released.
+    """
+
+    def __init__(self, chan: paramiko.Channel, done: str, timeout: int):
+        self.chan, self.timeout = chan, timeout
+        self._done = re.compile(rb"(?:^|\n)" + re.escape(done.encode()) + rb" (\d+)\n")
+        self._buffer = b""
+
+    def request(self, word: str, payload: bytes | None = None) -> Result:
+        """Send a request (and a one-line payload); its output and exit code."""
+        deadline = time.monotonic() + self.timeout
+        try:
+            self.chan.sendall(word.encode() + b"\n" + (payload + b"\n" if payload is not None else b""))
+            while not (m := self._done.search(self._buffer)):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise socket.timeout()
+                self.chan.settimeout(remaining)
+                chunk = self.chan.recv(65536)
+                if not chunk:
+                    raise EOFError("the host session ended")
+                self._buffer += chunk
+        except socket.timeout:
+            raise SshError(f"{word}: timed out after {self.timeout}s") from None
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise SshError(f"connection lost: {exc or type(exc).__name__}") from None
+        output = self._buffer[:m.start()].decode(errors="replace")
+        self._buffer = self._buffer[m.end():]
+        return Result(int(m[1]), output, "")
+
+    def close(self) -> None:
+        self.chan.close()
 
 
 class Result:
@@ -43,6 +81,20 @@ def _fabric_config(settings: Settings) -> Config:
     if path and os.path.exists(path):
         return Config(runtime_ssh_path=path)
     return Config(ssh_config=SSHConfig())  # explicit and empty: read no ssh config file
+
+
+def _drain(recv, chan: paramiko.Channel, deadline: float) -> bytes:
+    """Everything a stream of `chan` sends until EOF, or socket.timeout at `deadline`."""
+    chunks = []
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout()
+        chan.settimeout(remaining)
+        chunk = recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 def _target(spec: str) -> tuple[str | None, str, int | None]:
@@ -116,24 +168,67 @@ class Ssh:
         except (OSError, socket.timeout, EOFError) as exc:
             raise SshError(f"ssh {label}:{conn.port}: cannot connect: {exc or type(exc).__name__}") from None
 
-    def run(self, conn: Connection, command: str, timeout: int | None = None) -> Result:
-        """Run one command; a non-zero exit is a result, a lost connection or timeout an error."""
+    def run(self, conn: Connection, command: str, timeout: int | None = None, stdin: bytes = b"") -> Result:
+        """Run one command (feeding it `stdin`); a non-zero exit is a result, a lost connection or
+        a timeout an error. A bare exec channel on the open transport: no pty, no runner
+        threads, so a step costs one round trip."""
+        limit = timeout or self.settings.ssh.command_timeout
+        deadline = time.monotonic() + limit
         try:
-            r = conn.run(command, hide=True, warn=True, in_stream=False,
-                         timeout=timeout or self.settings.ssh.command_timeout)
-        except CommandTimedOut as exc:
-            raise SshError(f"command timed out after {exc.timeout}s") from None
+            chan = conn.transport.open_session(timeout=limit)
+            try:
+                chan.exec_command(command)
+                if stdin:
+                    chan.sendall(stdin)
+                chan.shutdown_write()
+                stdout = _drain(chan.recv, chan, deadline)
+                stderr = _drain(chan.recv_stderr, chan, deadline)
+                if not chan.status_event.wait(max(0.0, deadline - time.monotonic())):
+                    raise socket.timeout()
+                return Result(chan.recv_exit_status(), stdout.decode(errors="replace"),
+                              stderr.decode(errors="replace"))
+            finally:
+                chan.close()
+        except socket.timeout:
+            raise SshError(f"command timed out after {limit}s") from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise SshError(f"connection lost: {exc or type(exc).__name__}") from None
-        return Result(r.exited, r.stdout, r.stderr)
 
-    def put(self, conn: Connection, data: bytes, remote: str) -> None:
+    def hold(self, conn: Connection, command: str, marker: str, done: str,
+             timeout: int | None = None) -> tuple[Result, Session | None]:
+        """Start a session command: one that prints `marker`, then serves requests (see Session).
+
+        Returns what it printed up to the marker and the session; if it ends without the
+        marker (the lock is taken, say), its result and None.
+        """
+        limit = timeout or self.settings.ssh.command_timeout
+        deadline = time.monotonic() + limit
         try:
-            with conn.sftp().open(remote, "wb") as f:
-                f.set_pipelined(True)
-                f.write(data)
+            chan = conn.transport.open_session(timeout=limit)
+            chan.exec_command(command)
+            out = b""
+            while marker.encode() not in out:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    chan.close()
+                    raise socket.timeout()
+                chan.settimeout(remaining)
+                chunk = chan.recv(65536)
+                if not chunk:  # it ended: the marker will not come
+                    stderr = _drain(chan.recv_stderr, chan, deadline)
+                    chan.status_event.wait(max(0.0, deadline - time.monotonic()))
+                    code = chan.recv_exit_status() if chan.exit_status_ready() else -1
+                    chan.close()
+                    return Result(code, out.decode(errors="replace"), stderr.decode(errors="replace")), None
+                out += chunk
+            head, _, rest = out.partition(marker.encode())
+            session = Session(chan, done, limit)
+            session._buffer = rest.lstrip(b"\n")
+            return Result(0, head.decode(errors="replace"), ""), session
+        except socket.timeout:
+            raise SshError(f"command timed out after {limit}s") from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise SshError(f"upload to {remote} failed: {exc or type(exc).__name__}") from None
+            raise SshError(f"connection lost: {exc or type(exc).__name__}") from None
 
     def channel(self, conn: Connection, address: str, port: int, timeout: float = 5.0) -> paramiko.Channel:
         """A TCP connection from the host itself to address:port (direct-tcpip over this SSH session)."""

@@ -28,7 +28,7 @@ def _host(settings: Settings, host: Host, tree: Tree, ssh: Ssh) -> dict:
         return row
     try:
         remote = Remote.of(settings, host)
-        state = parse_state(ssh.run(conn, remote.inspect(None)).stdout)
+        state = parse_state(ssh.run(conn, remote.inspect()).stdout)
         row["current"] = digest_of_link(state.get("current", ""))
         row["running"] = state.get("running") == "yes"
         address = settings.bind_of(host) or "127.0.0.1"

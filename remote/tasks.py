@@ -79,7 +79,7 @@ def check(c, env, hosts=None, parallel=10, json=False):
 
     settings, targets, trees = _prepare(env, hosts)
     reporter = Reporter(quiet=json)
-    run = Rollout(settings, targets, trees, Ssh(settings), reporter, parallel=int(parallel), dry_run=True)
+    run = Rollout(settings, targets, trees, Ssh(settings), reporter, parallel=int(parallel))
     ok = run.check()
     if json:
         reporter.json({"env": settings.env, "ok": ok, "hosts": [
@@ -96,23 +96,53 @@ def check(c, env, hosts=None, parallel=10, json=False):
         raise Exit(code=1)
 
 
-def _record_writer(settings: Settings, reporter) -> Callable:
-    """What runs once every host is proven ready: the readiness record (proxy protocol on)."""
-    from core import record as records
-    from remote import aws
+class ReadinessRecord:
+    """The rollout's record sink: the readiness record in Parameter Store.
 
-    def write(outcomes) -> None:
-        new = records.build(settings.env, list(settings.ports.proxied),
-                            {o.instance: o.after for o in outcomes})
-        old = aws.read_record(settings)
+    The stored record is fetched in the background as soon as this is made, so the AWS call
+    (and importing boto3) overlaps the work on the hosts.
+    """
+
+    def __init__(self, settings: Settings, reporter):
+        import threading
+
+        self.settings, self.reporter = settings, reporter
+        self._stored = None
+        self._error: KitError | None = None
+        self._fetch = threading.Thread(target=self._read, daemon=True)
+        self._fetch.start()
+
+    def _read(self) -> None:
+        from remote import aws
+
+        try:
+            self._stored = aws.read_record(self.settings)
+        except KitError as exc:
+            self._error = exc
+
+    def _new(self, outcomes):
+        from core import record as records
+
+        return records.build(self.settings.env, list(self.settings.ports.proxied),
+                             {o.instance: o.after for o in outcomes})
+
+    def needs(self, outcomes) -> bool:
+        self._fetch.join()
+        if self._error:
+            raise self._error
+        new, old = self._new(outcomes), self._stored
         if old and old.digests == new.digests and old.proxy_protocol_ports == new.proxy_protocol_ports:
-            reporter.note(f"readiness record {settings.parameter_path} is already current")
-            return
-        aws.write_record(settings, new)
-        reporter.note(f"readiness record written: {settings.parameter_path} "
-                      f"({len(outcomes)} instance(s), ports {new.proxy_protocol_ports})")
+            self.reporter.note(f"readiness record {self.settings.parameter_path} is already current")
+            return False
+        return True
 
-    return write
+    def write(self, outcomes) -> None:
+        from remote import aws
+
+        new = self._new(outcomes)
+        aws.write_record(self.settings, new)
+        self.reporter.note(f"readiness record written: {self.settings.parameter_path} "
+                           f"({len(outcomes)} instance(s), ports {new.proxy_protocol_ports})")
 
 
 def _apply(settings: Settings, reporter) -> None:
@@ -154,10 +184,10 @@ def rollout(c, env, parallel=10, batch=None, apply=False, json=False):
     settings, targets, trees = _prepare(env)
     batches(batch, len(targets))  # a bad --batch fails here, before any host is touched
     reporter = Reporter(quiet=json)
-    on_ready = None
+    record = None
     if settings.proxy_protocol:
         require_instance_ids(targets)
-        on_ready = _record_writer(settings, reporter)
+        record = ReadinessRecord(settings, reporter)
     else:
         # Turning it off: the load balancer stops sending the header first, then nginx.
         if apply:
@@ -169,7 +199,7 @@ def rollout(c, env, parallel=10, batch=None, apply=False, json=False):
                            "first (or `fab rollout --apply`), then this rollout")
         aws.delete_record(settings)
     run = Rollout(settings, targets, trees, Ssh(settings), reporter, parallel=int(parallel), batch=batch)
-    ok = run.run(on_ready=on_ready)
+    ok = run.run(record)
     _summary(reporter, json, f"rollout {settings.env}", ok, run.outcomes)
     if not ok:
         raise Exit(code=1)
@@ -188,12 +218,12 @@ def rollback(c, env, parallel=10, json=False):
 
     settings, targets, _ = _prepare(env)
     reporter = Reporter(quiet=json)
-    on_ready = None
+    record = None
     if settings.proxy_protocol:
         require_instance_ids(targets)
-        on_ready = _record_writer(settings, reporter)
+        record = ReadinessRecord(settings, reporter)
     run = Rollout(settings, targets, None, Ssh(settings), reporter, parallel=int(parallel))
-    ok = run.run(on_ready=on_ready)
+    ok = run.run(record)
     _summary(reporter, json, f"rollback {settings.env}", ok, run.outcomes)
     if not ok:
         raise Exit(code=1)
@@ -228,21 +258,4 @@ def status(c, env, json=False):
         show(reporter, view)
 
 
-@task(help={"env": ENV_HELP})
-@_reported
-def unlock(c, env):
-    """Remove a rollout lock left by a run that died (says whose lock it was)."""
-    from core.plan import Remote
-    from remote.hosts import resolve
-    from remote.ssh import Ssh
-
-    settings = _settings(env)
-    ssh = Ssh(settings)
-    for host in resolve(settings):
-        conn = ssh.connect(host)
-        owner = ssh.run(conn, Remote.of(settings, host).force_unlock()).stdout.strip()
-        print(f"{host.name}\t{'removed lock of ' + owner if owner else 'not locked'}")
-        conn.close()
-
-
-ns = Collection(render, check, rollout, rollback, status, unlock)
+ns = Collection(render, check, rollout, rollback, status)

@@ -99,7 +99,7 @@ def driver(fleet, hook=None, **kwargs):
     from remote.report import Reporter
     from remote.rollout import Rollout
     from remote.ssh import Ssh
-    from remote.tasks import _record_writer
+    from remote.tasks import ReadinessRecord
 
     class Hooked(Reporter):
         def step(self, outcome):
@@ -111,7 +111,7 @@ def driver(fleet, hook=None, **kwargs):
     hosts = resolve(s)
     reporter = Hooked()
     run = Rollout(s, hosts, render_hosts(s, hosts), Ssh(s), reporter, **kwargs)
-    ok = run.run(on_ready=_record_writer(s, reporter))
+    ok = run.run(ReadinessRecord(s, reporter))
     return ok, {o.host: o for o in run.outcomes}
 
 

@@ -15,7 +15,7 @@ import yaml
 
 from lab.hosts import SshHost, keygen
 from tests.support.nginx import Nginx
-from tests.support.procs import free_port
+from tests.support.procs import free_ports
 
 @dataclass
 class FleetHost(SshHost):
@@ -44,14 +44,15 @@ class Fleet:
         self.known_hosts = self.dir / "client" / "known_hosts"
         self.hosts: list[FleetHost] = []
         lines = []
+        # Every port distinct and free on every host address: nginx and sshd share them.
+        ports = free_ports(3 + count, [f"127.0.{net}.{i}" for i in range(1, count + 1)])
         for i in range(1, count + 1):
             address = f"127.0.{net}.{i}"
-            host = FleetHost(f"h{i}", address, free_port(address), self.dir / f"h{i}", f"i-{i:017x}")
+            host = FleetHost(f"h{i}", address, ports[i + 2], self.dir / f"h{i}", f"i-{i:017x}")
             lines.append(host.prepare(client_pub))
             self.hosts.append(host)
         self.known_hosts.write_text("\n".join(lines) + "\n")
-        first = self.hosts[0].address
-        self.ports = {"http": free_port(first), "tls": free_port(first), "health": free_port(first)}
+        self.ports = dict(zip(("http", "tls", "health"), ports))
         self.config = {
             "aws:region": "us-east-1",
             "aws:endpoints": [{s: aws_url for s in ("ec2", "elb", "ssm", "sts")}],

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from tests.conftest import stack_config
-from tests.support.procs import free_port
+from tests.support.procs import free_port, free_ports
 
 
 def lab_env(directory: Path, net: int) -> tuple[Path, dict[int, int]]:
@@ -18,14 +18,15 @@ def lab_env(directory: Path, net: int) -> tuple[Path, dict[int, int]]:
     moto = free_port()
     config["aws:endpoints"] = [{s: f"http://127.0.0.1:{moto}" for s in ("ec2", "elb", "ssm", "sts")}]
     addresses = [f"127.0.{net}.{i}" for i in (1, 2, 3)]
-    config["wsgate:ports"] = {name: free_port(addresses[0]) for name in ("http", "tls", "health")}
+    ports = free_ports(6, addresses)  # nginx's three, then one sshd per host: all distinct
+    config["wsgate:ports"] = dict(zip(("http", "tls", "health"), ports))
     config["wsgate:app"] = {"upstreams": [f"127.0.0.1:{free_port()}"]}
     config["wsgate:loadBalancer"] = {**config["wsgate:loadBalancer"], "name": f"wsgate-labtest-{net}"}
     config["wsgate:nginx"] = {**config["wsgate:nginx"], "root": str(directory / "nginx")}
     config["wsgate:ssh"] = {**config["wsgate:ssh"], "identityFile": str(directory / "client" / "id_ed25519"),
                             "knownHosts": str(directory / "client" / "known_hosts")}
-    for host, address in zip(config["wsgate:hosts"], addresses):
-        host.update(address=address, bind=address, sshPort=free_port(address),
+    for host, address, ssh_port in zip(config["wsgate:hosts"], addresses, ports[3:]):
+        host.update(address=address, bind=address, sshPort=ssh_port,
                     root=str(directory / host["name"] / "nginx"))
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "Pulumi.labtest.yaml"

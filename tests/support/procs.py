@@ -18,6 +18,25 @@ def free_port(address: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_ports(count: int, addresses: list[str]) -> list[int]:
+    """`count` distinct ports, each free on every one of `addresses` (hosts share port numbers)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port(addresses[0])
+        if port not in ports and all(_free(a, port) for a in addresses):
+            ports.append(port)
+    return ports
+
+
+def _free(address: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((address, port))
+        except OSError:
+            return False
+    return True
+
+
 def start_app(address: str, port: int, log: Path) -> subprocess.Popen:
     """The demo WebSocket app (lab/app.py) in its own process."""
     out = log.open("ab")
