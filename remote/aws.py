@@ -10,7 +10,7 @@ import ipaddress
 from functools import lru_cache
 from urllib.parse import urlparse
 
-import boto3
+import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -30,7 +30,9 @@ def _client(service: str, region: str, endpoint: str | None):
     keys = {}
     if endpoint and _loopback(endpoint):  # the lab's endpoint: never hand it real credentials
         keys = {"aws_access_key_id": "lab", "aws_secret_access_key": "lab"}
-    return boto3.client(service, region_name=region, endpoint_url=endpoint, config=_CONFIG, **keys)
+    # botocore itself: boto3 would add nothing here but its import time.
+    return botocore.session.get_session().create_client(service, region_name=region, endpoint_url=endpoint,
+                                                         config=_CONFIG, **keys)
 
 
 def _loopback(url: str) -> bool:

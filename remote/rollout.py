@@ -7,10 +7,11 @@
    previous tree, reloaded; later batches are never touched;
 4. all ready: the readiness record is written while the locks are still held.
 
-Every host's rollout lock is held from step 1 to the end by its session (core.plan): the
-steps are requests to it, so each costs a round trip, not a new remote shell, and the lock
-cannot outlive the run. A host whose live tree already is the target is not
-uploaded to or reloaded; its live digest is still read from nginx.
+A host whose nginx already runs the target (asked through its health port) needs nothing:
+no lock, no upload, no reload. Every other host's rollout lock is held from step 1 to the
+end by its session (core.plan): the steps are requests to it, so each costs a round trip,
+not a new remote shell, and the lock cannot outlive the run. The record is written under
+every host's lock.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from core.plan import (DONE, LOCKED, LOCKED_EXIT, STAGED, SWAPPED, HostOutcome, 
                        nginx_error, parse_files, parse_state, split, tree_diff)
 from core.render import Tree
 from core.settings import Host, Settings
-from remote.probe import probe, wait_live
+from remote.probe import live, probe, wait_live
 from remote.report import Reporter
 from remote.ssh import Session, Ssh
 
@@ -111,6 +112,9 @@ class Rollout:
                 if h.outcome.ok is None:
                     h.outcome.finish()
             if record and record.needs(self.outcomes):
+                # The record is written under every host's lock (hosts with nothing to do had none).
+                if not self._each([h for h in self.hosts if not h.session], self._lock):
+                    return self._stopped()
                 record.write(self.outcomes)
             return True
         except BaseException:
@@ -174,9 +178,29 @@ class Rollout:
     # -- per host ----------------------------------------------------------------------------
 
     def _prepare(self, h: _Host) -> None:
-        """Connect, take the lock, read what is live."""
+        """Connect; if nginx already runs the target, that is all; else lock and read the state."""
         self._step(h, Step.CONNECT)
         h.conn = self.ssh.connect(h.host)
+        seen = None
+        if h.tree is not None:  # one channel to the health port, no remote shell
+            seen = live(self.ssh, h.conn, self.settings, self._address(h))
+            if seen == h.tree.digest:
+                h.outcome.before = h.outcome.after = seen
+                return
+        state = self._lock(h)
+        h.link_before = state.get("current", "")
+        h.outcome.before = digest_of_link(h.link_before)
+        if h.tree is None:  # rollback: the previous release becomes current
+            h.outcome.target = digest_of_link(state.get("previous", "")) or ""
+            if not h.outcome.target:
+                raise StepFailed(f"no previous release to roll back to under {h.remote.root}")
+            h.reload = True
+            return
+        h.upload = h.outcome.before != h.tree.digest
+        h.reload = True  # the tree is new, or it is current but not what nginx runs
+
+    def _lock(self, h: _Host) -> dict[str, str]:
+        """Open the host's session: take its rollout lock; the live state it reports."""
         self._step(h, Step.LOCK)
         stage = f".stage-{self.run_id}"
         r, h.session = self.ssh.hold(h.conn, h.remote.session(self.run_id, stage, h.outcome.target), LOCKED, DONE)
@@ -186,22 +210,7 @@ class Rollout:
                              "it is released when that run ends")
         if h.session is None:
             raise StepFailed(f"cannot inspect {h.remote.root}: {nginx_error(r.stderr + r.stdout)}")
-        h.link_before = state.get("current", "")
-        h.outcome.before = digest_of_link(h.link_before)
-        if h.tree is None:  # rollback: the previous release becomes current
-            h.outcome.target = digest_of_link(state.get("previous", "")) or ""
-            if not h.outcome.target:
-                raise StepFailed(f"no previous release to roll back to under {h.remote.root}")
-            h.reload = True
-            return
-        h.upload = h.reload = h.outcome.before != h.tree.digest
-        if not h.upload:  # same tree: only prove it is the one running
-            running = state.get("running") == "yes"
-            live = wait_live(self.ssh, h.conn, self.settings, self._address(h), h.tree.digest, timeout=0) \
-                if running else None
-            h.reload = live != h.tree.digest
-            if not h.reload:
-                h.outcome.after = live
+        return state
 
     def _request(self, h: _Host, word: str, payload: bytes | None = None):
         return h.session.request(word, payload)
