@@ -339,7 +339,7 @@ def load(env: str, directory: Path | str = ".") -> Settings:
     if not _ENV.match(env):
         raise SettingsError(path.name, [("env", env, "not a valid environment name")])
     try:
-        doc = yaml.safe_load(path.read_text()) or {}
+        doc = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
     except FileNotFoundError:
         raise SettingsError(path.name, [("file", str(path), "no such environment file")]) from None
     except yaml.YAMLError as exc:
