@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from core import proxyproto
+from core.elb import HEALTH_PATH
 from core.settings import Settings
 
 PROBE_CLIENT = "192.0.2.10"  # a documentation address: what the probe's PROXY header claims
@@ -60,7 +61,7 @@ def _request(host: str, path: str) -> bytes:
 
 
 def health_request() -> bytes:
-    return _request("wsgate-probe", "/healthz")
+    return _request("wsgate-probe", HEALTH_PATH)
 
 
 def live_digest(reply: Reply) -> str | None:

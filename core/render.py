@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jinja2
 
+from core.elb import HEALTH_PATH
 from core.errors import RenderError
 from core.settings import Host, Settings
 
@@ -69,7 +70,7 @@ def render(settings: Settings, bind: str | None = None) -> Tree:
 
     env = _environment()
     names = sorted(n for n in env.list_templates() if n.endswith(".j2"))
-    context = {"s": settings, "listen": listen}
+    context = {"s": settings, "listen": listen, "health_path": HEALTH_PATH}
     try:
         files = {n[:-3]: env.get_template(n).render(context) for n in names if n[:-3] != DIGEST_FILE}
         digest = digest_of(files)

@@ -14,11 +14,9 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
+from core.elb import health_check, listeners
 from core.gate import Decision
 from core.settings import Settings
-
-HEALTH_PATH = "/healthz"
-
 
 @dataclass(frozen=True)
 class LoadBalancerArgs:
@@ -65,6 +63,7 @@ class WsGateLoadBalancer(pulumi.ComponentResource):
                 description=f"to instance {role} port", opts=child,
             )
 
+        check = health_check(s)
         self.elb = aws.elb.LoadBalancer(
             f"{name}-elb",
             name=lb.name,
@@ -74,15 +73,13 @@ class WsGateLoadBalancer(pulumi.ComponentResource):
             security_groups=[self.lb_security_group.id],
             listeners=[
                 aws.elb.LoadBalancerListenerArgs(
-                    lb_port=80, lb_protocol="tcp", instance_port=s.ports.http, instance_protocol="tcp"),
-                aws.elb.LoadBalancerListenerArgs(
-                    lb_port=443, lb_protocol="ssl", instance_port=s.ports.tls, instance_protocol="tcp",
-                    ssl_certificate_id=lb.certificate_arn),
+                    lb_port=x.lb_port, lb_protocol=x.protocol, instance_port=x.instance_port, instance_protocol="tcp",
+                    ssl_certificate_id=lb.certificate_arn if x.protocol == "ssl" else None)
+                for x in listeners(s)
             ],
-            # A plain HTTP port: never a PROXY header, healthy before, during and after the cutover.
             health_check=aws.elb.LoadBalancerHealthCheckArgs(
-                target=f"HTTP:{s.ports.health}{HEALTH_PATH}", interval=10, timeout=5,
-                healthy_threshold=2, unhealthy_threshold=2),
+                target=check.target, interval=check.interval, timeout=check.timeout,
+                healthy_threshold=check.healthy_threshold, unhealthy_threshold=check.unhealthy_threshold),
             idle_timeout=lb.idle_timeout,
             cross_zone_load_balancing=lb.cross_zone,
             connection_draining=lb.connection_draining > 0,

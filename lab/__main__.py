@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import ssl
 import subprocess
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+from core.elb import HEALTH_PATH
 from core.errors import KitError
 from core.settings import Settings, load
 from lab import hosts as lab_hosts, tls
@@ -93,7 +93,7 @@ class Lab:
         order = [pids.get("stand-in"), *nginx_pids, *(pids.get(f"sshd-{h.name}") for h in self.hosts),
                  pids.get("app"), pids.get("moto")]
         for pid in filter(None, order):
-            _terminate(pid)
+            lab_hosts.terminate(pid)
         for h in self.hosts:
             h.stop()  # and every session it forked
         if pids or nginx_pids:
@@ -153,7 +153,7 @@ class Lab:
             "aws_endpoint": s.aws.endpoints["elb"],
             "app": s.app.upstreams[0],
             "hosts": {h.name: {"ssh": f"{h.address}:{h.ssh_port or 22}", "instance": h.instance_id,
-                               "health": f"http://{s.bind_of(h) or h.address}:{s.ports.health}/healthz"}
+                               "health": f"http://{s.bind_of(h) or h.address}:{s.ports.health}{HEALTH_PATH}"}
                       for h in s.hosts},
             "env_file": str(self.env_file),
         }
@@ -209,38 +209,6 @@ class Lab:
         status, headers, _ = http_get(dial("127.0.0.1", self.listen[80], source=CLIENT_SOURCE), s.server_name, "/")
         say(f"plain request to the TCP listener: {status} -> {headers.get('location')}")
         return {"hello": hello, "echo": echo, "redirect": (status, headers.get("location"))}
-
-
-def _terminate(pid: int, timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL if it is still there after `timeout`."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            return
-        time.sleep(0.05)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    _alive(pid)
-
-
-def _alive(pid: int) -> bool:
-    """Whether `pid` still runs (reaping it if it is our own child that exited)."""
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass  # not our child: `make lab` started it from another process
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def follow(env: str, directory: Path, listen: dict[int, int]) -> None:

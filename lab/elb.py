@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 
+from core.elb import health_check, listeners
 from core.errors import KitError
 from core.gate import Decision, decide
 from core.settings import Settings
 from remote import aws
-
-HEALTH_PATH = "/healthz"
-
 
 def read_gate(settings: Settings) -> bool:
     ssm = aws.client(settings, "ssm")
@@ -37,15 +35,15 @@ def apply(settings: Settings) -> Decision:
     if aws.describe(settings) is None:
         elb.create_load_balancer(
             LoadBalancerName=name, AvailabilityZones=lb.availability_zones or ["us-east-1a"],
-            Listeners=[
-                {"Protocol": "TCP", "LoadBalancerPort": 80, "InstanceProtocol": "TCP", "InstancePort": s.ports.http},
-                {"Protocol": "SSL", "LoadBalancerPort": 443, "InstanceProtocol": "TCP", "InstancePort": s.ports.tls,
-                 "SSLCertificateId": lb.certificate_arn},
-            ],
+            Listeners=[{"Protocol": x.protocol.upper(), "LoadBalancerPort": x.lb_port, "InstanceProtocol": "TCP",
+                        "InstancePort": x.instance_port,
+                        **({"SSLCertificateId": lb.certificate_arn} if x.protocol == "ssl" else {})}
+                       for x in listeners(s)],
             Tags=[{"Key": "wsgate:env", "Value": s.env}])
+    check = health_check(s)
     elb.configure_health_check(LoadBalancerName=name, HealthCheck={
-        "Target": f"HTTP:{s.ports.health}{HEALTH_PATH}", "Interval": 10, "Timeout": 5,
-        "UnhealthyThreshold": 2, "HealthyThreshold": 2})
+        "Target": check.target, "Interval": check.interval, "Timeout": check.timeout,
+        "UnhealthyThreshold": check.unhealthy_threshold, "HealthyThreshold": check.healthy_threshold})
     elb.modify_load_balancer_attributes(LoadBalancerName=name, LoadBalancerAttributes={
         "ConnectionSettings": {"IdleTimeout": lb.idle_timeout},
         "CrossZoneLoadBalancing": {"Enabled": lb.cross_zone},

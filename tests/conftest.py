@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import yaml
 
 from core.settings import Settings, from_config
 from tests.support import procs
+from tests.support.fleet import Fleet
 from tests.support.moto import MotoServer
 
 REPO = procs.REPO
@@ -67,3 +69,15 @@ def aws(moto_server):
     """A clean loopback AWS endpoint for one test."""
     moto_server.reset()
     return moto_server
+
+
+_fleet_nets = itertools.count(10)  # each fleet on its own 127.0.N.0/24
+
+
+@pytest.fixture
+def fleet(request, tmp_path, app, aws):
+    """Real hosts (sshd each; nginx once rolled out) on loopback; a module sets FLEET_SIZE."""
+    size = getattr(request.module, "FLEET_SIZE", 3)
+    f = Fleet(tmp_path / "fleet", size, next(_fleet_nets), app, aws.url).start()
+    yield f
+    f.stop()

@@ -255,3 +255,22 @@ def test_bad_config_fails_before_any_resource_is_declared(aws):
     with pytest.raises(SettingsError, match=r"wsgate:loadBalancer.idleTimeout = 0"):
         run("staging", aws.url, **{"wsgate:loadBalancer": {**stack_config("staging")["wsgate:loadBalancer"],
                                                            "idleTimeout": 0}})
+
+
+def test_hosts_are_discovered_from_the_load_balancer(aws):
+    """`discover: true`: the instances registered with the ELB, by private address (AWS API)."""
+    from remote.hosts import resolve
+
+    endpoints = [{s: aws.url for s in ("ec2", "elb", "ssm", "sts")}]
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=aws.url)
+    image = ec2.describe_images()["Images"][0]["ImageId"]
+    instances = ec2.run_instances(ImageId=image, MinCount=2, MaxCount=2)["Instances"]
+    elb = boto3.client("elb", region_name="us-east-1", endpoint_url=aws.url)
+    elb.create_load_balancer(LoadBalancerName="wsgate-lab", AvailabilityZones=["us-east-1a"], Listeners=[
+        {"Protocol": "TCP", "LoadBalancerPort": 80, "InstanceProtocol": "TCP", "InstancePort": 18080}])
+    elb.register_instances_with_load_balancer(
+        LoadBalancerName="wsgate-lab", Instances=[{"InstanceId": i["InstanceId"]} for i in instances])
+    s = settings_from("lab", **{"aws:endpoints": endpoints, "wsgate:hosts": [], "wsgate:discover": True})
+    hosts = resolve(s)
+    assert {(h.name, h.instance_id, h.address) for h in hosts} == {
+        (i["InstanceId"], i["InstanceId"], i["PrivateIpAddress"]) for i in instances}

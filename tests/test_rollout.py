@@ -3,8 +3,9 @@ address, host keys checked strictly, the record written to a loopback AWS endpoi
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -15,17 +16,10 @@ from core.render import render_hosts
 from core.settings import load
 from remote import aws as remote_aws
 from tests.conftest import REPO
-from tests.support.fleet import Fleet, keygen
+from tests.support.fleet import keygen
 
 pytestmark = pytest.mark.integration
-_nets = itertools.count(10)
-
-
-@pytest.fixture
-def fleet(tmp_path, app, aws):
-    f = Fleet(tmp_path / "fleet", 3, next(_nets), app, aws.url).start()
-    yield f
-    f.stop()
+FLEET_SIZE = 3
 
 
 def fab(fleet, *args, timeout=120):
@@ -165,19 +159,24 @@ def test_host_dropping_mid_run_puts_every_changed_host_back(fleet):
     assert_untouched(fleet, before, rec)
 
 
-def test_reload_that_does_not_take_is_caught_and_restored(fleet):
-    import socket
-
-    before, rec = baseline(fleet)
-    h2 = fleet.hosts[1]
+@contextlib.contextmanager
+def tls_port_taken_on(fleet, host):
+    """The environment's tls port moved to one that `host` already has in use: `nginx -t`
+    passes (it ignores address-in-use) and the reload keeps the old config."""
     blocker = socket.socket()
-    blocker.bind((h2.address, 0))
+    blocker.bind((host.address, 0))
     blocker.listen()
-    try:  # the new tls port is taken on h2: nginx -t passes, the reload keeps the old config
+    try:
         fleet.set("wsgate:ports", {"tls": blocker.getsockname()[1]})
-        result = fab(fleet, "rollout")
+        yield
     finally:
         blocker.close()
+
+
+def test_reload_that_does_not_take_is_caught_and_restored(fleet):
+    before, rec = baseline(fleet)
+    with tls_port_taken_on(fleet, fleet.hosts[1]):
+        result = fab(fleet, "rollout")
     assert result.returncode == 1
     assert "h2: failed at probe:" in result.stderr and "the reload did not take" in result.stderr
     assert_untouched(fleet, before, rec)
@@ -231,18 +230,9 @@ def test_a_second_rollout_of_the_same_environment_refuses_while_one_runs(fleet):
 
 
 def test_canary_failure_leaves_the_rest_untouched(fleet):
-    import socket
-
     before, rec = baseline(fleet)
-    h1 = fleet.hosts[0]
-    blocker = socket.socket()
-    blocker.bind((h1.address, 0))
-    blocker.listen()
-    try:
-        fleet.set("wsgate:ports", {"tls": blocker.getsockname()[1]})
+    with tls_port_taken_on(fleet, fleet.hosts[0]):
         result = fab(fleet, "rollout", "--batch", "1,100%")
-    finally:
-        blocker.close()
     assert result.returncode == 1
     assert "h1: failed at probe" in result.stderr
     assert "h2               swap" not in result.stderr and "h3               swap" not in result.stderr

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import socket
 import threading
 import time
@@ -11,17 +10,9 @@ import pytest
 
 from core.settings import load
 from remote.ssh import Ssh, SshError
-from tests.support.fleet import Fleet
 
 pytestmark = pytest.mark.integration
-_nets = itertools.count(40)
-
-
-@pytest.fixture
-def fleet(tmp_path, app, aws):
-    f = Fleet(tmp_path / "fleet", 2, next(_nets), app, aws.url).start()
-    yield f
-    f.stop()
+FLEET_SIZE = 2
 
 
 def test_ssh_config_file_is_honoured(fleet, tmp_path):

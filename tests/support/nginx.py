@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 from core.render import Tree
+from lab.hosts import terminate
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
@@ -60,20 +59,8 @@ class Nginx:
 
     def stop(self, timeout: float = 10.0) -> None:
         pid = self.pid()
-        if pid is None:
-            return
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
-        os.kill(pid, signal.SIGKILL)
+        if pid is not None:
+            terminate(pid, timeout)
 
     def log(self, name: str) -> str:
         path = self.root / "logs" / name
