@@ -13,6 +13,7 @@ from core.elb import HEALTH_PATH
 from core.settings import Settings
 
 PROBE_CLIENT = "192.0.2.10"  # a documentation address: what the probe's PROXY header claims
+PROBE_HEADER = proxyproto.v1(PROBE_CLIENT, "192.0.2.1", 40000, 443)
 PROBE_PATH = "/wsgate-probe"
 
 
@@ -60,6 +61,11 @@ def _request(host: str, path: str) -> bytes:
             "Connection: close\r\n\r\n").encode()
 
 
+def header_request(settings: Settings) -> bytes:
+    """A request to the redirect path with the PROXY header the load balancer would send."""
+    return PROBE_HEADER + _request(settings.server_name, PROBE_PATH)
+
+
 def health_request() -> bytes:
     return _request("wsgate-probe", HEALTH_PATH)
 
@@ -73,10 +79,9 @@ def live_digest(reply: Reply) -> str | None:
 def checks(settings: Settings) -> list[Check]:
     """The port checks after a reload (the health port's digest is checked first, by polling)."""
     p = settings.ports
-    header = proxyproto.v1(PROBE_CLIENT, "192.0.2.1", 40000, 443)
     name = settings.server_name
-    lb = header if settings.proxy_protocol else b""  # what the load balancer will send
-    other = b"" if settings.proxy_protocol else header
+    lb = PROBE_HEADER if settings.proxy_protocol else b""  # what the load balancer will send
+    other = b"" if settings.proxy_protocol else PROBE_HEADER
     return [
         Check("redirect", p.http, lb + _request(name, PROBE_PATH)),
         Check("app", p.tls, lb + _request(name, "/")),

@@ -212,13 +212,10 @@ class Rollout:
             raise StepFailed(f"cannot inspect {h.remote.root}: {nginx_error(r.stderr + r.stdout)}")
         return state
 
-    def _request(self, h: _Host, word: str, payload: bytes | None = None):
-        return h.session.request(word, payload)
-
     def _stage(self, h: _Host) -> None:
         """Upload the tree into the stage and `nginx -t` the whole staged tree: one request."""
         self._step(h, Step.UPLOAD)
-        r = self._request(h, "stage", self._payload(h.tree))
+        r = h.session.request("stage", self._payload(h.tree))
         if STAGED not in r.stdout:
             raise StepFailed(f"upload failed: {nginx_error(r.stdout)}")
         h.outcome.step = Step.TEST
@@ -226,22 +223,22 @@ class Rollout:
             raise StepFailed(f"nginx -t rejected the new config: {nginx_error(r.stdout.split(STAGED)[-1])}")
 
     def _diff(self, h: _Host) -> None:
-        self.diffs[h.host.name] = tree_diff(parse_files(self._request(h, "show").stdout), h.tree.files)
+        self.diffs[h.host.name] = tree_diff(parse_files(h.session.request("show").stdout), h.tree.files)
 
     def _discard(self, h: _Host) -> None:
-        self._request(h, "discard")
+        h.session.request("discard")
 
     def _go_live(self, h: _Host) -> None:
         """Swap (when the tree changes) and reload: one request; then the probe."""
         digest = h.outcome.target
         if h.tree is None or h.upload:
             self._step(h, Step.SWAP)
-            r = self._request(h, "back" if h.tree is None else "live")
+            r = h.session.request("back" if h.tree is None else "live")
             if SWAPPED not in r.stdout:
                 raise StepFailed(f"swap failed: {nginx_error(r.stdout)}")
             h.outcome.changed = True
         else:
-            r = self._request(h, "reload")
+            r = h.session.request("reload")
         h.outcome.step = Step.RELOAD
         if not r.ok:
             raise StepFailed(f"reload failed: {nginx_error(r.stdout.split(SWAPPED)[-1])}")
@@ -262,7 +259,7 @@ class Rollout:
     def _restore(self, h: _Host) -> None:
         note = h.outcome
         try:
-            r = self._request(h, "restore")
+            r = h.session.request("restore")
             if not r.ok:
                 raise StepFailed(f"reload failed: {nginx_error(r.stdout)}")
             if note.before:

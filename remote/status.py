@@ -7,11 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 from rich.markup import escape
 from rich.table import Table
 
-from core import proxyproto
 from core.errors import KitError
 from core.gate import missing_backends
 from core.plan import Remote, digest_of_link, parse_state
-from core.probe import PROBE_PATH, checks
+from core.probe import checks, header_request
 from core.render import Tree
 from core.settings import Host, Settings
 from remote.probe import exchange, live
@@ -33,10 +32,8 @@ def _host(settings: Settings, host: Host, tree: Tree, ssh: Ssh) -> dict:
         row["running"] = state.get("running") == "yes"
         address = settings.bind_of(host) or "127.0.0.1"
         row["live"] = live(ssh, conn, settings, address)
-        header = proxyproto.v1("192.0.2.10", "192.0.2.1", 40000, 443)
-        request = f"GET {PROBE_PATH} HTTP/1.1\r\nHost: {settings.server_name}\r\nConnection: close\r\n\r\n".encode()
         for port in settings.ports.proxied:
-            reply = exchange(ssh, conn, address, port, header + request)
+            reply = exchange(ssh, conn, address, port, header_request(settings))
             if reply.status not in (None, 400):
                 row["proxy_protocol_ports"].append(port)
         if row["live"]:
