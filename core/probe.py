@@ -40,6 +40,24 @@ class Reply:
             headers[key.strip().lower()] = value.strip()
         return cls(status, headers, body)
 
+    @staticmethod
+    def complete(raw: bytes) -> bool:
+        """A whole answer is in `raw` (headers and a Content-Length body): no need to wait for EOF.
+
+        Without Content-Length (or chunked), only the peer closing ends the answer.
+        """
+        head, sep, body = raw.partition(b"\r\n\r\n")
+        if not sep:
+            return False
+        for line in head.split(b"\r\n")[1:]:
+            key, _, value = line.partition(b":")
+            if key.strip().lower() == b"content-length":
+                try:
+                    return len(body) >= int(value)
+                except ValueError:
+                    return False
+        return False
+
     def describe(self) -> str:
         return "closed without an answer" if self.status is None else f"HTTP {self.status}"
 

@@ -16,18 +16,22 @@ from remote.ssh import Ssh, SshError
 
 
 def exchange(ssh: Ssh, conn: Connection, address: str, port: int, data: bytes, timeout: float = 5.0) -> Reply:
-    """Send `data`, read until the peer closes: the parsed reply."""
+    """Send `data`, read the answer (until it is complete or the peer closes): the parsed reply.
+
+    Stopping at a complete answer matters: the host's sshd forwards the peer's close as a
+    small packet that Nagle holds back until our delayed ACK, 40 ms later.
+    """
     chan = ssh.channel(conn, address, port, timeout)
-    chunks = []
+    raw = b""
     try:
         chan.sendall(data)
-        while chunk := chan.recv(65536):
-            chunks.append(chunk)
+        while not Reply.complete(raw) and (chunk := chan.recv(65536)):
+            raw += chunk
     except (socket.timeout, OSError):
         pass
     finally:
         chan.close()
-    return Reply.parse(b"".join(chunks))
+    return Reply.parse(raw)
 
 
 def live(ssh: Ssh, conn: Connection, settings: Settings, address: str) -> str | None:
@@ -46,7 +50,7 @@ def wait_live(ssh: Ssh, conn: Connection, settings: Settings, address: str, dige
         seen = live(ssh, conn, settings, address)
         if seen == digest or time.monotonic() > deadline:
             return seen
-        time.sleep(0.05)
+        time.sleep(0.02)
 
 
 def probe(ssh: Ssh, conn: Connection, settings: Settings, address: str, digest: str,
@@ -70,7 +74,7 @@ def probe(ssh: Ssh, conn: Connection, settings: Settings, address: str, digest: 
                 problem = str(exc)
             if not problem or time.monotonic() >= deadline:
                 break
-            time.sleep(0.05)
+            time.sleep(0.02)
         if problem:
             problems.append(problem)
     return problems

@@ -8,6 +8,7 @@ the tasks that need them, so `fab -l` and `fab render` start fast.
 from __future__ import annotations
 
 import functools
+import gc
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +32,10 @@ def _reported(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except KitError as exc:
             raise Exit(f"error: {exc}", code=1) from None
+        finally:
+            # The process ends next: spare it the final collection over every object the
+            # imports made (botocore's models, pydantic's schemas), about 0.15 s.
+            gc.freeze()
 
     return wrapper
 
@@ -175,7 +180,6 @@ def _apply(settings: Settings, reporter) -> None:
 def rollout(c, env, parallel=10, batch=None, apply=False, json=False):
     """Render, upload, test, swap, reload and probe on every host; roll back on any failure."""
     from core.plan import batches
-    from remote import aws
     from remote.hosts import require_instance_ids
     from remote.report import Reporter
     from remote.rollout import Rollout
@@ -190,6 +194,8 @@ def rollout(c, env, parallel=10, batch=None, apply=False, json=False):
         record = ReadinessRecord(settings, reporter)
     else:
         # Turning it off: the load balancer stops sending the header first, then nginx.
+        from remote import aws
+
         if apply:
             _apply(settings, reporter)
         attached = aws.proxy_protocol_ports(settings)
