@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -22,9 +23,9 @@ pytestmark = pytest.mark.integration
 FLEET_SIZE = 3
 
 
-def fab(fleet, *args, timeout=120):
+def fab(fleet, *args, timeout=120, env=None):
     return subprocess.run([sys.executable, "-m", "fabric", *args[:1], "--env", str(fleet.env_file), *args[1:]],
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def settings(fleet):
@@ -54,8 +55,12 @@ def record(fleet):
 
 
 def test_happy_path_then_a_rerun_is_a_no_op(fleet):
-    result = fab(fleet, "rollout")
+    result = fab(fleet, "rollout", env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "paramiko" in imported
+    assert not {m for m in imported if m.split(".")[0] in ("pulumi", "pulumi_aws")}, "start-up counts: no Pulumi SDK"
     want = targets(fleet)
     assert live_digests(fleet) == want
     rec = record(fleet)
