@@ -1,4 +1,4 @@
-"""The AWS edge of the host half (boto3): the readiness record, registered instances, policies.
+"""The AWS edge of the host half (botocore): the readiness record, registered instances, policies.
 
 Clients are built from the environment's `aws:region` and `aws:endpoints` (the lab points
 them at its loopback endpoint); credentials come from the usual boto3 chain.

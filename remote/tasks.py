@@ -1,7 +1,7 @@
 """The `fab` task collection. Tasks are thin: load settings, call the core and the edges, report.
 
 Expected failures (bad settings, a failed host, an AWS error) end with a message and a
-non-zero exit, never a traceback. Heavy modules (boto3, the Pulumi SDK) are imported inside
+non-zero exit, never a traceback. Heavy modules (botocore, the Pulumi SDK) are imported inside
 the tasks that need them, so `fab -l` and `fab render` start fast.
 """
 
@@ -105,7 +105,7 @@ class ReadinessRecord:
     """The rollout's record sink: the readiness record in Parameter Store.
 
     The stored record is fetched in the background as soon as this is made, so the AWS call
-    (and importing boto3) overlaps the work on the hosts.
+    (and importing botocore) overlaps the work on the hosts.
     """
 
     def __init__(self, settings: Settings, reporter):
