@@ -14,6 +14,8 @@ from core.probe import Reply, checks, health_request, live_digest
 from core.settings import Settings
 from remote.ssh import Ssh, SshError
 
+RETRY_INTERVAL = 0.02  # between polls of a host's ports (an exchange costs about a millisecond)
+
 
 def exchange(ssh: Ssh, conn: Connection, address: str, port: int, data: bytes, timeout: float = 5.0) -> Reply:
     """Send `data`, read the answer (until it is complete or the peer closes): the parsed reply.
@@ -50,7 +52,7 @@ def wait_live(ssh: Ssh, conn: Connection, settings: Settings, address: str, dige
         seen = live(ssh, conn, settings, address)
         if seen == digest or time.monotonic() > deadline:
             return seen
-        time.sleep(0.02)
+        time.sleep(RETRY_INTERVAL)
 
 
 def probe(ssh: Ssh, conn: Connection, settings: Settings, address: str, digest: str,
@@ -74,7 +76,7 @@ def probe(ssh: Ssh, conn: Connection, settings: Settings, address: str, digest: 
                 problem = str(exc)
             if not problem or time.monotonic() >= deadline:
                 break
-            time.sleep(0.02)
+            time.sleep(RETRY_INTERVAL)
         if problem:
             problems.append(problem)
     return problems

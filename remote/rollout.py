@@ -181,7 +181,6 @@ class Rollout:
         """Connect; if nginx already runs the target, that is all; else lock and read the state."""
         self._step(h, Step.CONNECT)
         h.conn = self.ssh.connect(h.host)
-        seen = None
         if h.tree is not None:  # one channel to the health port, no remote shell
             seen = live(self.ssh, h.conn, self.settings, self._address(h))
             if seen == h.tree.digest:

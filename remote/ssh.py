@@ -47,11 +47,7 @@ class Session:
         try:
             self.chan.sendall(word.encode() + b"\n" + (payload + b"\n" if payload is not None else b""))
             while not (m := self._done.search(self._buffer)):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise socket.timeout()
-                self.chan.settimeout(remaining)
-                chunk = self.chan.recv(65536)
+                chunk = _recv(self.chan.recv, self.chan, deadline)
                 if not chunk:
                     raise EOFError("the host session ended")
                 self._buffer += chunk
@@ -83,18 +79,21 @@ def _fabric_config(settings: Settings) -> Config:
     return Config(ssh_config=SSHConfig())  # explicit and empty: read no ssh config file
 
 
+def _recv(recv, chan: paramiko.Channel, deadline: float) -> bytes:
+    """One read from a stream of `chan` (b"" at EOF), or socket.timeout at `deadline`."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise socket.timeout()
+    chan.settimeout(remaining)
+    return recv(65536)
+
+
 def _drain(recv, chan: paramiko.Channel, deadline: float) -> bytes:
     """Everything a stream of `chan` sends until EOF, or socket.timeout at `deadline`."""
     chunks = []
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise socket.timeout()
-        chan.settimeout(remaining)
-        chunk = recv(65536)
-        if not chunk:
-            return b"".join(chunks)
+    while chunk := _recv(recv, chan, deadline):
         chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _target(spec: str) -> tuple[str | None, str, int | None]:
@@ -168,18 +167,15 @@ class Ssh:
         except (OSError, socket.timeout, EOFError) as exc:
             raise SshError(f"ssh {label}:{conn.port}: cannot connect: {exc or type(exc).__name__}") from None
 
-    def run(self, conn: Connection, command: str, timeout: int | None = None, stdin: bytes = b"") -> Result:
-        """Run one command (feeding it `stdin`); a non-zero exit is a result, a lost connection or
-        a timeout an error. A bare exec channel on the open transport: no pty, no runner
-        threads, so a step costs one round trip."""
+    def run(self, conn: Connection, command: str, timeout: int | None = None) -> Result:
+        """Run one command; a non-zero exit is a result, a lost connection or a timeout an error.
+        A bare exec channel on the open transport: no pty, no runner threads, one round trip."""
         limit = timeout or self.settings.ssh.command_timeout
         deadline = time.monotonic() + limit
         try:
             chan = conn.transport.open_session(timeout=limit)
             try:
                 chan.exec_command(command)
-                if stdin:
-                    chan.sendall(stdin)
                 chan.shutdown_write()
                 stdout = _drain(chan.recv, chan, deadline)
                 stderr = _drain(chan.recv_stderr, chan, deadline)
@@ -208,12 +204,11 @@ class Ssh:
             chan.exec_command(command)
             out = b""
             while marker.encode() not in out:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                try:
+                    chunk = _recv(chan.recv, chan, deadline)
+                except socket.timeout:
                     chan.close()
-                    raise socket.timeout()
-                chan.settimeout(remaining)
-                chunk = chan.recv(65536)
+                    raise
                 if not chunk:  # it ended: the marker will not come
                     stderr = _drain(chan.recv_stderr, chan, deadline)
                     chan.status_event.wait(max(0.0, deadline - time.monotonic()))
