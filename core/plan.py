@@ -15,6 +15,7 @@ Layout on a host, under ROOT (nginx.root, or the host's root):
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
 import shlex
@@ -82,37 +83,52 @@ def split(items: list, spec: str | None) -> list[list]:
 
 
 # The per-host session: one SSH command that takes the host's rollout lock, reports the live
-# state, then serves one request a line until its stdin closes. The lock (an flock on fd 9)
-# lasts exactly as long as the session, so a run that dies or loses the host never leaves a
-# stale lock behind, and every step costs one round trip instead of a new remote shell.
+# state, then serves one request a line. The lock (an flock on fd 9) lasts exactly as long as
+# the session, and the session ends on its own when its stdin closes or when no request (or
+# heartbeat `ping`) came for IDLE seconds: a controller that dies or loses the network leaves
+# the lock behind for IDLE seconds at most (plus the request then running, itself bounded by T).
+# MODE is `x` (rollout: exclusive; cleans stale stages, names itself in the owner file) or `s`
+# (check: shared, writes nothing but its own stage). WAIT > 0 waits that long for the lock.
 _SESSION = r"""
 exec 9>>"$R/.rollout.lock"
-if ! flock -n 9; then printf 'locked\t%s\n' "$(cat "$R/.rollout.owner" 2>/dev/null)"; exit __LOCKED_EXIT__; fi
-printf '%s\n' "$OWNER" > "$R/.rollout.owner"
+if [ "$WAIT" -gt 0 ]; then flock "-$MODE" -w "$WAIT" 9; else flock "-$MODE" -n 9; fi || {
+  printf 'locked\t%s\n' "$(cat "$R/.rollout.owner" 2>/dev/null)"; exit __LOCKED_EXIT__; }
+STALE=0
+if [ "$MODE" = x ]; then
+  printf '%s\n' "$OWNER" > "$R/.rollout.owner"
+  for d in "$R"/releases/.stage-*; do if [ -e "$d" ]; then rm -rf "$d"; STALE=$((STALE + 1)); fi; done
+fi
 BEFORE=$(readlink "$R/current" 2>/dev/null || true)
 PREVIOUS=$(readlink "$R/previous" 2>/dev/null || true)
-printf 'current\t%s\nprevious\t%s\n' "$BEFORE" "$PREVIOUS"
-if running; then printf 'running\tyes\n'; else printf 'running\tno\n'; fi
+printf 'current\t%s\nprevious\t%s\nstale\t%s\n' "$BEFORE" "$PREVIOUS" "$STALE"
+state_report
+printf 'manifest\t%s\n' "$(tr -d '\n' < "$R/current/release.json" 2>/dev/null)"
 echo "__LOCKED__"
 set +e
 exec 2>&1  # from here on, every answer carries its errors
 S="$R/releases/$STAGE"
-ngx() { "$N" -p "$R/" -c "$@" 9>&-; }
-reload() { if running; then ngx "$R/current/nginx.conf" -s reload; else ngx "$R/current/nginx.conf"; fi; }
-point() { ln -sfn "$1" "$R/current.new" && mv -T "$R/current.new" "$R/current"; }
-switch() {
-  old=$(readlink "$R/current" 2>/dev/null || true)
-  if [ -n "$old" ]; then ln -sfn "$old" "$R/previous.new" && mv -T "$R/previous.new" "$R/previous" || return 1; fi
-  point "$1"
+ngx() { timeout "$T" "$N" -p "$R/" -c "$@" 9>&-; }
+reload() {
+  case $(nginx_state) in
+    ours) ngx "$R/current/nginx.conf" -s reload ;;
+    no) ngx "$R/current/nginx.conf" ;;
+    *) echo "the pid file $P names an nginx wsgate did not start (pid $(pid_of)): not signalling it"; return 1 ;;
+  esac
 }
+put() {  # put NAME TARGET: the link ROOT/NAME -> TARGET, atomically; an empty TARGET removes it
+  if [ -n "$2" ]; then ln -sfn "$2" "$R/$1.new" && mv -T "$R/$1.new" "$R/$1"; else rm -f "$R/$1"; fi
+}
+switch() { old=$(readlink "$R/current" 2>/dev/null || true); { [ -z "$old" ] || put previous "$old"; } && put current "$1"; }
 prune() {
   keep=" $(readlink "$R/current" 2>/dev/null) $(readlink "$R/previous" 2>/dev/null) "
   ls -1t "$R/releases" | grep -v '^\.' | tail -n +__KEEP__ | while read -r d; do
     case "$keep" in *" releases/$d "*) ;; *) rm -rf "$R/releases/$d";; esac
   done
 }
-while read -r cmd; do
+next() { timeout "$IDLE" sh -c 'IFS= read -r l && printf "%s\n" "$l"'; }
+while cmd=$(next); do
   case "$cmd" in
+    ping) rc=0 ;;
     stage) read -r payload
            rm -rf "$S" && mkdir -p "$S" && printf '%s' "$payload" | base64 -d | tar -xf - -C "$S" \
              && echo "__STAGED__" && ngx "$S/nginx.conf" -t; rc=$? ;;
@@ -122,8 +138,12 @@ while read -r cmd; do
             && [ -d "$D" ] && switch "releases/$TARGET" && echo "__SWAPPED__" && { prune; reload; }; rc=$? ;;
     back) [ -n "$PREVIOUS" ] && [ -d "$R/$PREVIOUS" ] && switch "$PREVIOUS" && echo "__SWAPPED__" && reload; rc=$? ;;
     reload) reload; rc=$? ;;
-    restore) if [ -n "$BEFORE" ]; then point "$BEFORE" && reload; rc=$?
-             else { ! running || ngx "$R/current/nginx.conf" -s quit; } && rm -f "$R/current"; rc=$?; fi ;;
+    restore) IFS='|' read -r WC WP WR  # the links as they were, and whether nginx ran
+             st=$(nginx_state)
+             if [ "$st" = foreign ]; then reload; rc=$?  # refuses, and says why
+             elif [ -n "$WC" ] && [ ! -d "$R/$WC" ]; then echo "release $WC is gone"; rc=1
+             else put current "$WC" && put previous "$WP" && echo "__SWAPPED__" && \
+                  if [ "$WR" = yes ]; then reload; elif [ "$st" = ours ]; then kill -QUIT "$(pid_of)"; fi; rc=$?; fi ;;
     show) if cd "$R/current" 2>/dev/null; then
             find . -type f | sort | while read -r f; do printf '%s\0' "${f#./}"; cat "$f"; printf '\0'; done; cd /
           fi; echo; rc=0 ;;
@@ -133,23 +153,46 @@ while read -r cmd; do
 done
 """
 
+# What the pid file names: `no` nginx, `ours` (started from ROOT/current/nginx.conf), or
+# `foreign` (anything else: the packaged nginx, another prefix). The kit signals only `ours`.
+_STATE = r"""
+pid_of() { p=$(cat "$P" 2>/dev/null) && [ -n "$p" ] && { kill -0 "$p" 2>/dev/null || [ -d "/proc/$p" ]; } && echo "$p"; }
+cmdline_of() { { tr '\0\n' '  ' < "/proc/$1/cmdline" || ps -o args= -p "$1"; } 2>/dev/null; }
+nginx_state() {
+  p=$(pid_of) || { echo no; return; }
+  case " $(cmdline_of "$p") " in *" -c $R/current/nginx.conf "*) echo ours ;; *) echo foreign ;; esac
+}
+state_report() {
+  p=$(pid_of) || p=""
+  printf 'nginx\t%s\npid\t%s\ncmdline\t%s\n' "$(nginx_state)" "$p" "$( [ -z "$p" ] || cmdline_of "$p")"
+}
+"""
+
+
+class Mode(str, Enum):
+    ROLLOUT = "x"  # exclusive lock: a rollout or a rollback
+    CHECK = "s"  # shared lock: `fab check` (never races a rollout's cleanup, writes no owner)
+
 
 @dataclass(frozen=True)
 class Remote:
-    """The shell of one host: the session script and the state report. POSIX sh; every value
-    from settings is quoted, every request is a fixed word."""
+    """The shell of one host: the session script and the state report. POSIX sh (and GNU
+    coreutils' `timeout`); every value from settings is quoted, every request is a fixed word."""
 
     root: str
     nginx: str
     pid_file: str
     sudo: bool = False
+    command_timeout: int = 120
+    idle_timeout: int = 30
 
     @classmethod
     def of(cls, settings: Settings, host: Host) -> Remote:
         root = settings.root_of(host)
         pid = settings.nginx.pid_file
         return cls(root=root, nginx=settings.nginx.binary,
-                   pid_file=pid if pid.startswith("/") else f"{root}/{pid}", sudo=settings.ssh.sudo)
+                   pid_file=pid if pid.startswith("/") else f"{root}/{pid}", sudo=settings.ssh.sudo,
+                   command_timeout=settings.ssh.command_timeout, idle_timeout=settings.ssh.idle_timeout)
 
     def wrap(self, script: str) -> str:
         """One remote command: the script under sh (and sudo -n when asked)."""
@@ -160,8 +203,7 @@ class Remote:
         q = shlex.quote
         assigned = "".join(f"{k}={q(v)}; " for k, v in {"R": self.root, "N": self.nginx, "P": self.pid_file,
                                                          **values}.items())
-        return (f"set -e; {assigned}"
-                'running() { [ -f "$P" ] && kill -0 "$(cat "$P")" 2>/dev/null; }; '
+        return (f"set -e; {assigned}" + _STATE +
                 '[ -x "$N" ] || { echo "nginx binary $N not found" >&2; exit 127; }; '
                 'mkdir -p "$R/releases" "$R/logs" "$R/tmp"; ')
 
@@ -169,16 +211,55 @@ class Remote:
         """The live state, one `key<TAB>value` a line, without a lock (for `fab status`)."""
         return self.wrap(self._head() + "printf 'current\\t%s\\nprevious\\t%s\\n' "
                          '"$(readlink "$R/current" 2>/dev/null || true)" "$(readlink "$R/previous" 2>/dev/null || true)"; '
-                         "if running; then printf 'running\\tyes\\n'; else printf 'running\\tno\\n'; fi")
+                         "state_report")
 
-    def session(self, owner: str, stage: str, target: str = "") -> str:
-        """The session command (see _SESSION). Requests: stage (+ a base64 tar line), discard,
-        live (stage -> releases/<target> -> current, reload), back (previous -> current,
-        reload), reload, restore (what was current when the session began), show."""
+    def session(self, owner: str, stage: str, target: str = "", mode: Mode = Mode.ROLLOUT, wait: int = 0) -> str:
+        """The session command (see _SESSION). Requests: ping, stage (+ a base64 tar line),
+        discard, live (stage -> releases/<target> -> current, reload), back (previous ->
+        current, reload), reload, restore (+ `current|previous|yes-or-no`: both links and
+        nginx as they were), show."""
         script = (_SESSION.replace("__LOCKED_EXIT__", str(LOCKED_EXIT)).replace("__LOCKED__", LOCKED)
                   .replace("__STAGED__", STAGED).replace("__SWAPPED__", SWAPPED).replace("__DONE__", DONE)
                   .replace("__KEEP__", str(KEEP_RELEASES + 1)))
-        return self.wrap(self._head(OWNER=owner, STAGE=stage, TARGET=target) + script)
+        return self.wrap(self._head(OWNER=owner, STAGE=stage, TARGET=target, MODE=mode.value, WAIT=str(wait),
+                                    T=str(self.command_timeout), IDLE=str(self.idle_timeout)) + script)
+
+
+@dataclass(frozen=True)
+class LiveState:
+    """What a host's session (or `inspect`) reported before anything changed."""
+
+    current: str  # `releases/<digest>` or ""
+    previous: str
+    nginx: str  # no | ours | foreign
+    pid: str
+    cmdline: str
+    manifest: dict
+    stale: int = 0
+
+    @classmethod
+    def parse(cls, stdout: str) -> LiveState:
+        s = parse_state(stdout)
+        try:
+            manifest = json.loads(s.get("manifest") or "{}")
+        except ValueError:
+            manifest = {}
+        return cls(current=s.get("current", ""), previous=s.get("previous", ""), nginx=s.get("nginx", "no"),
+                   pid=s.get("pid", ""), cmdline=s.get("cmdline", ""),
+                   manifest=manifest if isinstance(manifest, dict) else {},
+                   stale=int(s["stale"]) if s.get("stale", "").isdigit() else 0)
+
+    def restore_line(self) -> bytes:
+        """The `restore` request's payload: these links, and nginx running or not."""
+        return f"{self.current}|{self.previous}|{'yes' if self.nginx == 'ours' else 'no'}".encode()
+
+    def foreign(self, remote: Remote) -> str | None:
+        """Why the host is not ours to change (an nginx we did not start), or None."""
+        if self.nginx != "foreign":
+            return None
+        return (f"nginx pid {self.pid or '?'} (pid file {remote.pid_file}) runs `{self.cmdline.strip() or '?'}`, "
+                f"not {remote.root}/current/nginx.conf: wsgate never signals an nginx it did not start. "
+                "Hand the host over first (README: Handing a host over)")
 
 
 def parse_state(stdout: str) -> dict[str, str]:
@@ -237,6 +318,7 @@ class HostOutcome:
     ok: bool | None = None  # None: still running or never started
     changed: bool = False  # this run swapped the live config
     restored: bool = False  # put back after a failure
+    rollback_failed: bool = False  # could not be put back (or not proven back): needs a person
     before: str | None = None  # live digest before the run
     after: str | None = None  # live digest proven by the probe
     target: str = ""
@@ -256,6 +338,8 @@ class HostOutcome:
     def result(self) -> str:
         if self.ok is None:
             return "not run" if self.step is Step.CONNECT else "stopped"
+        if self.rollback_failed:
+            return "ROLLBACK FAILED"
         if not self.ok:
             return "FAILED, restored" if self.restored else "FAILED"
         if self.restored:
@@ -265,5 +349,6 @@ class HostOutcome:
     def as_dict(self) -> dict:
         return {"host": self.host, "instance": self.instance, "address": self.address, "step": self.step.value,
                 "result": self.result, "ok": self.ok, "changed": self.changed, "restored": self.restored,
+                "rollback_failed": self.rollback_failed,
                 "before": self.before, "after": self.after, "target": self.target, "error": self.error,
                 "seconds": round(self.elapsed, 3)}

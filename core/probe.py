@@ -88,10 +88,26 @@ def health_request() -> bytes:
     return _request("wsgate-probe", HEALTH_PATH)
 
 
-def live_digest(reply: Reply) -> str | None:
-    """The digest a health answer names (`ok <digest>`)."""
-    text = reply.body.decode("latin-1", "replace").strip()
-    return text[3:] if reply.status == 200 and text.startswith("ok ") else None
+@dataclass(frozen=True)
+class Health:
+    """A health answer (`ok <digest> <release>`): the config nginx runs, and the release the
+    host's `current` link names right now (None when it names none, or when nginx's worker
+    user cannot resolve the link: then only a look under the lock can tell)."""
+
+    digest: str
+    current: str | None
+
+    @classmethod
+    def of(cls, reply: Reply) -> Health | None:
+        words = reply.body.decode("latin-1", "replace").split()
+        if reply.status != 200 or len(words) < 2 or words[0] != "ok":
+            return None
+        current = words[2] if len(words) > 2 and words[2] != "none" else None
+        return cls(words[1], current)
+
+    def serves(self, digest: str) -> bool:
+        """nginx runs `digest` and the `current` link names it: a restart would load the same."""
+        return self.digest == digest and self.current == digest
 
 
 def checks(settings: Settings) -> list[Check]:

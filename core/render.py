@@ -21,6 +21,7 @@ from core.settings import Host, Settings
 TEMPLATES = Path(__file__).resolve().parent.parent / "nginx"
 DIGEST_FILE = "digest.conf"
 MAIN_FILE = "nginx.conf"
+MANIFEST_FILE = "release.json"  # what the release serves (ports, bind), read back when restoring it
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def render(settings: Settings, bind: str | None = None) -> Tree:
 
     env = _environment()
     names = sorted(n for n in env.list_templates() if n.endswith(".j2"))
-    context = {"s": settings, "listen": listen, "health_path": HEALTH_PATH}
+    context = {"s": settings, "listen": listen, "health_path": HEALTH_PATH, "bind": bind}
     try:
         files = {n[:-3]: env.get_template(n).render(context) for n in names if n[:-3] != DIGEST_FILE}
         digest = digest_of(files)

@@ -220,6 +220,7 @@ class Ssh(Model):
     gateway: str | None = None  # bastion, as [user@]host[:port]
     connect_timeout: Seconds = 10
     command_timeout: Seconds = 120
+    idle_timeout: Seconds = 30  # a host's session (and its rollout lock) ends this long after the controller is gone
     sudo: bool = False  # run remote commands with `sudo -n` (login user is not root)
 
 

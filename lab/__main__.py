@@ -161,13 +161,14 @@ class Lab:
     def _bootstrap_plain(self) -> None:
         """Every host starts on a plain config (no PROXY header), as a fleet does before the cutover."""
         from core.render import render_hosts
+        from remote import cutover
         from remote.report import Reporter
         from remote.rollout import Rollout
         from remote.ssh import Ssh
 
         plain = self.settings.model_copy(update={"proxy_protocol": False})
         run = Rollout(plain, list(plain.hosts), render_hosts(plain), Ssh(plain), Reporter(quiet=True))
-        if not run.run():
+        if not cutover.rollout(run).ok:
             raise KitError("could not start nginx on the lab hosts: " +
                            "; ".join(f"{o.host}: {o.error}" for o in run.outcomes if o.error))
         say("nginx on every host, plain config (no PROXY header yet)")

@@ -15,6 +15,7 @@ from core.gate import Decision, decide
 from core.settings import Settings
 from remote import aws
 
+
 def read_gate(settings: Settings) -> bool:
     ssm = aws.client(settings, "ssm")
     try:
@@ -72,3 +73,18 @@ def apply(settings: Settings) -> Decision:
         Name=s.gate_parameter_path, Type="String", Overwrite=True,
         Value=json.dumps({"attached": decision.attach, "ports": list(s.ports.proxied) if decision.attach else []}))
     return decision
+
+
+class LabBalancer:
+    """The lab's load balancer side (remote.balancer.Balancer) where the pulumi CLI is absent."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    def proxy_ports(self) -> list[int]:
+        return aws.proxy_protocol_ports(self.settings)
+
+    def apply(self, note) -> dict:
+        note("pulumi CLI not installed: applying the lab's load balancer with boto3 (same gate code)")
+        decision = apply(self.settings)
+        return {"proxyProtocolGate": decision.state.value, "gateMessage": decision.message}

@@ -62,7 +62,10 @@ def _call(what: str, fn, **kwargs):
 
 def write_record(settings: Settings, record: ReadinessRecord) -> None:
     """Store the readiness record where `pulumi up` reads it (Parameter Store)."""
-    text = record.to_json()
+    put_record_text(settings, record.to_json())
+
+
+def put_record_text(settings: Settings, text: str) -> None:
     ssm = client(settings, "ssm")
     _call(f"ssm put-parameter {settings.parameter_path}", ssm.put_parameter,
           Name=settings.parameter_path, Value=text, Type="String", Overwrite=True,
@@ -70,15 +73,20 @@ def write_record(settings: Settings, record: ReadinessRecord) -> None:
           Description=f"wsgate {settings.env}: hosts proven ready for the PROXY protocol (written by fab rollout)")
 
 
-def read_record(settings: Settings) -> ReadinessRecord | None:
+def read_record_text(settings: Settings) -> str | None:
+    """The stored record as it is (None: there is none)."""
     ssm = client(settings, "ssm")
     try:
-        text = ssm.get_parameter(Name=settings.parameter_path)["Parameter"]["Value"]
+        return ssm.get_parameter(Name=settings.parameter_path)["Parameter"]["Value"]
     except ssm.exceptions.ParameterNotFound:
         return None
     except (ClientError, BotoCoreError) as exc:
         raise AwsError(f"ssm get-parameter {settings.parameter_path}: {exc}") from None
-    return ReadinessRecord.from_json(text)
+
+
+def read_record(settings: Settings) -> ReadinessRecord | None:
+    text = read_record_text(settings)
+    return None if text is None else ReadinessRecord.from_json(text)
 
 
 def delete_record(settings: Settings) -> None:

@@ -10,7 +10,7 @@ import time
 
 from fabric import Connection
 
-from core.probe import Reply, checks, health_request, live_digest
+from core.probe import Health, Reply, checks, health_request
 from core.settings import Settings
 from remote.ssh import Ssh, SshError
 
@@ -36,21 +36,21 @@ def exchange(ssh: Ssh, conn: Connection, address: str, port: int, data: bytes, t
     return Reply.parse(raw)
 
 
-def live(ssh: Ssh, conn: Connection, settings: Settings, address: str) -> str | None:
-    """The digest of the config nginx is running now, from the health port; None if no answer."""
+def live(ssh: Ssh, conn: Connection, address: str, port: int) -> Health | None:
+    """What nginx runs now (and what `current` names), from its health port; None if no answer."""
     try:
-        return live_digest(exchange(ssh, conn, address, settings.ports.health, health_request()))
+        return Health.of(exchange(ssh, conn, address, port, health_request()))
     except SshError:
         return None
 
 
-def wait_live(ssh: Ssh, conn: Connection, settings: Settings, address: str, digest: str,
-              timeout: float = 10.0) -> str | None:
-    """Poll the health port until it names `digest` (a reload is asynchronous); the last digest seen."""
+def wait_live(ssh: Ssh, conn: Connection, address: str, port: int, digest: str,
+              timeout: float = 10.0) -> Health | None:
+    """Poll the health port until nginx runs `digest` (a reload is asynchronous); the last answer."""
     deadline = time.monotonic() + timeout
     while True:
-        seen = live(ssh, conn, settings, address)
-        if seen == digest or time.monotonic() > deadline:
+        seen = live(ssh, conn, address, port)
+        if (seen and seen.digest == digest) or time.monotonic() > deadline:
             return seen
         time.sleep(RETRY_INTERVAL)
 
@@ -63,9 +63,9 @@ def probe(ssh: Ssh, conn: Connection, settings: Settings, address: str, digest: 
     the old config: a failing check is retried until `timeout` before it counts.
     """
     deadline = time.monotonic() + timeout
-    seen = wait_live(ssh, conn, settings, address, digest, timeout)
-    if seen != digest:
-        return [f"live config is {seen[:12] if seen else 'unknown (no health answer)'}, not {digest[:12]}: "
+    seen = wait_live(ssh, conn, address, settings.ports.health, digest, timeout)
+    if not seen or seen.digest != digest:
+        return [f"live config is {seen.digest[:12] if seen else 'unknown (no health answer)'}, not {digest[:12]}: "
                 "the reload did not take"]
     problems = []
     for check in checks(settings):

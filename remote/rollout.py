@@ -1,35 +1,43 @@
-"""The rollout driver: phases run as barriers across hosts, in parallel with a bound.
+"""The host half of a run: each phase on every host, in parallel with a bound, and the rollback.
 
-1. connect, lock and inspect every host (nothing changes): one session command per host;
-2. upload and `nginx -t` the staged tree on every host that needs it (nothing live changes);
-   any failure: discard every stage and stop;
-3. per batch: swap, reload, probe; any failure: every host this run changed goes back to its
-   previous tree, reloaded; later batches are never touched;
-4. all ready: the readiness record is written while the locks are still held.
+The order of the phases (and what a failure between them means) is `remote/cutover.py`'s;
+this module does the work on the hosts:
 
-A host whose nginx already runs the target (asked through its health port) needs nothing:
-no lock, no upload, no reload. Every other host's rollout lock is held from step 1 to the
-end by its session (core.plan): the steps are requests to it, so each costs a round trip,
-not a new remote shell, and the lock cannot outlive the run. The record is written under
-every host's lock.
+- prepare: connect, take each host's rollout lock and read what is live (nothing changes);
+- stage: upload and `nginx -t` the whole staged tree (nothing live changes);
+- go live: per batch, swap, reload, probe;
+- lock the unchanged hosts and prove them under the lock, before the record is written;
+- roll back: every host this run may have changed goes back to exactly what it had.
+
+A host whose nginx already runs the target, from the release its `current` link names (the
+health port says both), needs nothing: no lock, no upload, no reload. Every other host's lock
+is held by its session (core.plan): the steps are requests to it. A host counts as possibly
+changed from the moment its swap request is sent; if its session is lost, the rollback
+reconnects (strict host keys, as ever) and waits for the host's lock to restore it.
+
+Ctrl-C never interrupts a step: it is noted, the steps in flight end, and the run rolls
+back; further interrupts while rolling back are deferred until every host is back.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import secrets
+import signal
 import tarfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Iterator
 
 from fabric import Connection
 
 from core.errors import KitError
-from core.plan import (DONE, LOCKED, LOCKED_EXIT, STAGED, SWAPPED, HostOutcome, Remote, Step, digest_of_link,
-                       nginx_error, parse_files, parse_state, split, tree_diff)
+from core.plan import (DONE, LOCKED, LOCKED_EXIT, STAGED, SWAPPED, HostOutcome, LiveState, Mode, Remote, Step,
+                       digest_of_link, nginx_error, parse_files, parse_state, split, tree_diff)
 from core.render import Tree
 from core.settings import Host, Settings
 from remote.probe import live, probe, wait_live
@@ -39,6 +47,10 @@ from remote.ssh import Session, Ssh
 
 class StepFailed(KitError):
     """A step ran and did not do what it must (nginx -t rejected, reload did not take, probe failed)."""
+
+
+class Interrupted(KitError):
+    """Ctrl-C: the run stops after the steps in flight."""
 
 
 def archive(tree: Tree) -> bytes:
@@ -53,14 +65,6 @@ def archive(tree: Tree) -> bytes:
     return buf.getvalue()
 
 
-class RecordSink(Protocol):
-    """Where proven readiness goes (the readiness record)."""
-
-    def needs(self, outcomes: list[HostOutcome]) -> bool: ...
-
-    def write(self, outcomes: list[HostOutcome]) -> None: ...
-
-
 @dataclass
 class _Host:
     host: Host
@@ -69,9 +73,10 @@ class _Host:
     outcome: HostOutcome
     conn: Connection | None = None
     session: Session | None = None  # open while this run holds the host's rollout lock
-    link_before: str = ""  # `releases/<digest>` that was current before this run
+    before: LiveState | None = None  # what the host had when this run locked it
     upload: bool = False  # the tree must be uploaded
     reload: bool = False  # nginx must (re)load the target
+    touched: bool = False  # a request that changes the live config was sent
 
 
 class Rollout:
@@ -88,56 +93,51 @@ class Rollout:
         ]
         self._payloads: dict[str, bytes] = {}
         self.diffs: dict[str, str] = {}  # check: host -> unified diff of live vs new files
+        self.interrupted = threading.Event()
+        self._rolling_back = False
+        self._ended = threading.Event()
 
     @property
     def outcomes(self) -> list[HostOutcome]:
         return [h.outcome for h in self.hosts]
 
-    # -- phases ------------------------------------------------------------------------------
+    @property
+    def touched(self) -> bool:
+        return any(h.touched for h in self.hosts)
 
-    def run(self, record: RecordSink | None = None) -> bool:
-        """The whole rollout; True when every host is proven ready (and the record is written)."""
-        try:
-            if not self._each(self.hosts, self._prepare):
-                return self._stopped()
-            todo = [h for h in self.hosts if h.upload]
-            if not self._each(todo, self._stage):
-                self._each([h for h in todo if h.session], self._discard, quiet=True)
-                return self._stopped()
-            for group in split([h for h in self.hosts if h.reload], self.batch):
-                if not self._each(group, self._go_live):
-                    self._roll_back()
-                    return self._stopped()
-            for h in self.hosts:
-                if h.outcome.ok is None:
-                    h.outcome.finish()
-            if record and record.needs(self.outcomes):
-                # The record is written under every host's lock (hosts with nothing to do had none).
-                if not self._each([h for h in self.hosts if not h.session], self._lock):
-                    return self._stopped()
-                record.write(self.outcomes)
-            return True
-        except BaseException:
-            self._roll_back()
-            self._stopped()
-            raise
-        finally:
-            self._close()
+    # -- the run's frame: interrupts, heartbeat, closing ---------------------------------------
 
-    def check(self) -> bool:
-        """Dry run: stage and test on every host, report what would change, change nothing live."""
+    @contextlib.contextmanager
+    def guarded(self) -> Iterator[Rollout]:
+        """While the run lasts: Ctrl-C is noted (never raised mid-step), every open session hears
+        from us (or the host ends it after ssh.idleTimeout), and everything is closed at the end."""
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGINT, self._on_interrupt)
+        beat = threading.Thread(target=self._heartbeat, daemon=True)
+        beat.start()
         try:
-            ok = self._each(self.hosts, self._prepare)
-            todo = [h for h in self.hosts if h.upload and h.session]
-            ok = self._each(todo, self._stage) and ok
-            self._each(todo, self._discard, quiet=True)
-            self._each(todo, self._diff, quiet=True)
-            for h in self.hosts:
-                if h.outcome.ok is None:
-                    h.outcome.finish()
-            return ok
+            yield self
         finally:
+            self._ended.set()
             self._close()
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+    def _on_interrupt(self, signum, frame) -> None:
+        if self._rolling_back:
+            self.reporter.note("interrupt: rolling back; the interrupt is deferred until every host is back")
+        elif not self.interrupted.is_set():
+            self.reporter.note("interrupt: stopping after the steps in flight; every host this run changed "
+                               "will be put back")
+        self.interrupted.set()
+
+    def _heartbeat(self) -> None:
+        interval = max(1.0, self.settings.ssh.idle_timeout / 3)
+        while not self._ended.wait(interval):
+            for h in self.hosts:
+                if h.session:
+                    h.session.ping()
 
     def _close(self) -> None:
         """Release every lock (closing a session ends the command holding it) and disconnect."""
@@ -148,12 +148,85 @@ class Rollout:
                 h.conn.close()
         self.ssh.close()
 
-    def _each(self, hosts: list[_Host], fn: Callable[[_Host], None], quiet: bool = False) -> bool:
-        """Run `fn` on every host, `parallel` at a time; False if any host failed."""
+    # -- phases ------------------------------------------------------------------------------
+
+    def prepare(self, mode: Mode = Mode.ROLLOUT) -> bool:
+        """Connect, lock and read every host that needs work; nothing changes."""
+        return self._each(self.hosts, lambda h: self._prepare(h, mode))
+
+    def stage(self) -> bool:
+        """Upload and `nginx -t` on every host that needs the tree; on failure every stage is discarded."""
+        todo = [h for h in self.hosts if h.upload]
+        if self._each(todo, self._stage):
+            return True
+        self.discard()
+        return False
+
+    def discard(self) -> None:
+        self._each([h for h in self.hosts if h.upload and h.session and not h.session.broken], self._discard,
+                   quiet=True)
+
+    def go_live(self) -> bool:
+        """Batch by batch: swap, reload, probe. Stops at the first batch with a failure."""
+        for group in split([h for h in self.hosts if h.reload], self.batch):
+            if not self._each(group, self._go_live):
+                return False
+        return True
+
+    def lock_unchanged(self) -> bool:
+        """Lock every host that had nothing to do and prove, under the lock, that it still serves
+        the target from `current` (the record is written while every host's lock is held)."""
+        return self._each([h for h in self.hosts if not h.session], self._confirm_unchanged)
+
+    def finish(self) -> None:
+        for h in self.hosts:
+            if h.outcome.ok is None:
+                h.outcome.finish()
+
+    def stopped(self) -> None:
+        """Mark hosts that never got their turn."""
+        why = "stopped: interrupted" if self.interrupted.is_set() else "stopped: another host failed"
+        for h in self.hosts:
+            if h.outcome.ok is None and not h.outcome.error:
+                h.outcome.error = why
+
+    def roll_back(self) -> bool:
+        """Every host this run may have changed goes back to what it had; False if any could not."""
+        todo = [h for h in self.hosts if h.touched]
+        if not todo:
+            return True
+        self._rolling_back = True
+        if self.interrupted.is_set():
+            self.reporter.note("rolling back: further interrupts are deferred until it ends")
+        self.reporter.note(f"rolling back {len(todo)} host(s) this run changed")
+        self._each(todo, self._restore, quiet=True, always=True)
+        return not any(h.outcome.rollback_failed for h in todo)
+
+    def check(self) -> bool:
+        """Dry run: stage and test on every host, report what would change, change nothing live."""
+        with self.guarded():
+            ok = self.prepare(Mode.CHECK)
+            todo = [h for h in self.hosts if h.upload and h.session]
+            ok = self._each(todo, self._stage) and ok
+            self._each(todo, self._discard, quiet=True)
+            self._each(todo, self._diff, quiet=True)
+            for h in self.hosts:
+                if h.outcome.ok is None and not h.outcome.error:
+                    h.outcome.finish()
+            return ok
+
+    def _each(self, hosts: list[_Host], fn: Callable[[_Host], None], quiet: bool = False,
+              always: bool = False) -> bool:
+        """Run `fn` on every host, `parallel` at a time; False if any host failed (or Ctrl-C came,
+        unless `always`: the rollback runs to its end)."""
         def guarded(h: _Host) -> bool:
             try:
+                if self.interrupted.is_set() and not always:
+                    raise Interrupted("interrupted before this step")
                 fn(h)
                 return True
+            except Interrupted:
+                return False
             except KitError as exc:
                 if not quiet:
                     h.outcome.fail(h.outcome.step, str(exc))
@@ -161,36 +234,34 @@ class Rollout:
                 return False
 
         if not hosts:
-            return True
+            return not self.interrupted.is_set() or always
         with ThreadPoolExecutor(max_workers=min(self.parallel, len(hosts))) as pool:
-            return all(list(pool.map(guarded, hosts)))
+            ok = all(list(pool.map(guarded, hosts)))
+        return ok and (always or not self.interrupted.is_set())
 
     def _step(self, h: _Host, step: Step) -> None:
         h.outcome.step = step
         self.reporter.step(h.outcome)
 
-    def _stopped(self) -> bool:
-        for h in self.hosts:
-            if h.outcome.ok is None and not h.outcome.error:
-                h.outcome.error = "stopped: another host failed"
-        return False
-
     # -- per host ----------------------------------------------------------------------------
 
-    def _prepare(self, h: _Host) -> None:
-        """Connect; if nginx already runs the target, that is all; else lock and read the state."""
+    def _address(self, h: _Host) -> str:
+        return self.settings.bind_of(h.host) or "127.0.0.1"
+
+    def _prepare(self, h: _Host, mode: Mode) -> None:
+        """Connect; if nginx already runs the target from `current`, that is all; else lock and read."""
         self._step(h, Step.CONNECT)
         h.conn = self.ssh.connect(h.host)
         if h.tree is not None:  # one channel to the health port, no remote shell
-            seen = live(self.ssh, h.conn, self.settings, self._address(h))
-            if seen == h.tree.digest:
-                h.outcome.before = h.outcome.after = seen
+            seen = live(self.ssh, h.conn, self._address(h), self.settings.ports.health)
+            if seen and seen.serves(h.tree.digest):
+                h.outcome.before = h.outcome.after = seen.digest
                 return
-        state = self._lock(h)
-        h.link_before = state.get("current", "")
-        h.outcome.before = digest_of_link(h.link_before)
+        state = self._lock(h, mode)
+        h.before = state
+        h.outcome.before = digest_of_link(state.current)
         if h.tree is None:  # rollback: the previous release becomes current
-            h.outcome.target = digest_of_link(state.get("previous", "")) or ""
+            h.outcome.target = digest_of_link(state.previous) or ""
             if not h.outcome.target:
                 raise StepFailed(f"no previous release to roll back to under {h.remote.root}")
             h.reload = True
@@ -198,22 +269,41 @@ class Rollout:
         h.upload = h.outcome.before != h.tree.digest
         h.reload = True  # the tree is new, or it is current but not what nginx runs
 
-    def _lock(self, h: _Host) -> dict[str, str]:
-        """Open the host's session: take its rollout lock; the live state it reports."""
+    def _lock(self, h: _Host, mode: Mode = Mode.ROLLOUT, wait: int = 0) -> LiveState:
+        """Open the host's session: take its rollout lock; the live state it reports. Refuses a
+        host whose pid file names an nginx this kit did not start."""
         self._step(h, Step.LOCK)
+        assert h.conn is not None
         stage = f".stage-{self.run_id}"
-        r, h.session = self.ssh.hold(h.conn, h.remote.session(self.run_id, stage, h.outcome.target), LOCKED, DONE)
-        state = parse_state(r.stdout)
+        command = h.remote.session(self.run_id, stage, h.outcome.target, mode, wait)
+        timeout = wait + self.settings.ssh.command_timeout if wait else None
+        r, session = self.ssh.hold(h.conn, command, LOCKED, DONE, timeout=timeout)
         if r.exited == LOCKED_EXIT:
-            raise StepFailed(f"another rollout holds the lock on {h.remote.root} (run {state.get('locked') or '?'}); "
-                             "it is released when that run ends")
-        if h.session is None:
+            raise StepFailed(f"another run holds the lock on {h.remote.root} "
+                             f"(run {parse_state(r.stdout).get('locked') or '?'}); it is released when that run ends")
+        if session is None:
             raise StepFailed(f"cannot inspect {h.remote.root}: {nginx_error(r.stderr + r.stdout)}")
+        h.session = session
+        state = LiveState.parse(r.stdout)
+        foreign = state.foreign(h.remote)
+        if foreign:
+            raise StepFailed(foreign)
+        if state.stale:
+            self.reporter.note(f"{h.host.name}: removed {state.stale} stage(s) left by interrupted runs")
         return state
+
+    def _confirm_unchanged(self, h: _Host) -> None:
+        state = self._lock(h)
+        seen = live(self.ssh, h.conn, self._address(h), self.settings.ports.health)  # type: ignore[arg-type]
+        target = h.outcome.target
+        if digest_of_link(state.current) != target or not seen or seen.digest != target:
+            raise StepFailed(f"changed since it was inspected: `current` names {state.current or 'nothing'}, "
+                             f"nginx runs {(seen.digest if seen else 'unknown')[:12]}, expected {target[:12]}")
 
     def _stage(self, h: _Host) -> None:
         """Upload the tree into the stage and `nginx -t` the whole staged tree: one request."""
         self._step(h, Step.UPLOAD)
+        assert h.session is not None and h.tree is not None
         r = h.session.request("stage", self._payload(h.tree))
         if STAGED not in r.stdout:
             raise StepFailed(f"upload failed: {nginx_error(r.stdout)}")
@@ -222,16 +312,20 @@ class Rollout:
             raise StepFailed(f"nginx -t rejected the new config: {nginx_error(r.stdout.split(STAGED)[-1])}")
 
     def _diff(self, h: _Host) -> None:
+        assert h.session is not None and h.tree is not None
         self.diffs[h.host.name] = tree_diff(parse_files(h.session.request("show").stdout), h.tree.files)
 
     def _discard(self, h: _Host) -> None:
+        assert h.session is not None
         h.session.request("discard")
 
     def _go_live(self, h: _Host) -> None:
         """Swap (when the tree changes) and reload: one request; then the probe."""
+        assert h.session is not None and h.conn is not None
         digest = h.outcome.target
+        self._step(h, Step.SWAP)
+        h.touched = True  # from here on the host may have changed, whatever answer comes back
         if h.tree is None or h.upload:
-            self._step(h, Step.SWAP)
             r = h.session.request("back" if h.tree is None else "live")
             if SWAPPED not in r.stdout:
                 raise StepFailed(f"swap failed: {nginx_error(r.stdout)}")
@@ -249,33 +343,49 @@ class Rollout:
         h.outcome.finish()
         self.reporter.done(h.outcome)
 
-    def _roll_back(self) -> None:
-        changed = [h for h in self.hosts if h.outcome.changed and h.session]
-        if changed:
-            self.reporter.note(f"rolling back {len(changed)} host(s) this run changed")
-            self._each(changed, self._restore, quiet=True)
-
     def _restore(self, h: _Host) -> None:
-        note = h.outcome
+        """Both links and nginx exactly as they were when this run locked the host, proven on the
+        restored release's own health port."""
+        note, step = h.outcome, h.outcome.step
+        assert h.before is not None
         try:
-            r = h.session.request("restore")
+            if h.session is None or h.session.broken:
+                self._reconnect(h)
+            assert h.session is not None and h.conn is not None
+            r = h.session.request("restore", h.before.restore_line())
             if not r.ok:
-                raise StepFailed(f"reload failed: {nginx_error(r.stdout)}")
-            if note.before:
-                seen = wait_live(self.ssh, h.conn, self.settings, self._address(h), note.before)
-                if seen != note.before:
-                    raise StepFailed(f"live config is {seen[:12] if seen else 'unknown'} after restoring")
-            note.restored = True
+                raise StepFailed(f"restore failed: {nginx_error(r.stdout.split(SWAPPED)[-1])}")
+            before = digest_of_link(h.before.current)
+            if before and h.before.nginx == "ours":
+                port = int(h.before.manifest.get("ports", {}).get("health") or self.settings.ports.health)
+                address = h.before.manifest.get("bind") or self._address(h)
+                seen = wait_live(self.ssh, h.conn, address, port, before)
+                if not seen or seen.digest != before:
+                    raise StepFailed(f"port {port} says {seen.digest[:12] if seen else 'nothing'} after restoring "
+                                     f"{before[:12]}")
+            note.restored, note.step = True, step
             if note.ok:  # it was ready, then put back because another host failed
                 note.ok, note.error = False, "restored: another host failed"
             self.reporter.restored(note)
         except KitError as exc:
-            note.ok = False
-            note.error = f"{note.error}; ROLLBACK FAILED: {exc}".lstrip("; ")
+            note.ok, note.rollback_failed, note.step = False, True, step
+            known = (f"`current` was {h.before.current or 'absent'}, `previous` {h.before.previous or 'absent'} "
+                     "before this run")
+            note.error = f"{note.error}; ROLLBACK FAILED: {exc} ({known})".lstrip("; ")
             self.reporter.failed(note)
 
-    def _address(self, h: _Host) -> str:
-        return self.settings.bind_of(h.host) or "127.0.0.1"
+    def _reconnect(self, h: _Host) -> None:
+        """A fresh connection and session for a host whose session was lost; waits for its lock
+        (the lost session's command may still hold it until its request ends)."""
+        self.reporter.note(f"{h.host.name}: reconnecting to restore it")
+        if h.session:
+            h.session.close()
+        if h.conn:
+            h.conn.close()
+        h.session = None
+        h.conn = self.ssh.connect(h.host)
+        wait = self.settings.ssh.command_timeout + self.settings.ssh.idle_timeout
+        self._lock(h, Mode.ROLLOUT, wait)
 
     def _payload(self, tree: Tree) -> bytes:
         """The tree as one base64 line (a tar), made once per distinct tree."""

@@ -22,6 +22,9 @@ from core.errors import KitError
 from core.settings import Host, Settings
 
 
+KEEPALIVE = 5  # seconds between SSH keepalives: a dead peer is noticed, an idle NAT keeps the flow
+
+
 class SshError(KitError):
     """A host could not be reached, refused us, or a command could not run."""
 
@@ -33,16 +36,36 @@ class HostKeyError(SshError):
 class Session:
     """A command that holds a lock on the host and serves one request a line (core.plan._SESSION).
 
-    Closing it closes its stdin: the command ends and the lock is released.
+    Closing it closes its stdin: the command ends and the lock is released. A request that
+    times out or loses the connection leaves the session `broken`: what the host did with
+    it is unknown, and nothing more is sent on it.
     """
 
     def __init__(self, chan: paramiko.Channel, done: str, timeout: int):
         self.chan, self.timeout = chan, timeout
         self._done = re.compile(rb"(?:^|\n)" + re.escape(done.encode()) + rb" (\d+)\n")
         self._buffer = b""
+        self._busy = threading.Lock()  # one request at a time (the heartbeat must not interleave)
+        self.broken = False
 
     def request(self, word: str, payload: bytes | None = None) -> Result:
         """Send a request (and a one-line payload); its output and exit code."""
+        with self._busy:
+            return self._request(word, payload)
+
+    def ping(self) -> None:
+        """Tell the host the controller is still there (unless a request is in flight: that tells it too)."""
+        if not self.broken and self._busy.acquire(blocking=False):
+            try:
+                self._request("ping", None)
+            except SshError:
+                pass  # the next real request reports it
+            finally:
+                self._busy.release()
+
+    def _request(self, word: str, payload: bytes | None) -> Result:
+        if self.broken:
+            raise SshError(f"{word}: the host session was lost earlier in this run")
         deadline = time.monotonic() + self.timeout
         try:
             self.chan.sendall(word.encode() + b"\n" + (payload + b"\n" if payload is not None else b""))
@@ -52,8 +75,10 @@ class Session:
                     raise EOFError("the host session ended")
                 self._buffer += chunk
         except socket.timeout:
-            raise SshError(f"{word}: timed out after {self.timeout}s") from None
+            self.broken = True
+            raise SshError(f"{word}: no answer within {self.timeout}s (ssh.commandTimeout)") from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
+            self.broken = True
             raise SshError(f"connection lost: {exc or type(exc).__name__}") from None
         output = self._buffer[:m.start()].decode(errors="replace")
         self._buffer = self._buffer[m.end():]
@@ -150,6 +175,7 @@ class Ssh:
         conn = self._connection(host.address, host.ssh_user or ssh.user, host.ssh_port or ssh.port,
                                 host.identity_file or ssh.identity_file, gw)
         self._open(conn, host.address)
+        conn.transport.set_keepalive(KEEPALIVE)
         return conn
 
     def _open(self, conn: Connection, label: str) -> None:

@@ -31,7 +31,8 @@ def _host(settings: Settings, host: Host, tree: Tree, ssh: Ssh) -> dict:
         row["current"] = digest_of_link(state.get("current", ""))
         row["running"] = state.get("running") == "yes"
         address = settings.bind_of(host) or "127.0.0.1"
-        row["live"] = live(ssh, conn, settings, address)
+        seen = live(ssh, conn, address, settings.ports.health)
+        row["live"] = seen.digest if seen else None
         for port in settings.ports.proxied:
             reply = exchange(ssh, conn, address, port, header_request(settings))
             if reply.status not in (None, 400):

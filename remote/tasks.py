@@ -101,148 +101,73 @@ def check(c, env, hosts=None, parallel=10, json=False):
         raise Exit(code=1)
 
 
-class ReadinessRecord:
-    """The rollout's record sink: the readiness record in Parameter Store.
-
-    The stored record is fetched in the background as soon as this is made, so the AWS call
-    (and importing botocore) overlaps the work on the hosts.
-    """
-
-    def __init__(self, settings: Settings, reporter):
-        import threading
-
-        self.settings, self.reporter = settings, reporter
-        self._stored = None
-        self._error: KitError | None = None
-        self._fetch = threading.Thread(target=self._read, daemon=True)
-        self._fetch.start()
-
-    def _read(self) -> None:
-        from remote import aws
-
-        try:
-            self._stored = aws.read_record(self.settings)
-        except KitError as exc:
-            self._error = exc
-
-    def _new(self, outcomes):
-        from core import record as records
-
-        return records.build(self.settings.env, list(self.settings.ports.proxied),
-                             {o.instance: o.after for o in outcomes})
-
-    def needs(self, outcomes) -> bool:
-        self._fetch.join()
-        if self._error:
-            raise self._error
-        new, old = self._new(outcomes), self._stored
-        if old and old.digests == new.digests and old.proxy_protocol_ports == new.proxy_protocol_ports:
-            self.reporter.note(f"readiness record {self.settings.parameter_path} is already current")
-            return False
-        return True
-
-    def write(self, outcomes) -> None:
-        from remote import aws
-
-        new = self._new(outcomes)
-        aws.write_record(self.settings, new)
-        self.reporter.note(f"readiness record written: {self.settings.parameter_path} "
-                           f"({len(outcomes)} instance(s), ports {new.proxy_protocol_ports})")
-
-
-def _apply(settings: Settings, reporter) -> None:
-    """`pulumi up` for the stack, then prove through the AWS API that the policy is where it must be."""
+def _balancer(settings: Settings):
+    """The load balancer side: the Pulumi stack, or in the lab without the CLI the lab's boto3 applier."""
     from infra import automation
     from remote import aws
+    from remote.balancer import PulumiStack
 
     if not automation.cli_available() and aws.is_lab(settings):
-        from lab.elb import apply
+        from lab.elb import LabBalancer
 
-        reporter.note("pulumi CLI not installed: applying the lab's load balancer with boto3 (same gate code)")
-        decision = apply(settings)
-        outputs = {"proxyProtocolGate": decision.state.value, "gateMessage": decision.message}
-    else:
-        reporter.note(f"pulumi up -s {settings.env} (Automation API)")
-        outputs = automation.up(settings.env, on_output=lambda line: reporter.note(line.rstrip()))
-    want = sorted(settings.ports.proxied) if settings.proxy_protocol else []
-    have = aws.proxy_protocol_ports(settings)
-    if have != want:
-        raise KitError(f"after pulumi up the ProxyProtocol policy is on ports {have or 'none'}, expected "
-                       f"{want or 'none'}; gate: {outputs.get('proxyProtocolGate')}: {outputs.get('gateMessage')}")
-    reporter.note(f"verified: ProxyProtocol policy on ports {have or 'none'}")
+        return LabBalancer(settings)
+    return PulumiStack(settings)
 
 
-@task(help={"env": ENV_HELP, "parallel": "hosts worked on at once (default 10)",
-            "batch": "go live in batches, e.g. 1,25%,100% (a failure stops the rest untouched)",
-            "apply": "then run `pulumi up` (Automation API) and verify the policy through the AWS API",
-            "json": "print JSON instead of a table"})
-@_reported
-def rollout(c, env, parallel=10, batch=None, apply=False, json=False):
-    """Render, upload, test, swap, reload and probe on every host; roll back on any failure."""
+def _run(env: str, trees_wanted: bool, parallel, batch, apply: bool, as_json: bool, what: str) -> None:
+    """A rollout (trees) or a rollback (no trees), in the cutover order; report; exit with its code."""
     from core.plan import batches
+    from remote import cutover
     from remote.hosts import require_instance_ids
+    from remote.readiness import ParameterRecord
     from remote.report import Reporter
     from remote.rollout import Rollout
     from remote.ssh import Ssh
 
     settings, targets, trees = _prepare(env)
     batches(batch, len(targets))  # a bad --batch fails here, before any host is touched
-    reporter = Reporter(quiet=json)
-    record = None
+    reporter = Reporter(quiet=as_json)
     if settings.proxy_protocol:
         require_instance_ids(targets)
-        record = ReadinessRecord(settings, reporter)
-    else:
-        # Turning it off: the load balancer stops sending the header first, then nginx.
-        from remote import aws
+    record = ParameterRecord(settings, reporter)
+    run = Rollout(settings, targets, trees if trees_wanted else None, Ssh(settings), reporter,
+                  parallel=int(parallel), batch=batch)
+    verdict = cutover.rollout(run, record, _balancer(settings), apply=apply)
+    _summary(reporter, as_json, f"{what} {settings.env}", verdict, run.outcomes)
+    if not verdict.ok:
+        raise Exit(code=verdict.code)
 
-        if apply:
-            _apply(settings, reporter)
-        attached = aws.proxy_protocol_ports(settings)
-        if attached:
-            raise KitError(f"the ProxyProtocol policy is still attached on ports {attached}: nginx must keep "
-                           "reading the header until it is detached. Run `pulumi up` with proxyProtocol: false "
-                           "first (or `fab rollout --apply`), then this rollout")
-        aws.delete_record(settings)
-    run = Rollout(settings, targets, trees, Ssh(settings), reporter, parallel=int(parallel), batch=batch)
-    ok = run.run(record)
-    _summary(reporter, json, f"rollout {settings.env}", ok, run.outcomes)
-    if not ok:
-        raise Exit(code=1)
-    if apply and settings.proxy_protocol:
-        _apply(settings, reporter)
+
+@task(help={"env": ENV_HELP, "parallel": "hosts worked on at once (default 10)",
+            "batch": "go live in batches, e.g. 1,25%,100% (a failure stops the rest untouched)",
+            "apply": "also run `pulumi up` (Automation API) and verify the policy through the AWS API",
+            "json": "print JSON instead of a table"})
+@_reported
+def rollout(c, env, parallel=10, batch=None, apply=False, json=False):
+    """Render, upload, test, swap, reload and probe on every host; roll back on any failure."""
+    _run(env, True, parallel, batch, apply, json, "rollout")
 
 
 @task(help={"env": ENV_HELP, "parallel": "hosts worked on at once (default 10)", "json": "print JSON"})
 @_reported
 def rollback(c, env, parallel=10, json=False):
     """Put every host back on its previous release: swap, reload, probe (all or nothing)."""
-    from remote.hosts import require_instance_ids
-    from remote.report import Reporter
-    from remote.rollout import Rollout
-    from remote.ssh import Ssh
-
-    settings, targets, _ = _prepare(env)
-    reporter = Reporter(quiet=json)
-    record = None
-    if settings.proxy_protocol:
-        require_instance_ids(targets)
-        record = ReadinessRecord(settings, reporter)
-    run = Rollout(settings, targets, None, Ssh(settings), reporter, parallel=int(parallel))
-    ok = run.run(record)
-    _summary(reporter, json, f"rollback {settings.env}", ok, run.outcomes)
-    if not ok:
-        raise Exit(code=1)
+    _run(env, False, parallel, None, False, json, "rollback")
 
 
-def _summary(reporter, as_json: bool, title: str, ok: bool, outcomes) -> None:
+def _summary(reporter, as_json: bool, title: str, verdict, outcomes) -> None:
+    from remote.cutover import failed_hosts
+
     if as_json:
-        reporter.json({"ok": ok, "hosts": [o.as_dict() for o in outcomes]})
+        reporter.json({"ok": verdict.ok, "exit_code": verdict.code, "problems": verdict.problems,
+                       "hosts": [o.as_dict() for o in outcomes]})
         return
-    failed = [o for o in outcomes if o.ok is False and not o.error.startswith("restored")]
-    reporter.table(f"{title}: {'every host ready' if ok else 'FAILED'}", outcomes)
-    for o in failed:
+    headline = "every host ready" if verdict.ok else "INTERRUPTED" if verdict.code == 130 else "FAILED"
+    reporter.table(f"{title}: {headline}", outcomes)
+    for o in failed_hosts(outcomes):
         reporter.message(f"{o.host}: failed at {o.step.value}: {o.error}", error=True)
+    for problem in verdict.problems:
+        reporter.message(f"error: {problem}", error=True)
 
 
 @task(help={"env": ENV_HELP, "json": "print JSON instead of tables"})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import tempfile
+from pathlib import Path
 
 import pytest
 import yaml
@@ -77,6 +79,12 @@ _fleet_nets = itertools.count(10)  # each fleet on its own 127.0.N.0/24
 @pytest.fixture
 def fleet(request, tmp_path, app, aws):
     """Real hosts (sshd each; nginx once rolled out) on loopback; a module sets FLEET_SIZE."""
+    # nginx's workers run as `nobody` under a root master: as on a real host, the nginx root
+    # must be reachable for them (pytest makes its temp directories 0700).
+    for d in (tmp_path, *tmp_path.parents):
+        if d == Path(tempfile.gettempdir()):
+            break
+        d.chmod(d.stat().st_mode | 0o011)
     size = getattr(request.module, "FLEET_SIZE", 3)
     f = Fleet(tmp_path / "fleet", size, next(_fleet_nets), app, aws.url).start()
     yield f

@@ -161,7 +161,7 @@ def test_unknown_host_goes_to_the_default_server_and_gets_no_app_content(edge, p
 def test_health_endpoint_answers_without_a_header_and_names_the_live_digest(edge):
     status, headers, body = http_get(dial(BIND, edge["ports"]["health"]), "anything", "/healthz")
     assert status == 200
-    assert body.decode() == f"ok {edge['digest']}\n"
+    assert body.decode().startswith(f"ok {edge['digest']} ")  # then the release `current` names
     assert headers["x-config-digest"] == edge["digest"]
 
 

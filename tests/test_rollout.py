@@ -99,13 +99,15 @@ def assert_untouched(fleet, before_digests, before_record):
     assert record(fleet) == before_record
 
 
-def driver(fleet, hook=None, **kwargs):
-    """The rollout driver in-process, with a hook called at every step (to break things mid-run)."""
+def driver(fleet, hook=None, only=None, **kwargs):
+    """The rollout in-process (the same order `fab rollout` runs), with a hook called at every
+    step (to break things mid-run). Returns (verdict, host name -> outcome)."""
+    from remote import cutover
     from remote.hosts import resolve
+    from remote.readiness import ParameterRecord
     from remote.report import Reporter
     from remote.rollout import Rollout
     from remote.ssh import Ssh
-    from remote.tasks import ReadinessRecord
 
     class Hooked(Reporter):
         def step(self, outcome):
@@ -114,11 +116,11 @@ def driver(fleet, hook=None, **kwargs):
                 hook(outcome)
 
     s = settings(fleet)
-    hosts = resolve(s)
+    hosts = resolve(s, only)
     reporter = Hooked()
     run = Rollout(s, hosts, render_hosts(s, hosts), Ssh(s), reporter, **kwargs)
-    ok = run.run(ReadinessRecord(s, reporter))
-    return ok, {o.host: o for o in run.outcomes}
+    verdict = cutover.rollout(run, ParameterRecord(s, reporter))
+    return verdict, {o.host: o for o in run.outcomes}
 
 
 # --- safety properties ----------------------------------------------------------------------
@@ -159,8 +161,8 @@ def test_host_dropping_mid_run_puts_every_changed_host_back(fleet):
         if outcome.host == "h3" and outcome.step.value == "swap":
             h3.stop()
 
-    ok, outcomes = driver(fleet, drop, parallel=1)
-    assert not ok
+    verdict, outcomes = driver(fleet, drop, parallel=1)
+    assert not verdict.ok
     assert outcomes["h3"].ok is False and "connection lost" in outcomes["h3"].error
     assert outcomes["h1"].restored and outcomes["h2"].restored
     assert_untouched(fleet, before, rec)
@@ -227,11 +229,11 @@ def test_a_second_rollout_of_the_same_environment_refuses_while_one_runs(fleet):
         if outcome.host == "h1" and outcome.step.value == "probe" and not seen:
             seen["result"] = fab(fleet, "rollout")
 
-    ok, _ = driver(fleet, second_run, parallel=1)
-    assert ok
+    verdict, _ = driver(fleet, second_run, parallel=1)
+    assert verdict.ok
     second = seen["result"]
     assert second.returncode == 1
-    assert "another rollout holds the lock" in second.stderr
+    assert "another run holds the lock on" in second.stderr
     assert live_digests(fleet) == targets(fleet)
     assert fab(fleet, "rollout").returncode == 0  # the locks were released
 

@@ -1,0 +1,41 @@
+"""The load balancer side of a cutover, behind one small interface.
+
+`remote/cutover.py` asks a `Balancer` two things: which backend ports carry the PROXY header
+now (read from AWS, never from a marker of ours), and to apply the stack (`pulumi up`). The
+task layer chooses the implementation: `PulumiStack` for real stacks (the Automation API);
+the lab brings its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+from core.settings import Settings
+
+
+class Balancer(Protocol):
+    def proxy_ports(self) -> list[int]:
+        """Backend ports on which the load balancer sends the PROXY header now (AWS API)."""
+        ...
+
+    def apply(self, note: Callable[[str], None]) -> dict[str, Any]:
+        """Bring the load balancer to what the settings and the readiness record allow; its outputs."""
+        ...
+
+
+class PulumiStack:
+    """The environment's Pulumi stack, updated through the Automation API."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    def proxy_ports(self) -> list[int]:
+        from remote import aws
+
+        return aws.proxy_protocol_ports(self.settings)
+
+    def apply(self, note: Callable[[str], None]) -> dict[str, Any]:
+        from infra import automation
+
+        note(f"pulumi up -s {self.settings.env} (Automation API)")
+        return automation.up(self.settings.env, on_output=lambda line: note(line.rstrip()))

@@ -1,0 +1,144 @@
+"""The order of a run, in one place: what happens, in which order, and what a failure means.
+
+Turning the PROXY protocol on (or changing config while it is on):
+  1. connect, lock and inspect every host; nothing changes;
+  2. every AWS read the run depends on: the stored record, the ports with the policy;
+  3. upload and `nginx -t` every host; a failure discards every stage: nothing changed;
+  4. go live, batch by batch (swap, reload, probe);
+  5. lock the hosts that had nothing to do and prove them under the lock;
+  6. write the readiness record;
+     any failure (or Ctrl-C) from 4 to 6: every host this run may have changed goes back to
+     exactly what it had, and the record is put back as it was (read back to prove it);
+  7. with --apply, after the locks are released: `pulumi up`, then check through the AWS API
+     that the policy is on exactly the proxied ports.
+
+Turning it off runs 1-3 the same, then the load balancer stops sending the header before any
+host stops reading it: with --apply, `pulumi up` detaches the policy (checked through the AWS
+API); without it, a policy still attached refuses the run. The record is deleted, then the
+hosts go live. Once this run detached the policy the hosts are not rolled back on a failure:
+the old config would reject every request the load balancer now sends. The failed hosts are
+named and the exit code says a person is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from core.errors import KitError
+from core.plan import HostOutcome
+from remote.balancer import Balancer
+from remote.readiness import ParameterRecord
+from remote.rollout import Rollout
+
+OK, FAILED, ATTENTION, INTERRUPTED = 0, 1, 3, 130  # exit codes
+_RANK = {OK: 0, FAILED: 1, INTERRUPTED: 2, ATTENTION: 3}  # the code that says most wins
+
+
+@dataclass
+class Verdict:
+    """How a run ended: the code the process exits with, and what a person must know."""
+
+    code: int = OK
+    problems: list[str] = field(default_factory=list)  # run-level failures (AWS, record, load balancer)
+
+    @property
+    def ok(self) -> bool:
+        return self.code == OK
+
+    def fail(self, problem: str | None, code: int = FAILED) -> None:
+        if problem:
+            self.problems.append(problem)
+        self.code = max(self.code, code, key=_RANK.__getitem__)
+
+
+def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balancer | None = None,
+            apply: bool = False) -> Verdict:
+    """One rollout (or rollback, with trees None) in the order above."""
+    verdict = Verdict()
+    turning_off = not run.settings.proxy_protocol
+    with run.guarded():
+        if not run.prepare():                                                 # 1
+            return _stopped(run, verdict)
+        try:                                                                  # 2
+            if record:
+                record.load()
+            attached = balancer.proxy_ports() if balancer else []
+        except KitError as exc:
+            verdict.fail(f"before any change: {exc}")
+            return _stopped(run, verdict)
+        if turning_off and attached and not apply:
+            verdict.fail(f"the ProxyProtocol policy is still attached on ports {attached}: nginx must keep reading "
+                         "the header until it is detached. Run `pulumi up` with proxyProtocol: false first, or "
+                         "`fab rollout --apply`; nothing was changed")
+            return _stopped(run, verdict)
+        if not run.stage():                                                   # 3
+            return _stopped(run, verdict)
+        detached = False
+        if turning_off and attached:
+            assert balancer is not None
+            try:
+                _apply(run, balancer, want=[])
+            except KitError as exc:
+                run.discard()
+                verdict.fail(f"detaching the policy: {exc}; no host was changed", code=ATTENTION)
+                return _stopped(run, verdict)
+            detached = True
+        try:
+            if turning_off and record:
+                record.delete()
+            ready = run.go_live()                                             # 4
+            if ready and not turning_off and record and record.needs(run.outcomes):
+                ready = run.lock_unchanged()                                  # 5
+                if ready:
+                    record.write(run.outcomes)                                # 6
+        except Exception as exc:  # noqa: BLE001 - whatever fails after a swap, the hosts go back
+            ready = False
+            verdict.fail(str(exc) if isinstance(exc, KitError) else f"{type(exc).__name__}: {exc}")
+        if not ready:
+            if detached:
+                verdict.fail("the policy was detached, so no host was put back on a config that reads the header; "
+                             "fix the failed hosts and run `fab rollout` again", code=ATTENTION)
+            else:
+                _roll_back(run, record, verdict)
+            return _stopped(run, verdict)
+        run.finish()
+    if run.interrupted.is_set():
+        verdict.fail("interrupted after the last step: every host is ready and recorded", INTERRUPTED)
+        return verdict
+    if apply and not turning_off and balancer:                                # 7
+        try:
+            _apply(run, balancer, want=sorted(run.settings.ports.proxied))
+        except KitError as exc:
+            verdict.fail(f"every host is ready and recorded, but {exc}")
+    return verdict
+
+
+def _roll_back(run: Rollout, record: ParameterRecord | None, verdict: Verdict) -> None:
+    if not run.roll_back():
+        verdict.fail("not every host could be put back: see ROLLBACK FAILED", code=ATTENTION)
+    if record:
+        try:
+            record.undo()
+        except KitError as exc:
+            verdict.fail(str(exc), code=ATTENTION)
+
+
+def _stopped(run: Rollout, verdict: Verdict) -> Verdict:
+    run.stopped()
+    verdict.fail(None, INTERRUPTED if run.interrupted.is_set() else FAILED)
+    return verdict
+
+
+def _apply(run: Rollout, balancer: Balancer, want: list[int]) -> None:
+    """`pulumi up`, then prove through the AWS API that the policy is on exactly `want`."""
+    outputs = balancer.apply(run.reporter.note)
+    have = balancer.proxy_ports()
+    if have != want:
+        raise KitError(f"after pulumi up the ProxyProtocol policy is on ports {have or 'none'}, expected "
+                       f"{want or 'none'}; gate: {outputs.get('proxyProtocolGate')}: {outputs.get('gateMessage')}")
+    run.reporter.note(f"verified: ProxyProtocol policy on ports {have or 'none'}")
+
+
+def failed_hosts(outcomes: list[HostOutcome]) -> list[HostOutcome]:
+    """The hosts whose own step failed (not those put back because another failed)."""
+    return [o for o in outcomes if o.ok is False and not o.error.startswith("restored")]

@@ -1,0 +1,116 @@
+"""The readiness record as a run sees it: read before any change, written or deleted once, and
+put back exactly as it was when the run rolls back.
+
+The stored record is fetched in the background as soon as this is made, so the AWS call (and
+importing botocore) overlaps connecting to the hosts; `load` waits for it and is the run's
+precondition: no host is swapped before the record could be read.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from core import record as records
+from core.errors import KitError
+from core.plan import HostOutcome
+from core.record import RecordError
+from core.settings import Settings
+
+
+class ParameterRecord:
+    """The environment's readiness record in Parameter Store."""
+
+    def __init__(self, settings: Settings, reporter):
+        self.settings, self.reporter = settings, reporter
+        self._stored: str | None = None  # the text as it was before this run
+        self._error: KitError | None = None
+        self._touched = False  # a write or delete was sent (its answer may have been lost)
+        self._fetch = threading.Thread(target=self._read, daemon=True)
+        self._fetch.start()
+
+    def _read(self) -> None:
+        from remote import aws
+
+        try:
+            self._stored = aws.read_record_text(self.settings)
+        except KitError as exc:
+            self._error = exc
+
+    def load(self) -> None:
+        """Wait for the stored record; raise if it could not be read."""
+        self._fetch.join()
+        if self._error:
+            raise self._error
+
+    def _new(self, outcomes: list[HostOutcome]) -> records.ReadinessRecord:
+        return records.build(self.settings.env, list(self.settings.ports.proxied),
+                             {o.instance: o.after for o in outcomes if o.instance and o.after})
+
+    def needs(self, outcomes: list[HostOutcome]) -> bool:
+        """Whether the stored record differs from what these outcomes prove."""
+        self.load()
+        new = self._new(outcomes)
+        old = None
+        if self._stored is not None:
+            try:
+                old = records.ReadinessRecord.from_json(self._stored)
+            except KitError:
+                old = None
+        if old and old.digests == new.digests and old.proxy_protocol_ports == new.proxy_protocol_ports:
+            self.reporter.note(f"readiness record {self.settings.parameter_path} is already current")
+            return False
+        return True
+
+    def write(self, outcomes: list[HostOutcome]) -> None:
+        from remote import aws
+
+        new = self._new(outcomes)
+        self._touched = True
+        aws.write_record(self.settings, new)
+        self.reporter.note(f"readiness record written: {self.settings.parameter_path} "
+                           f"({len(new.instances)} instance(s), ports {new.proxy_protocol_ports})")
+
+    def delete(self) -> None:
+        """No record: the hosts are about to stop reading the header."""
+        from remote import aws
+
+        self.load()
+        if self._stored is None:
+            return
+        self._touched = True
+        aws.delete_record(self.settings)
+        self.reporter.note(f"readiness record deleted: {self.settings.parameter_path}")
+
+    def undo(self) -> None:
+        """Put the record back as it was before this run (or delete it), and read it back to prove it."""
+        from remote import aws
+
+        if not self._touched:
+            return
+        path = self.settings.parameter_path
+        try:
+            if self._stored is None:
+                aws.delete_record(self.settings)
+            else:
+                aws.put_record_text(self.settings, self._stored)
+            now = aws.read_record_text(self.settings)
+        except KitError as exc:
+            raise RecordError(f"readiness record {path} could not be put back: {exc}. It may still name hosts "
+                              f"that were restored: {self._manual()}") from None
+        if now != self._stored:
+            raise RecordError(f"readiness record {path} reads back as something else after putting it back: "
+                              f"{self._manual()}")
+        self._touched = False
+        self.reporter.note(f"readiness record {path} put back as it was"
+                           if self._stored is not None else f"readiness record {path} removed, as before the run")
+
+    def _manual(self) -> str:
+        path = self.settings.parameter_path
+        if self._stored is None:
+            return f"delete it by hand (aws ssm delete-parameter --name {path}) before the next `pulumi up`"
+        return (f"put it back by hand before the next `pulumi up`: aws ssm put-parameter --overwrite --type String "
+                f"--name {path} --value '{self._stored}'")
+
+    @property
+    def before(self) -> str | None:
+        return self._stored
