@@ -79,7 +79,6 @@ def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balan
             try:
                 _apply(run, balancer, want=[])
             except KitError as exc:
-                run.discard()
                 verdict.fail(f"detaching the policy: {exc}; no host was changed", code=ATTENTION)
                 return _stopped(run, verdict)
             detached = True

@@ -89,11 +89,13 @@ class ParameterRecord:
             return
         path = self.settings.parameter_path
         try:
-            if self._stored is None:
-                aws.delete_record(self.settings)
-            else:
-                aws.put_record_text(self.settings, self._stored)
             now = aws.read_record_text(self.settings)
+            if now != self._stored:  # the write (or delete) took effect: put it back
+                if self._stored is None:
+                    aws.delete_record(self.settings)
+                else:
+                    aws.put_record_text(self.settings, self._stored)
+                now = aws.read_record_text(self.settings)
         except KitError as exc:
             raise RecordError(f"readiness record {path} could not be put back: {exc}. It may still name hosts "
                               f"that were restored: {self._manual()}") from None

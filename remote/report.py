@@ -24,7 +24,7 @@ class Reporter:
                            width=None if (out or sys.stdout).isatty() else 200)
         self.err = Console(file=err or sys.stderr, highlight=False, soft_wrap=True)
         self.quiet = quiet
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a Ctrl-C handler may print while the main thread prints
         self._t0 = time.monotonic()
 
     def _line(self, text: str) -> None:

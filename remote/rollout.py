@@ -155,16 +155,13 @@ class Rollout:
         return self._each(self.hosts, lambda h: self._prepare(h, mode))
 
     def stage(self) -> bool:
-        """Upload and `nginx -t` on every host that needs the tree; on failure every stage is discarded."""
-        todo = [h for h in self.hosts if h.upload]
-        if self._each(todo, self._stage):
-            return True
-        self.discard()
-        return False
+        """Upload and `nginx -t` on every host that needs the tree (`stopped` discards the stages)."""
+        return self._each([h for h in self.hosts if h.upload], self._stage)
 
     def discard(self) -> None:
-        self._each([h for h in self.hosts if h.upload and h.session and not h.session.broken], self._discard,
-                   quiet=True)
+        """Remove the stage of every host that has one and was not swapped."""
+        self._each([h for h in self.hosts if h.upload and not h.touched and h.session and not h.session.broken],
+                   self._discard, quiet=True, always=True)
 
     def go_live(self) -> bool:
         """Batch by batch: swap, reload, probe. Stops at the first batch with a failure."""
@@ -184,7 +181,8 @@ class Rollout:
                 h.outcome.finish()
 
     def stopped(self) -> None:
-        """Mark hosts that never got their turn."""
+        """Discard what was staged and not used; mark hosts that never got their turn."""
+        self.discard()
         why = "stopped: interrupted" if self.interrupted.is_set() else "stopped: another host failed"
         for h in self.hosts:
             if h.outcome.ok is None and not h.outcome.error:

@@ -37,7 +37,7 @@ class FleetHost(SshHost):
 class Fleet:
     def __init__(self, directory: Path, count: int, net: int, app: tuple[str, int], aws_url: str,
                  env: str = "fleet", proxy_protocol: bool = True):
-        self.dir, self.env = directory, env
+        self.dir, self.env, self.aws_url = directory, env, aws_url
         (self.dir / "client").mkdir(parents=True, exist_ok=True)
         self.key = self.dir / "client" / "id_ed25519"
         client_pub = keygen(self.key)
