@@ -423,8 +423,7 @@ def test_host_serving_the_target_while_current_points_elsewhere_is_not_taken_as_
 
 def test_lock_of_a_controller_gone_silent_ends_within_the_idle_timeout(fleet):
     fleet.set("wsgate:ssh", {"idleTimeout": 2})
-    proc, _ = fab_until(fleet, progress("h3", "lock"))
-    time.sleep(0.3)  # the session is up and holds the lock
+    proc, _ = fab_until(fleet, progress("h3", "upload"))  # every host is locked by now
     proc.send_signal(signal.SIGSTOP)  # a partition: the TCP connection stays, nothing more comes
     try:
         stopped = time.monotonic()
