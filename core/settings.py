@@ -88,6 +88,39 @@ def _upstream(value: str) -> str:
     return value
 
 
+_TARGET = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[^:@\[\]\s]+))"
+                     r"(?::(?P<port>[^:]*))?$")
+
+
+def target(spec: str) -> tuple[str | None, str, int | None]:
+    """`[user@]host[:port]` (host: a DNS name, an IPv4 address or `[IPv6]`) -> (user, host, port)."""
+    m = _TARGET.match(spec.strip())
+    if not m:
+        raise ValueError(f"{spec!r} is not [user@]host[:port] (an IPv6 address goes in brackets)")
+    if m["user"]:
+        _user(m["user"])
+    if m["v6"]:
+        try:
+            if ipaddress.ip_address(m["v6"]).version != 6:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{spec!r}: brackets are for IPv6 addresses") from None
+        host = m["v6"]
+    else:
+        host = _host(m["host"])
+    port = m["port"]
+    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"{spec!r}: the port must be a number from 1 to 65535")
+    return m["user"], host, int(port) if port else None
+
+
+def _gateway(value: str) -> str:
+    """A bastion, or a chain of them (`a,b`, as ssh's ProxyJump), each `[user@]host[:port]`."""
+    for hop in value.split(","):
+        target(hop)
+    return value
+
+
 def _pattern(regex: str, what: str):
     compiled = re.compile(regex)
 
@@ -107,6 +140,7 @@ PlainPath = Annotated[str, AfterValidator(_path)]
 AbsolutePath = Annotated[str, AfterValidator(_absolute_path)]
 UserName = Annotated[str, AfterValidator(_user)]
 Upstream = Annotated[str, AfterValidator(_upstream)]
+Gateway = Annotated[str, AfterValidator(_gateway)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[int, Field(gt=0)]
 InstanceId = Annotated[str, _pattern(r"^i-([0-9a-f]{8}|[0-9a-f]{17})$", "EC2 instance ID (i-0123456789abcdef0)")]
@@ -217,7 +251,7 @@ class Ssh(Model):
     identity_file: str | None = None
     known_hosts: str = "~/.ssh/known_hosts"  # host keys are checked strictly against this file
     config_file: str | None = "~/.ssh/config"  # honoured when it exists; null: ignore
-    gateway: str | None = None  # bastion, as [user@]host[:port]
+    gateway: Gateway | None = None  # bastion, as [user@]host[:port] (a chain: a,b)
     connect_timeout: Seconds = 10
     command_timeout: Seconds = 120
     idle_timeout: Seconds = 30  # a host's session (and its rollout lock) ends this long after the controller is gone
@@ -233,7 +267,7 @@ class Host(Model):
     ssh_user: UserName | None = None
     ssh_port: Port | None = None
     identity_file: str | None = None
-    gateway: str | None = None
+    gateway: Gateway | None = None
     bind: IpAddress | None = None  # overrides nginx.bind for this host
     root: AbsolutePath | None = None  # overrides nginx.root for this host
 

@@ -265,6 +265,11 @@ class Rollout:
             h.reload = True
             return
         h.upload = h.outcome.before != h.tree.digest
+        if not h.upload:  # `current` names the target: is it what nginx runs? (asked again, under the lock)
+            seen = live(self.ssh, h.conn, self._address(h), self.settings.ports.health)
+            if seen and seen.digest == h.tree.digest:
+                h.outcome.after = seen.digest
+                return
         h.reload = True  # the tree is new, or it is current but not what nginx runs
 
     def _lock(self, h: _Host, mode: Mode = Mode.ROLLOUT, wait: int = 0) -> LiveState:

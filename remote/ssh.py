@@ -7,6 +7,7 @@ and refuses unknown or changed keys. Connect and command timeouts are always set
 
 from __future__ import annotations
 
+import binascii
 import os
 import re
 import socket
@@ -19,7 +20,7 @@ from fabric import Config, Connection
 from paramiko.config import SSHConfig
 
 from core.errors import KitError
-from core.settings import Host, Settings
+from core.settings import Host, Settings, target
 
 
 KEEPALIVE = 5  # seconds between SSH keepalives: a dead peer is noticed, an idle NAT keeps the flow
@@ -121,13 +122,6 @@ def _drain(recv, chan: paramiko.Channel, deadline: float) -> bytes:
     return b"".join(chunks)
 
 
-def _target(spec: str) -> tuple[str | None, str, int | None]:
-    """`[user@]host[:port]` -> (user, host, port)."""
-    user, _, rest = spec.rpartition("@")
-    host, _, port = rest.partition(":")
-    return (user or None), host, (int(port) if port else None)
-
-
 class Ssh:
     """Connections for one run: one per host, opened once and reused for every step."""
 
@@ -135,56 +129,101 @@ class Ssh:
         self.settings = settings
         self.config = _fabric_config(settings)
         self.known_hosts = Path(os.path.expanduser(settings.ssh.known_hosts))
-        self._gateways: dict[str, Connection] = {}
-        self._lock = threading.Lock()
+        self._gateways: dict[str, Connection | SshError] = {}
+        self._keys: paramiko.HostKeys | None = None
+        self._lock = threading.RLock()
 
-    def _strict(self, conn: Connection) -> Connection:
+    def _host_keys(self) -> paramiko.HostKeys:
+        """known_hosts, read once; a line paramiko cannot read is named with its file and number."""
+        if self._keys is None:
+            keys = paramiko.HostKeys()
+            if self.known_hosts.exists():
+                for number, line in enumerate(self.known_hosts.read_text().splitlines(), 1):
+                    if not line.strip() or line.lstrip().startswith("#"):
+                        continue
+                    try:
+                        entry = paramiko.hostkeys.HostKeyEntry.from_line(line, number)
+                    except (paramiko.SSHException, paramiko.hostkeys.InvalidHostKey, ValueError, TypeError,
+                            binascii.Error) as exc:
+                        raise SshError(f"known_hosts {self.known_hosts} line {number}: cannot read it "
+                                       f"({exc or type(exc).__name__})") from None
+                    if entry is None:
+                        raise SshError(f"known_hosts {self.known_hosts} line {number}: not a host key line")
+                    keys._entries.append(entry)
+            self._keys = keys
+        return self._keys
+
+    def _connection(self, host: str, user: str | None, port: int | None, identity: str | None) -> Connection:
+        """A Connection that checks host keys strictly and never opens a hop of its own (Fabric's
+        ProxyJump support would, with AutoAddPolicy): hops are ours (`_hop`)."""
+        timeout = self.settings.ssh.connect_timeout
+        # A host that accepts TCP and then says nothing must not hang the run either.
+        kwargs: dict = {"banner_timeout": timeout, "auth_timeout": timeout}
+        if identity:
+            path = os.path.expanduser(identity)
+            if not os.path.isfile(path):
+                raise SshError(f"identity file {identity} does not exist (ssh.identityFile or hosts[].identityFile)")
+            kwargs["key_filename"] = [path]
+        conn = Connection(host, user=user, port=port, config=self.config, connect_timeout=timeout,
+                          connect_kwargs=kwargs, gateway=False)
         client = paramiko.SSHClient()
-        if self.known_hosts.exists():
-            client.load_host_keys(str(self.known_hosts))
+        keys = self._host_keys()
+        for hostname, entry in keys.items():
+            for key_type, key in entry.items():
+                client.get_host_keys().add(hostname, key_type, key)
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
         conn.client = client
         return conn
 
-    def _connection(self, host: str, user: str | None, port: int | None, identity: str | None,
-                    gateway: Connection | None) -> Connection:
-        timeout = self.settings.ssh.connect_timeout
-        # A host that accepts TCP and then says nothing must not hang the run either.
-        kwargs = {"banner_timeout": timeout, "auth_timeout": timeout}
-        if identity:
-            kwargs["key_filename"] = [os.path.expanduser(identity)]
-        conn = Connection(host, user=user, port=port, config=self.config, connect_timeout=timeout,
-                          connect_kwargs=kwargs, gateway=gateway)
-        return self._strict(conn)
-
     def gateway(self, spec: str) -> Connection:
-        """A bastion connection, opened before any thread shares it."""
+        """A bastion connection (`[user@]host[:port]`, or a ProxyJump chain `a,b`), opened once
+        before any thread shares it; a bastion that failed fails every host at once, untried."""
         with self._lock:
             if spec not in self._gateways:
-                user, host, port = _target(spec)
-                conn = self._connection(host, user or self.settings.ssh.user, port, self.settings.ssh.identity_file,
-                                        None)
-                self._open(conn, spec)
-                self._gateways[spec] = conn
-            return self._gateways[spec]
+                try:
+                    *front, last = [part.strip() for part in spec.split(",")]
+                    via = self.gateway(",".join(front)) if front else None  # re-entrant: RLock
+                    user, host, port = target(last)
+                    conn = self._connection(host, user or self.settings.ssh.user, port,
+                                            self.settings.ssh.identity_file)
+                    self._open(conn, f"bastion {last}", via)
+                    self._gateways[spec] = conn
+                except SshError as exc:
+                    self._gateways[spec] = exc
+            found = self._gateways[spec]
+            if isinstance(found, SshError):
+                raise SshError(str(found))
+            return found
 
     def connect(self, host: Host) -> Connection:
         ssh = self.settings.ssh
-        gw_spec = host.gateway or ssh.gateway
-        gw = self.gateway(gw_spec) if gw_spec else None
         conn = self._connection(host.address, host.ssh_user or ssh.user, host.ssh_port or ssh.port,
-                                host.identity_file or ssh.identity_file, gw)
-        self._open(conn, host.address)
+                                host.identity_file or ssh.identity_file)
+        spec = host.gateway or ssh.gateway or conn.ssh_config.get("proxyjump")
+        if not spec and conn.ssh_config.get("proxycommand"):
+            conn.gateway = conn.ssh_config["proxycommand"]  # the final host's key is still checked strictly
+        via = self.gateway(spec) if spec and spec.lower() != "none" else None
+        self._open(conn, host.address, via)
         conn.transport.set_keepalive(KEEPALIVE)
         return conn
 
-    def _open(self, conn: Connection, label: str) -> None:
+    def _open(self, conn: Connection, label: str, via: Connection | None = None) -> None:
+        timeout = self.settings.ssh.connect_timeout
         try:
+            if via is not None:  # the tunnel through the bastion is bounded by the connect timeout too
+                try:
+                    conn.connect_kwargs["sock"] = via.transport.open_channel(
+                        "direct-tcpip", (conn.host, conn.port), ("127.0.0.1", 0), timeout=timeout)
+                except (paramiko.SSHException, OSError, EOFError) as exc:
+                    raise SshError(f"ssh {label}:{conn.port}: cannot connect through the bastion: "
+                                   f"{exc or type(exc).__name__}") from None
             conn.open()
         except paramiko.BadHostKeyException as exc:
             raise HostKeyError(f"host key of {label} CHANGED: got {exc.key.get_name()} "
                                f"{exc.key.get_fingerprint().hex()}, known_hosts ({self.known_hosts}) has another. "
                                "Refusing to connect (possible man-in-the-middle).") from None
+        except paramiko.AuthenticationException as exc:
+            raise SshError(f"ssh {label}: authentication failed: {exc}") from None
         except paramiko.SSHException as exc:
             if "not found in known_hosts" in str(exc):
                 raise HostKeyError(f"host key of {label} is not in {self.known_hosts}: refusing an unknown host. "
@@ -261,5 +300,8 @@ class Ssh:
         return chan
 
     def close(self) -> None:
+        """Close every bastion connection (hosts' connections are closed by their users)."""
         for conn in self._gateways.values():
-            conn.close()
+            if isinstance(conn, Connection):
+                conn.close()
+        self._gateways.clear()

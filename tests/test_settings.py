@@ -136,3 +136,25 @@ def test_environment_may_be_given_as_a_file(tmp_path):
 def test_errors_list_every_problem_at_once():
     text = refused(ports={"http": 0}, server_name="a b")
     assert "wsgate:ports.http" in text and "wsgate:serverName" in text
+
+
+@pytest.mark.parametrize("gateway, why", [
+    ("bastion:ssh", "the port must be a number from 1 to 65535"),
+    ("2001:db8::1", "is not [user@]host[:port] (an IPv6 address goes in brackets)"),
+    ("[198.51.100.1]:22", "brackets are for IPv6 addresses"),
+    ("ops@bastion;rm:22", "not a valid DNS name"),
+])
+def test_malformed_gateway_is_refused_when_the_settings_load(gateway, why):
+    assert why in refused(ssh={"gateway": gateway})
+
+
+@pytest.mark.parametrize("gateway, hops", [
+    ("[2001:db8::1]:22", [(None, "2001:db8::1", 22)]),
+    ("ops@bastion.example.com", [("ops", "bastion.example.com", None)]),
+    ("a.example.com:2222,ops@198.51.100.7", [(None, "a.example.com", 2222), ("ops", "198.51.100.7", None)]),
+])
+def test_gateways_and_chains_parse(gateway, hops):
+    from core.settings import target
+
+    s = settings_from("staging", ssh={"gateway": gateway})
+    assert [target(h) for h in s.ssh.gateway.split(",")] == hops

@@ -83,3 +83,69 @@ def test_a_command_that_hangs_is_cut_at_the_command_timeout(fleet):
     with pytest.raises(SshError, match="timed out after 1s"):
         ssh.run(conn, "sleep 30")
     conn.close()
+
+
+def ssh_config_with_proxyjump(fleet, tmp_path):
+    """An ssh config whose ProxyJump sends h2 through h1 (Fabric would open that hop itself,
+    accepting its key blindly)."""
+    h1, h2 = fleet.hosts
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host jump\n  HostName {h1.address}\n  Port {h1.ssh_port}\n"
+                      f"Host {h2.address}\n  ProxyJump jump\n")
+    fleet.set("wsgate:ssh", {"configFile": str(config)})
+    return load(str(fleet.env_file))
+
+
+def test_a_proxyjump_bastion_from_ssh_config_is_checked_strictly(fleet, tmp_path):
+    h1, h2 = fleet.hosts
+    s = ssh_config_with_proxyjump(fleet, tmp_path)
+    ssh = Ssh(s)
+    conn = ssh.connect(s.hosts[1])
+    assert ssh.run(conn, "echo via-proxyjump").stdout.strip() == "via-proxyjump"
+    assert conn.transport.getpeername()[0] != h2.address  # the TCP connection is to the bastion, not h2
+    conn.close()
+    ssh.close()
+    lines = [ln for ln in fleet.known_hosts.read_text().splitlines() if not ln.startswith(f"[{h1.address}]")]
+    fleet.known_hosts.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SshError, match=f"host key of bastion jump is not in {fleet.known_hosts}"):
+        Ssh(s).connect(s.hosts[1])
+
+
+def test_a_failed_bastion_is_tried_once_for_every_host(fleet):
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(16)
+    accepted = []
+
+    def accept():
+        while True:
+            try:
+                accepted.append(mute.accept())
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    fleet.set("wsgate:ssh", {"connectTimeout": 1, "gateway": f"127.0.0.1:{mute.getsockname()[1]}"})
+    s = load(str(fleet.env_file))
+    ssh = Ssh(s)
+    for host in s.hosts:
+        with pytest.raises(SshError, match="bastion 127.0.0.1"):
+            ssh.connect(host)
+    assert len(accepted) == 1
+    mute.close()
+
+
+def test_a_corrupt_known_hosts_line_is_named(fleet):
+    lines = fleet.known_hosts.read_text().splitlines()
+    lines.insert(1, "[127.0.0.1]:22 ssh-ed25519 not-base64-at-all!!")
+    fleet.known_hosts.write_text("\n".join(lines) + "\n")
+    s = load(str(fleet.env_file))
+    with pytest.raises(SshError, match=f"known_hosts {fleet.known_hosts} line 2: "):
+        Ssh(s).connect(s.hosts[0])
+
+
+def test_a_missing_identity_file_says_so(fleet, tmp_path):
+    fleet.set("wsgate:ssh", {"identityFile": str(tmp_path / "no-such-key")})
+    s = load(str(fleet.env_file))
+    with pytest.raises(SshError, match="identity file .*no-such-key does not exist"):
+        Ssh(s).connect(s.hosts[0])
