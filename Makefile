@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 .PHONY: test lab lab-down bench deps system-deps venv clean
 
 test: deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest
 
 lab: deps

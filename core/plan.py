@@ -136,7 +136,8 @@ while cmd=$(next); do
     live) D="$R/releases/$TARGET"
           { [ ! -d "$S" ] || { [ -d "$D" ] && rm -rf "$S"; } || mv -T "$S" "$D"; } \
             && [ -d "$D" ] && switch "releases/$TARGET" && echo "__SWAPPED__" && { prune; reload; }; rc=$? ;;
-    back) [ -n "$PREVIOUS" ] && [ -d "$R/$PREVIOUS" ] && switch "$PREVIOUS" && echo "__SWAPPED__" && reload; rc=$? ;;
+    back) if [ -z "$PREVIOUS" ] || [ ! -d "$R/$PREVIOUS" ]; then echo "the previous release ${PREVIOUS:-(none)} is not on the host"; rc=1
+          else switch "$PREVIOUS" && echo "__SWAPPED__" && reload; rc=$?; fi ;;
     reload) reload; rc=$? ;;
     restore) IFS='|' read -r WC WP WR  # the links as they were, and whether nginx ran
              st=$(nginx_state)
@@ -211,7 +212,11 @@ class Remote:
         """The live state, one `key<TAB>value` a line, without a lock (for `fab status`)."""
         return self.wrap(self._head() + "printf 'current\\t%s\\nprevious\\t%s\\n' "
                          '"$(readlink "$R/current" 2>/dev/null || true)" "$(readlink "$R/previous" 2>/dev/null || true)"; '
-                         "state_report")
+                         "state_report; "
+                         # held: a rollout runs (a shared try never blocks one for more than an instant)
+                         'if [ -e "$R/.rollout.lock" ]; then exec 9<"$R/.rollout.lock"; '
+                         "if flock -n -s 9; then printf 'locked\\t\\n'; "
+                         """else printf 'locked\\t%s\\n' "$(cat "$R/.rollout.owner" 2>/dev/null || echo '?')"; fi; fi""")
 
     def session(self, owner: str, stage: str, target: str = "", mode: Mode = Mode.ROLLOUT, wait: int = 0) -> str:
         """The session command (see _SESSION). Requests: ping, stage (+ a base64 tar line),
@@ -280,7 +285,7 @@ def parse_files(stdout: str) -> dict[str, str]:
 
 def tree_diff(live: dict[str, str], new: dict[str, str]) -> str:
     """A unified diff, file by file, from the live tree to the new one."""
-    out = []
+    out: list[str] = []
     for name in sorted(set(live) | set(new)):
         a, b = live.get(name), new.get(name)
         if a != b:
@@ -319,6 +324,7 @@ class HostOutcome:
     changed: bool = False  # this run swapped the live config
     restored: bool = False  # put back after a failure
     rollback_failed: bool = False  # could not be put back (or not proven back): needs a person
+    planned: str = ""  # a dry run's verdict: "would change" or "unchanged"
     before: str | None = None  # live digest before the run
     after: str | None = None  # live digest proven by the probe
     target: str = ""
@@ -344,6 +350,8 @@ class HostOutcome:
             return "FAILED, restored" if self.restored else "FAILED"
         if self.restored:
             return "restored"
+        if self.planned:
+            return self.planned
         return "changed" if self.changed else "unchanged"
 
     def as_dict(self) -> dict:

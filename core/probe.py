@@ -1,12 +1,15 @@
 """What a probe sends and what it must get back: speak to nginx as the load balancer will.
 
-Pure: requests are bytes, replies are parsed and judged here; `remote/probe.py` carries
-them over the SSH connection to the host's own ports.
+Pure: requests and answers are bytes, framed and parsed here (h11, as any HTTP/1.1 client
+would: Content-Length, chunked and close-delimited bodies) and judged here; `remote/probe.py`
+carries them over the SSH connection to the host's own ports.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import h11
 
 from core import proxyproto
 from core.elb import HEALTH_PATH
@@ -15,77 +18,76 @@ from core.settings import Settings
 PROBE_CLIENT = "192.0.2.10"  # a documentation address: what the probe's PROXY header claims
 PROBE_HEADER = proxyproto.v1(PROBE_CLIENT, "192.0.2.1", 40000, 443)
 PROBE_PATH = "/wsgate-probe"
+UPSTREAM_HEADER = "x-upstream-status"  # set by the app location only: the app answered, not nginx
 
 
 @dataclass(frozen=True)
 class Reply:
-    status: int | None  # None: closed without an answer
+    status: int | None  # None: closed without an answer (or with one that is not HTTP)
     headers: dict[str, str]
     body: bytes
-
-    @classmethod
-    def parse(cls, raw: bytes) -> Reply:
-        if not raw:
-            return cls(None, {}, b"")
-        head, _, body = raw.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ", 2)
-        try:
-            status = int(parts[1])
-        except (IndexError, ValueError):
-            return cls(None, {}, raw)
-        headers = {}
-        for line in lines[1:]:
-            key, _, value = line.partition(":")
-            headers[key.strip().lower()] = value.strip()
-        return cls(status, headers, body)
-
-    @staticmethod
-    def complete(raw: bytes) -> bool:
-        """A whole answer is in `raw` (headers and a Content-Length body): no need to wait for EOF.
-
-        Without Content-Length (or chunked), only the peer closing ends the answer.
-        """
-        head, sep, body = raw.partition(b"\r\n\r\n")
-        if not sep:
-            return False
-        for line in head.split(b"\r\n")[1:]:
-            key, _, value = line.partition(b":")
-            if key.strip().lower() == b"content-length":
-                try:
-                    return len(body) >= int(value)
-                except ValueError:
-                    return False
-        return False
 
     def describe(self) -> str:
         return "closed without an answer" if self.status is None else f"HTTP {self.status}"
 
-
-@dataclass(frozen=True)
-class Check:
-    """One request to one port, and the judge of its reply (returns a problem or None)."""
-
-    name: str
-    port: int
-    request: bytes
-
-    def judge(self, reply: Reply, settings: Settings, digest: str) -> str | None:
-        return _JUDGES[self.name](reply, settings, digest)
+    @property
+    def from_app(self) -> bool:
+        """The app answered (through nginx's proxy), not nginx itself: only the app location
+        sets X-Upstream-Status, and only once an upstream was asked."""
+        return bool(self.headers.get(UPSTREAM_HEADER))
 
 
-def _request(host: str, path: str) -> bytes:
-    return (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: wsgate-probe\r\n"
-            "Connection: close\r\n\r\n").encode()
+class Exchange:
+    """One HTTP/1.1 request and its answer, with an optional PROXY header in front."""
+
+    def __init__(self, host: str, path: str, preface: bytes = b""):
+        self._h11 = h11.Connection(h11.CLIENT)
+        head = h11.Request(method="GET", target=path,
+                           headers=[("Host", host), ("User-Agent", "wsgate-probe"), ("Connection", "close")])
+        self.request = preface + (self._h11.send(head) or b"") + (self._h11.send(h11.EndOfMessage()) or b"")
+        self._status: int | None = None
+        self._headers: dict[str, str] = {}
+        self._body = b""
+        self._complete = False
+        self.done = False
+
+    def feed(self, data: bytes) -> bool:
+        """Take what the peer sent (b"": it closed); True once the answer is whole, or never will be.
+
+        Stopping at a whole answer matters: the peer's close can come 40 ms later (Nagle).
+        """
+        if self.done:
+            return True
+        self._h11.receive_data(data)
+        while True:
+            try:
+                event = self._h11.next_event()
+            except h11.RemoteProtocolError:  # not HTTP, or cut short: no answer
+                self.done = True
+                return True
+            if event is h11.NEED_DATA:
+                return False
+            if isinstance(event, h11.Response):
+                self._status = event.status_code
+                self._headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
+            elif isinstance(event, h11.Data):
+                self._body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                self._complete = self.done = True
+                return True
+            elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                self.done = True
+                return True
+
+    def reply(self) -> Reply:
+        """The answer, if it came whole; else Reply(None)."""
+        if not self._complete:
+            return Reply(None, {}, b"")
+        return Reply(self._status, self._headers, self._body)
 
 
-def header_request(settings: Settings) -> bytes:
-    """A request to the redirect path with the PROXY header the load balancer would send."""
-    return PROBE_HEADER + _request(settings.server_name, PROBE_PATH)
-
-
-def health_request() -> bytes:
-    return _request("wsgate-probe", HEALTH_PATH)
+def health_exchange() -> Exchange:
+    return Exchange("wsgate-probe", HEALTH_PATH)
 
 
 @dataclass(frozen=True)
@@ -110,41 +112,53 @@ class Health:
         return self.digest == digest and self.current == digest
 
 
+@dataclass(frozen=True)
+class Check:
+    """One request to one port, framed as the load balancer will (or will not) frame it, and
+    the judge of its answer."""
+
+    name: str
+    port: int
+    host: str
+    path: str
+    preface: bytes  # the PROXY header, or b""
+    expect: str  # "redirect" | "app" | "reject"
+
+    def exchange(self) -> Exchange:
+        return Exchange(self.host, self.path, self.preface)
+
+    def judge(self, reply: Reply, settings: Settings, digest: str | None) -> str | None:
+        """The problem with this answer, or None. `digest`: the config that must answer (None: any)."""
+        framing = f"port {self.port}: a request {'with' if self.preface else 'without'} a PROXY header"
+        if self.expect == "reject":
+            if reply.status is None or (reply.status == 400 and not reply.from_app):
+                return None
+            return f"{framing} was answered ({reply.describe()}), not rejected"
+        if self.expect == "redirect":
+            want = f"https://{settings.server_name}{PROBE_PATH}"
+            if reply.status != 301 or reply.headers.get("location") != want:
+                got = f"{reply.describe()} {reply.headers.get('location', '')}".rstrip()
+                return f"{framing}: expected 301 to {want}, got {got}"
+        elif reply.status is None or not reply.from_app:
+            got = reply.describe() if reply.status is None else f"nginx's own answer (HTTP {reply.status})"
+            return f"{framing}: expected the app, got {got}"
+        elif reply.status >= 500:
+            return f"{framing}: expected the app, got HTTP {reply.status}"
+        if digest and reply.headers.get("x-config-digest") != digest:
+            return f"port {self.port}: answered by config {reply.headers.get('x-config-digest')}, not {digest[:12]}"
+        return None
+
+
 def checks(settings: Settings) -> list[Check]:
-    """The port checks after a reload (the health port's digest is checked first, by polling)."""
-    p = settings.ports
-    name = settings.server_name
+    """The port checks after a reload (the health port's digest is checked first, by polling):
+    on each proxied port, a request framed as the load balancer will frame it reaches its place
+    (the redirect, or the app), and one framed the other way is rejected."""
+    p, name = settings.ports, settings.server_name
     lb = PROBE_HEADER if settings.proxy_protocol else b""  # what the load balancer will send
     other = b"" if settings.proxy_protocol else PROBE_HEADER
     return [
-        Check("redirect", p.http, lb + _request(name, PROBE_PATH)),
-        Check("app", p.tls, lb + _request(name, "/")),
-        Check("reject", p.http, other + _request(name, PROBE_PATH)),
+        Check("redirect", p.http, name, PROBE_PATH, lb, "redirect"),
+        Check("app", p.tls, name, "/", lb, "app"),
+        Check("reject redirect", p.http, name, PROBE_PATH, other, "reject"),
+        Check("reject app", p.tls, name, "/", other, "reject"),
     ]
-
-
-def _redirect(reply: Reply, s: Settings, digest: str) -> str | None:
-    want = f"https://{s.server_name}{PROBE_PATH}"
-    if reply.status != 301 or reply.headers.get("location") != want:
-        return f"port {s.ports.http}: expected 301 to {want}, got {reply.describe()} {reply.headers.get('location', '')}"
-    if reply.headers.get("x-config-digest") != digest:
-        return f"port {s.ports.http}: answered by config {reply.headers.get('x-config-digest')}, not {digest[:12]}"
-    return None
-
-
-def _app(reply: Reply, s: Settings, digest: str) -> str | None:
-    if reply.status is None or reply.status >= 500:
-        return f"port {s.ports.tls}: expected the app, got {reply.describe()}"
-    if reply.headers.get("x-config-digest") != digest:
-        return f"port {s.ports.tls}: answered by config {reply.headers.get('x-config-digest')}, not {digest[:12]}"
-    return None
-
-
-def _reject(reply: Reply, s: Settings, digest: str) -> str | None:
-    if reply.status not in (None, 400):
-        what = "without" if s.proxy_protocol else "with"
-        return f"port {s.ports.http}: a request {what} a PROXY header was answered ({reply.describe()}), not rejected"
-    return None
-
-
-_JUDGES = {"redirect": _redirect, "app": _app, "reject": _reject}

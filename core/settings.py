@@ -361,7 +361,7 @@ def from_config(env: str, config: dict[str, Any], source: str) -> Settings:
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise SettingsError(source, [_problem(e) for e in exc.errors()]) from None
+        raise SettingsError(source, [_problem(dict(e)) for e in exc.errors()]) from None
 
 
 def load(env: str, directory: Path | str = ".") -> Settings:

@@ -7,8 +7,9 @@ installed; without it these helpers refuse with a clear message instead of faili
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from core.errors import KitError
 

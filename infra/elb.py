@@ -18,6 +18,7 @@ from core.elb import health_check, listeners
 from core.gate import Decision
 from core.settings import Settings
 
+
 @dataclass(frozen=True)
 class LoadBalancerArgs:
     settings: Settings

@@ -42,7 +42,7 @@ def parameters(s: Settings) -> dict[str, str]:
     failed invoke would fail the whole program even when caught).
     """
     found = aws.ssm.get_parameters_by_path(path=s.parameter_dir, recursive=False)
-    return dict(zip(found.names, found.values))
+    return dict(zip(found.names, found.values, strict=False))
 
 
 def read_record(found: dict[str, str], s: Settings) -> tuple[ReadinessRecord | None, str | None]:

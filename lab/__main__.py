@@ -23,7 +23,8 @@ from urllib.parse import urlparse
 from core.elb import HEALTH_PATH
 from core.errors import KitError
 from core.settings import Settings, load
-from lab import hosts as lab_hosts, tls
+from lab import hosts as lab_hosts
+from lab import tls
 from lab.client import dial, http_get, ws_hello
 from lab.lb import LISTEN, StandIn
 
@@ -85,9 +86,9 @@ class Lab:
 
         pids = self._state().get("pids", {})
         nginx_pids = []
-        for h in self.settings.hosts:
+        for host in self.settings.hosts:
             try:
-                nginx_pids.append(int(Path(Remote.of(self.settings, h).pid_file).read_text()))
+                nginx_pids.append(int(Path(Remote.of(self.settings, host).pid_file).read_text()))
             except (FileNotFoundError, ValueError):
                 pass
         order = [pids.get("stand-in"), *nginx_pids, *(pids.get(f"sshd-{h.name}") for h in self.hosts),
@@ -116,6 +117,7 @@ class Lab:
         say(f"{len(self.hosts)} hosts: " + ", ".join(f"{h.name} ssh {h.address}:{h.ssh_port}" for h in self.hosts))
 
         endpoint = urlparse(s.aws.endpoints["elb"])
+        assert endpoint.hostname and endpoint.port  # the lab's settings name a loopback host:port
         self._spawn("moto", [str(Path(sys.executable).parent / "moto_server"), "-H", endpoint.hostname,
                              "-p", str(endpoint.port)], wait=(endpoint.hostname, endpoint.port))
         say(f"AWS endpoint (moto) on {endpoint.hostname}:{endpoint.port}")

@@ -37,6 +37,7 @@ async def _plain_http(connection: ServerConnection, request: Request):
 
 
 async def _session(ws: ServerConnection) -> None:
+    assert ws.request is not None  # the handshake is done when the handler runs
     await ws.send(json.dumps(seen(ws.request.headers, ws.remote_address)))
     async for message in ws:
         await ws.send(message)

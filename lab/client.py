@@ -37,7 +37,7 @@ def raw_exchange(sock: socket.socket, data: bytes) -> bytes:
     try:
         while chunk := sock.recv(65536):
             chunks.append(chunk)
-    except (ConnectionResetError, socket.timeout):
+    except (TimeoutError, ConnectionResetError):
         pass
     finally:
         sock.close()
@@ -59,6 +59,6 @@ async def _hello(sock: socket.socket, host: str, headers: dict, tls: ssl.SSLCont
     scheme = "wss" if tls else "ws"
     async with ws_connect(f"{scheme}://{host}/ws", sock=sock, additional_headers=headers, ssl=tls,
                           open_timeout=5, close_timeout=2) as ws:
-        hello = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        hello = json.loads(await asyncio.wait_for(ws.recv(), 5))  # type: ignore[arg-type]
         await ws.send("ping-echo")
-        return hello, await asyncio.wait_for(ws.recv(), 5)
+        return hello, await asyncio.wait_for(ws.recv(), 5)  # type: ignore[arg-type]

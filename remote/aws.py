@@ -7,7 +7,7 @@ them at its loopback endpoint); credentials come from the usual boto3 chain.
 from __future__ import annotations
 
 import ipaddress
-from functools import lru_cache
+from functools import cache
 from urllib.parse import urlparse
 
 import botocore.session
@@ -25,7 +25,7 @@ class AwsError(KitError):
     """An AWS API call failed: names the call and the cause."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def _client(service: str, region: str, endpoint: str | None):
     keys = {}
     if endpoint and _loopback(endpoint):  # the lab's endpoint: never hand it real credentials

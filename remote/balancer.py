@@ -8,7 +8,8 @@ the lab brings its own.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from core.settings import Settings
 

@@ -10,7 +10,7 @@ Turning the PROXY protocol on (or changing config while it is on):
      any failure (or Ctrl-C) from 4 to 6: every host this run may have changed goes back to
      exactly what it had, and the record is put back as it was (read back to prove it);
   7. with --apply, after the locks are released: `pulumi up`, then check through the AWS API
-     that the policy is on exactly the proxied ports.
+     that the policy is on exactly the proxied ports (none, with the protocol off).
 
 Turning it off runs 1-3 the same, then the load balancer stops sending the header before any
 host stops reading it: with --apply, `pulumi up` detaches the policy (checked through the AWS
@@ -104,9 +104,9 @@ def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balan
     if run.interrupted.is_set():
         verdict.fail("interrupted after the last step: every host is ready and recorded", INTERRUPTED)
         return verdict
-    if apply and not turning_off and balancer:                                # 7
+    if apply and balancer and not detached:                                   # 7
         try:
-            _apply(run, balancer, want=sorted(run.settings.ports.proxied))
+            _apply(run, balancer, want=[] if turning_off else sorted(run.settings.ports.proxied))
         except KitError as exc:
             verdict.fail(f"every host is ready and recorded, but {exc}")
     return verdict

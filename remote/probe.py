@@ -5,41 +5,35 @@ Needs no tool on the host and no port open toward the operator.
 
 from __future__ import annotations
 
-import socket
 import time
 
 from fabric import Connection
 
-from core.probe import Health, Reply, checks, health_request
+from core.probe import Exchange, Health, Reply, checks, health_exchange
 from core.settings import Settings
 from remote.ssh import Ssh, SshError
 
 RETRY_INTERVAL = 0.02  # between polls of a host's ports (an exchange costs about a millisecond)
 
 
-def exchange(ssh: Ssh, conn: Connection, address: str, port: int, data: bytes, timeout: float = 5.0) -> Reply:
-    """Send `data`, read the answer (until it is complete or the peer closes): the parsed reply.
-
-    Stopping at a complete answer matters: the host's sshd forwards the peer's close as a
-    small packet that Nagle holds back until our delayed ACK, 40 ms later.
-    """
+def exchange(ssh: Ssh, conn: Connection, address: str, port: int, ex: Exchange, timeout: float = 5.0) -> Reply:
+    """Send the request, read until the answer is whole or the peer closes: the parsed reply."""
     chan = ssh.channel(conn, address, port, timeout)
-    raw = b""
     try:
-        chan.sendall(data)
-        while not Reply.complete(raw) and (chunk := chan.recv(65536)):
-            raw += chunk
-    except (socket.timeout, OSError):
+        chan.sendall(ex.request)
+        while not ex.feed(chan.recv(65536)):
+            pass
+    except OSError:  # a timeout too: whatever came is judged as it is
         pass
     finally:
         chan.close()
-    return Reply.parse(raw)
+    return ex.reply()
 
 
 def live(ssh: Ssh, conn: Connection, address: str, port: int) -> Health | None:
     """What nginx runs now (and what `current` names), from its health port; None if no answer."""
     try:
-        return Health.of(exchange(ssh, conn, address, port, health_request()))
+        return Health.of(exchange(ssh, conn, address, port, health_exchange()))
     except SshError:
         return None
 
@@ -71,7 +65,7 @@ def probe(ssh: Ssh, conn: Connection, settings: Settings, address: str, digest: 
     for check in checks(settings):
         while True:
             try:
-                problem = check.judge(exchange(ssh, conn, address, check.port, check.request), settings, digest)
+                problem = check.judge(exchange(ssh, conn, address, check.port, check.exchange()), settings, digest)
             except SshError as exc:
                 problem = str(exc)
             if not problem or time.monotonic() >= deadline:

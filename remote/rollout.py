@@ -29,15 +29,31 @@ import signal
 import tarfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 from fabric import Connection
 
 from core.errors import KitError
-from core.plan import (DONE, LOCKED, LOCKED_EXIT, STAGED, SWAPPED, HostOutcome, LiveState, Mode, Remote, Step,
-                       digest_of_link, nginx_error, parse_files, parse_state, split, tree_diff)
+from core.plan import (
+    DONE,
+    LOCKED,
+    LOCKED_EXIT,
+    STAGED,
+    SWAPPED,
+    HostOutcome,
+    LiveState,
+    Mode,
+    Remote,
+    Step,
+    digest_of_link,
+    nginx_error,
+    parse_files,
+    parse_state,
+    split,
+    tree_diff,
+)
 from core.render import Tree
 from core.settings import Host, Settings
 from remote.probe import live, probe, wait_live
@@ -211,6 +227,7 @@ class Rollout:
             for h in self.hosts:
                 if h.outcome.ok is None and not h.outcome.error:
                     h.outcome.finish()
+                h.outcome.planned = "would change" if h.upload or h.reload else "unchanged"
             return ok
 
     def _each(self, hosts: list[_Host], fn: Callable[[_Host], None], quiet: bool = False,

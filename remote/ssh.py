@@ -8,9 +8,9 @@ and refuses unknown or changed keys. Connect and command timeouts are always set
 from __future__ import annotations
 
 import binascii
+import logging
 import os
 import re
-import socket
 import threading
 import time
 from pathlib import Path
@@ -22,6 +22,10 @@ from paramiko.config import SSHConfig
 from core.errors import KitError
 from core.settings import Host, Settings, target
 
+# paramiko logs refused channels (probes of a port not yet open) as errors; what a person
+# reads is ours: our errors name host, step and cause.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+logging.getLogger("paramiko").propagate = False
 
 KEEPALIVE = 5  # seconds between SSH keepalives: a dead peer is noticed, an idle NAT keeps the flow
 
@@ -75,7 +79,7 @@ class Session:
                 if not chunk:
                     raise EOFError("the host session ended")
                 self._buffer += chunk
-        except socket.timeout:
+        except TimeoutError:
             self.broken = True
             raise SshError(f"{word}: no answer within {self.timeout}s (ssh.commandTimeout)") from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
@@ -109,7 +113,7 @@ def _recv(recv, chan: paramiko.Channel, deadline: float) -> bytes:
     """One read from a stream of `chan` (b"" at EOF), or socket.timeout at `deadline`."""
     remaining = deadline - time.monotonic()
     if remaining <= 0:
-        raise socket.timeout()
+        raise TimeoutError()
     chan.settimeout(remaining)
     return recv(65536)
 
@@ -229,7 +233,7 @@ class Ssh:
                 raise HostKeyError(f"host key of {label} is not in {self.known_hosts}: refusing an unknown host. "
                                    f"Verify it and add it (ssh-keyscan -p PORT {conn.host} >> known_hosts)") from None
             raise SshError(f"ssh {label}: {exc}") from None
-        except (OSError, socket.timeout, EOFError) as exc:
+        except (TimeoutError, OSError, EOFError) as exc:
             raise SshError(f"ssh {label}:{conn.port}: cannot connect: {exc or type(exc).__name__}") from None
 
     def run(self, conn: Connection, command: str, timeout: int | None = None) -> Result:
@@ -245,12 +249,12 @@ class Ssh:
                 stdout = _drain(chan.recv, chan, deadline)
                 stderr = _drain(chan.recv_stderr, chan, deadline)
                 if not chan.status_event.wait(max(0.0, deadline - time.monotonic())):
-                    raise socket.timeout()
+                    raise TimeoutError()
                 return Result(chan.recv_exit_status(), stdout.decode(errors="replace"),
                               stderr.decode(errors="replace"))
             finally:
                 chan.close()
-        except socket.timeout:
+        except TimeoutError:
             raise SshError(f"command timed out after {limit}s") from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise SshError(f"connection lost: {exc or type(exc).__name__}") from None
@@ -271,7 +275,7 @@ class Ssh:
             while marker.encode() not in out:
                 try:
                     chunk = _recv(chan.recv, chan, deadline)
-                except socket.timeout:
+                except TimeoutError:
                     chan.close()
                     raise
                 if not chunk:  # it ended: the marker will not come
@@ -285,7 +289,7 @@ class Ssh:
             session = Session(chan, done, limit)
             session._buffer = rest.lstrip(b"\n")
             return Result(0, head.decode(errors="replace"), ""), session
-        except socket.timeout:
+        except TimeoutError:
             raise SshError(f"command timed out after {limit}s") from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise SshError(f"connection lost: {exc or type(exc).__name__}") from None

@@ -1,119 +1,129 @@
-"""`fab status`: what is live on each host, what the load balancer does, and the gate's view."""
+"""`fab status`: gather what is really there (each host over SSH, the load balancer through the
+AWS API), let `core/doctor.py` judge it, and show every row with its verdict."""
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 
 from rich.markup import escape
 from rich.table import Table
 
+from core.doctor import NEITHER, PLAIN, PROXY, BalancerFacts, HostFacts, balancer_problems, host_problems
 from core.errors import KitError
-from core.gate import missing_backends
-from core.plan import Remote, digest_of_link, parse_state
-from core.probe import checks, header_request
+from core.plan import Remote, parse_state
+from core.probe import PROBE_HEADER, PROBE_PATH, Check
 from core.render import Tree
 from core.settings import Host, Settings
 from remote.probe import exchange, live
 from remote.ssh import Ssh
 
 
-def _host(settings: Settings, host: Host, tree: Tree, ssh: Ssh) -> dict:
-    row = {"host": host.name, "instance": host.instance_id, "address": host.address, "rendered": tree.digest,
-           "current": None, "live": None, "running": None, "proxy_protocol_ports": [], "probe": None, "error": None}
+def _port_mode(ssh: Ssh, conn, settings: Settings, address: str, port: int) -> str:
+    """How a proxied port answers: with the PROXY header (PROXY), without it (PLAIN), or neither."""
+    expect, path = ("redirect", PROBE_PATH) if port == settings.ports.http else ("app", "/")
+    for mode, preface in ((PROXY, PROBE_HEADER), (PLAIN, b"")):
+        check = Check(mode, port, settings.server_name, path, preface, expect)
+        if check.judge(exchange(ssh, conn, address, port, check.exchange()), settings, None) is None:
+            return mode
+    return NEITHER
+
+
+def _host(settings: Settings, host: Host, tree: Tree, ssh: Ssh) -> HostFacts:
+    facts = HostFacts(host.name, host.instance_id, tree.digest)
     try:
         conn = ssh.connect(host)
     except KitError as exc:
-        row["error"] = str(exc)
-        return row
+        facts.error = str(exc)
+        return facts
     try:
-        remote = Remote.of(settings, host)
-        state = parse_state(ssh.run(conn, remote.inspect()).stdout)
-        row["current"] = digest_of_link(state.get("current", ""))
-        row["running"] = state.get("running") == "yes"
+        r = ssh.run(conn, Remote.of(settings, host).inspect())
+        if not r.ok:
+            raise KitError(f"inspecting the host failed: {(r.stderr or r.stdout).strip()[:200]}")
+        state = parse_state(r.stdout)
+        facts.current, facts.nginx = state.get("current", ""), state.get("nginx", "no")
+        facts.pid, facts.cmdline = state.get("pid", ""), state.get("cmdline", "")
+        facts.locked_by = state.get("locked") or None
         address = settings.bind_of(host) or "127.0.0.1"
         seen = live(ssh, conn, address, settings.ports.health)
-        row["live"] = seen.digest if seen else None
-        for port in settings.ports.proxied:
-            reply = exchange(ssh, conn, address, port, header_request(settings))
-            if reply.status not in (None, 400):
-                row["proxy_protocol_ports"].append(port)
-        if row["live"]:
-            problems = []
-            for check in checks(settings):
-                problem = check.judge(exchange(ssh, conn, address, check.port, check.request), settings, row["live"])
-                if problem:
-                    problems.append(problem)
-            row["probe"] = problems or "ok"
+        facts.live = seen.digest if seen else None
+        if facts.nginx != "no":
+            facts.ports = {p: _port_mode(ssh, conn, settings, address, p) for p in settings.ports.proxied}
     except KitError as exc:
-        row["error"] = str(exc)
+        facts.error = str(exc)
     finally:
         conn.close()
-    return row
+    return facts
+
+
+def _balancer(settings: Settings) -> BalancerFacts:
+    from remote import aws
+
+    d = aws.describe(settings)
+    if d is None:
+        return BalancerFacts(exists=False)
+    return BalancerFacts(
+        exists=True,
+        listeners=[(x["Listener"]["Protocol"], x["Listener"]["LoadBalancerPort"], x["Listener"]["InstanceProtocol"],
+                    x["Listener"]["InstancePort"]) for x in d.get("ListenerDescriptions", [])],
+        policy_ports=aws.proxy_protocol_ports(settings),
+        registered=[i["InstanceId"] for i in d.get("Instances", [])],
+        health=aws.instance_health(settings),
+        lab_endpoint=aws.is_lab(settings),
+    )
 
 
 def gather(settings: Settings, hosts: list[Host], trees: dict[str, Tree], ssh: Ssh, parallel: int = 10) -> dict:
+    """Every fact and every verdict, as one JSON-able view; view["ok"] only when all agree."""
     from remote import aws
 
     with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(hosts)))) as pool:
-        rows = list(pool.map(lambda h: _host(settings, h, trees[h.name], ssh), hosts))
-    view: dict = {"env": settings.env, "hosts": rows}
+        facts = list(pool.map(lambda h: _host(settings, h, trees[h.name], ssh), hosts))
+    ssh.close()
+    view: dict = {"env": settings.env}
+    lb: BalancerFacts | None = None
+    record, record_problem = None, None
     try:
-        d = aws.describe(settings)
-        record = aws.read_record(settings)
-        backends = list(settings.load_balancer.instances) or [h.instance_id for h in hosts if h.instance_id]
-        view["loadBalancer"] = None if d is None else {
-            "name": d["LoadBalancerName"], "dnsName": d.get("DNSName"),
-            "listeners": [f"{x['Listener']['Protocol']}:{x['Listener']['LoadBalancerPort']} -> "
-                          f"{x['Listener']['InstanceProtocol']}:{x['Listener']['InstancePort']}"
-                          for x in d.get("ListenerDescriptions", [])],
-            "proxyProtocolPorts": aws.proxy_protocol_ports(settings),
-            "instanceHealth": aws.instance_health(settings),
-        }
-        view["gate"] = {
-            "wanted": settings.proxy_protocol,
-            "record": None if record is None else {"writtenAt": record.written_at.isoformat(),
-                                                    "ports": record.proxy_protocol_ports,
-                                                    "instances": record.instances},
-            "missing": missing_backends(settings.env, backends, list(settings.ports.proxied), record,
-                                        None if record else f"no readiness record at {settings.parameter_path}"),
-        }
+        lb = _balancer(settings)
+        try:
+            record = aws.read_record(settings)
+        except KitError as exc:
+            record_problem = str(exc)
+        problems, notes, gate = balancer_problems(settings, lb, record, record_problem)
+        view["loadBalancer"] = {**asdict(lb), "problems": problems, "notes": notes}
+        view["gate"] = {**gate, "record": None if record is None else {
+            "writtenAt": record.written_at.isoformat(), "ports": record.proxy_protocol_ports,
+            "instances": record.instances}}
     except KitError as exc:
-        view["aws_error"] = str(exc)
+        view["loadBalancer"] = {"problems": [f"cannot read the load balancer: {exc}"], "notes": []}
+        view["gate"] = None
+    policy = lb.policy_ports if lb and lb.exists else None
+    view["hosts"] = [{**asdict(f), "problems": host_problems(settings, f, policy)} for f in facts]
+    view["ok"] = not view["loadBalancer"]["problems"] and not any(h["problems"] for h in view["hosts"])
     return view
 
 
 def show(reporter, view: dict) -> None:
     t = Table(title=f"hosts of {view['env']}", title_justify="left")
-    for col in ("host", "instance", "live", "rendered", "proxy_protocol", "probe"):
+    for col in ("host", "instance", "live", "rendered", "reads PROXY on", "verdict"):
         t.add_column(col, overflow="fold")
     for r in view["hosts"]:
-        if r["error"]:
-            t.add_row(r["host"], r["instance"] or "-", "[red]?[/]", r["rendered"][:12], "?",
-                      f"[red]{escape(r['error'])}[/]")
-            continue
-        same = r["live"] == r["rendered"]
-        live_text = (r["live"] or "no answer")[:12]
-        probe = r["probe"] if isinstance(r["probe"], str) else "; ".join(r["probe"] or ["-"])
-        t.add_row(r["host"], r["instance"] or "-", f"[{'green' if same else 'yellow'}]{live_text}[/]",
-                  r["rendered"][:12], ",".join(map(str, r["proxy_protocol_ports"])) or "off",
-                  f"[{'green' if probe == 'ok' else 'red'}]{escape(probe)}[/]")
+        reads = ",".join(str(p) for p, m in sorted(r["ports"].items()) if m == PROXY) or ("off" if r["ports"] else "?")
+        verdict = "[green]ok[/]" if not r["problems"] else "[red]" + escape("; ".join(r["problems"])) + "[/]"
+        t.add_row(escape(r["host"]), r["instance"] or "-", (r["live"] or "no answer")[:12], r["rendered"][:12],
+                  reads, verdict)
     reporter.out.print(t)
-    if "aws_error" in view:
-        reporter.message(f"[red]AWS: {escape(view['aws_error'])}[/]", markup=True)
-        return
     lb = view["loadBalancer"]
-    if lb is None:
-        reporter.message("load balancer: not created yet (pulumi up)")
-    else:
-        reporter.message(f"load balancer {lb['name']} ({lb['dnsName']}): {', '.join(lb['listeners'])}")
-        reporter.message(f"  ProxyProtocol policy on ports: {lb['proxyProtocolPorts'] or 'none'}")
-        for instance, state in sorted(lb["instanceHealth"].items()):
+    if lb.get("exists"):
+        reporter.message(f"load balancer: listeners {', '.join(f'{a}:{b} -> {c}:{d}' for a, b, c, d in lb['listeners'])}; "
+                         f"ProxyProtocol policy on ports {lb['policy_ports'] or 'none'}")
+        for instance, state in sorted(lb["health"].items()):
             reporter.message(f"  {instance}: {state}")
-    gate = view["gate"]
-    if not gate["wanted"]:
-        reporter.message("gate: proxy protocol not asked for (proxyProtocol: false)")
-    elif gate["missing"]:
-        reporter.message("gate: [yellow]closed[/] for: " + escape("; ".join(f"{i}: {why}" for i, why in gate["missing"].items())),
-                         markup=True)
-    else:
-        reporter.message("gate: [green]open[/]: every backend is in the readiness record", markup=True)
+    for note in lb.get("notes", []):
+        reporter.message(f"  note: {note}")
+    for problem in lb["problems"]:
+        reporter.message(f"[red]load balancer: {escape(problem)}[/]", markup=True)
+    if view.get("gate"):
+        reporter.message(f"gate: {view['gate']['state']}: {view['gate']['message']}")
+    reporter.message("[green]status: everything agrees[/]" if view["ok"] else "[red]status: problems found[/]",
+                     markup=True)

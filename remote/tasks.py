@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import functools
 import gc
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from fabric import task
 from invoke import Collection
@@ -48,7 +48,8 @@ def _settings(env: str) -> Settings:
 @_reported
 def render(c, env, out=None):
     """Render the nginx tree for an environment and print its digest per host."""
-    from core.render import render as render_tree, render_hosts
+    from core.render import render as render_tree
+    from core.render import render_hosts
 
     settings = _settings(env)
     trees = render_hosts(settings) or {"(all)": render_tree(settings, settings.nginx.bind)}
@@ -173,7 +174,7 @@ def _summary(reporter, as_json: bool, title: str, verdict, outcomes) -> None:
 @task(help={"env": ENV_HELP, "json": "print JSON instead of tables"})
 @_reported
 def status(c, env, json=False):
-    """Per host: live vs rendered digest, proxy_protocol ports, probe; the load balancer and the gate."""
+    """Judge every host and the load balancer: digests, links, ports vs policy, listeners, health, gate, locks."""
     from remote.report import Reporter
     from remote.ssh import Ssh
     from remote.status import gather
@@ -187,6 +188,8 @@ def status(c, env, json=False):
         from remote.status import show
 
         show(reporter, view)
+    if not view["ok"]:
+        raise Exit(code=1)
 
 
 ns = Collection(render, check, rollout, rollback, status)

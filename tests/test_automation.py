@@ -11,9 +11,9 @@ import shutil
 import pytest
 import yaml
 
+from core import record as records
 from infra import automation
 from remote import aws as remote_aws
-from core import record as records
 from tests.conftest import settings_from
 
 

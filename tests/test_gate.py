@@ -6,7 +6,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from core.gate import GateState, decide
 from core.record import ReadinessRecord, RecordError, build

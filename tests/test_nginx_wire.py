@@ -14,11 +14,11 @@ import pytest
 
 from core import proxyproto
 from core.render import render
+from lab.client import dial, http_get, raw_exchange, ws_hello
 from tests.conftest import settings_from
 from tests.support.haproxy import HAProxy
 from tests.support.nginx import Nginx
 from tests.support.procs import free_port, wait_port
-from lab.client import dial, http_get, raw_exchange, ws_hello
 
 pytestmark = pytest.mark.integration
 

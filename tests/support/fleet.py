@@ -17,6 +17,7 @@ from lab.hosts import SshHost, keygen
 from tests.support.nginx import Nginx
 from tests.support.procs import free_ports
 
+
 @dataclass
 class FleetHost(SshHost):
     instance_id: str = ""
@@ -52,7 +53,7 @@ class Fleet:
             lines.append(host.prepare(client_pub))
             self.hosts.append(host)
         self.known_hosts.write_text("\n".join(lines) + "\n")
-        self.ports = dict(zip(("http", "tls", "health"), ports))
+        self.ports = dict(zip(("http", "tls", "health"), ports, strict=False))
         self.config = {
             "aws:region": "us-east-1",
             "aws:endpoints": [{s: aws_url for s in ("ec2", "elb", "ssm", "sts")}],

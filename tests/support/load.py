@@ -95,7 +95,7 @@ class Load:
 
     def table(self) -> str:
         rows = [f"{'phase':<28}{'seconds':>8}{'ok':>7}{'failed':>8}  client_ip seen / errors"]
-        for (phase, start), (_, end) in zip(self.marks, self.marks[1:]):
+        for (phase, start), (_, end) in zip(self.marks, self.marks[1:], strict=False):
             ips = dict(self.client_ips.get(phase, {}))
             rows.append(f"{phase:<28}{end - start:>8.2f}{self.ok[phase]:>7}{self.failed[phase]:>8}  {ips} "
                         f"{sorted(self.errors.get(phase, []))}")
