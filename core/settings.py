@@ -211,6 +211,10 @@ class LoadBalancer(Model):
     connection_draining: Annotated[int, Field(ge=0, le=3600)] = 300  # 0: off
     access_logs: AccessLogs | None = None
     tags: dict[str, str] = {}
+    # Who applies the stack for `fab rollout --apply`: `pulumi` (the Automation API), or a
+    # `module:Class` implementing remote.balancer.Balancer (the lab names its own).
+    applier: Annotated[str, _pattern(r"^(pulumi|[a-z_][a-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*)$",
+                                     "applier (pulumi, or module:Class)")] = "pulumi"
 
     @model_validator(mode="after")
     def _placement(self) -> LoadBalancer:

@@ -30,11 +30,16 @@ def _stack(env: str, work_dir: Path, env_vars: dict[str, str] | None):
                           "`fab rollout --apply` runs `pulumi up` through it")
     from pulumi import automation as auto  # the SDK is heavy: import it only here
 
+    # Select, never create: a typo must not make an empty stack whose `up` would build a second
+    # load balancer with the same name.
     try:
-        return auto.create_or_select_stack(
+        return auto.select_stack(
             stack_name=env, work_dir=str(work_dir),
             opts=auto.LocalWorkspaceOptions(env_vars=env_vars) if env_vars else None,
         )
+    except auto.errors.StackNotFoundError:
+        raise PulumiError(f"stack {env!r} does not exist in this Pulumi backend: create it once with "
+                          f"`pulumi stack init {env}` (or log in to the backend that has it)") from None
     except auto.errors.CommandError as exc:
         raise PulumiError(f"pulumi stack select {env}: {exc}") from None
 
@@ -46,6 +51,7 @@ def up(env: str, *, on_output: Callable[[str], Any] = print, work_dir: Path = PR
 
     stack = _stack(env, work_dir, env_vars)
     try:
+        stack.refresh(on_output=on_output)  # decide from what AWS really has, not from the last state
         result = stack.up(on_output=on_output)
     except auto.errors.CommandError as exc:
         raise PulumiError(f"pulumi up -s {env} failed: {exc}") from None

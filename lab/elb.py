@@ -76,7 +76,8 @@ def apply(settings: Settings) -> Decision:
 
 
 class LabBalancer:
-    """The lab's load balancer side (remote.balancer.Balancer) where the pulumi CLI is absent."""
+    """The lab's load balancer side (remote.balancer.Balancer): `pulumi up` where the CLI is
+    installed, else the boto3 calls above. Named by Pulumi.lab.yaml (`loadBalancer.applier`)."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -85,6 +86,11 @@ class LabBalancer:
         return aws.proxy_protocol_ports(self.settings)
 
     def apply(self, note) -> dict:
+        from infra import automation
+        from remote.balancer import PulumiStack
+
+        if automation.cli_available():
+            return PulumiStack(self.settings).apply(note)
         note("pulumi CLI not installed: applying the lab's load balancer with boto3 (same gate code)")
         decision = apply(self.settings)
         return {"proxyProtocolGate": decision.state.value, "gateMessage": decision.message}

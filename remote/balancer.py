@@ -8,9 +8,11 @@ the lab brings its own.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from core.errors import KitError
 from core.settings import Settings
 
 
@@ -40,3 +42,15 @@ class PulumiStack:
 
         note(f"pulumi up -s {self.settings.env} (Automation API)")
         return automation.up(self.settings.env, on_output=lambda line: note(line.rstrip()))
+
+
+def chosen(settings: Settings) -> Balancer:
+    """The environment's applier (`loadBalancer.applier`): the Pulumi stack, or one it names."""
+    spec = settings.load_balancer.applier
+    if spec == "pulumi":
+        return PulumiStack(settings)
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)(settings)
+    except (ImportError, AttributeError) as exc:
+        raise KitError(f"loadBalancer.applier {spec!r} cannot be loaded: {exc}") from None

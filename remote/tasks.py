@@ -102,23 +102,11 @@ def check(c, env, hosts=None, parallel=10, json=False):
         raise Exit(code=1)
 
 
-def _balancer(settings: Settings):
-    """The load balancer side: the Pulumi stack, or in the lab without the CLI the lab's boto3 applier."""
-    from infra import automation
-    from remote import aws
-    from remote.balancer import PulumiStack
-
-    if not automation.cli_available() and aws.is_lab(settings):
-        from lab.elb import LabBalancer
-
-        return LabBalancer(settings)
-    return PulumiStack(settings)
-
-
 def _run(env: str, trees_wanted: bool, parallel, batch, apply: bool, as_json: bool, what: str) -> None:
     """A rollout (trees) or a rollback (no trees), in the cutover order; report; exit with its code."""
     from core.plan import batches
     from remote import cutover
+    from remote.balancer import chosen
     from remote.hosts import require_instance_ids
     from remote.readiness import ParameterRecord
     from remote.report import Reporter
@@ -133,7 +121,7 @@ def _run(env: str, trees_wanted: bool, parallel, batch, apply: bool, as_json: bo
     record = ParameterRecord(settings, reporter)
     run = Rollout(settings, targets, trees if trees_wanted else None, Ssh(settings), reporter,
                   parallel=int(parallel), batch=batch)
-    verdict = cutover.rollout(run, record, _balancer(settings), apply=apply)
+    verdict = cutover.rollout(run, record, chosen(settings), apply=apply)
     _summary(reporter, as_json, f"{what} {settings.env}", verdict, run.outcomes)
     if not verdict.ok:
         raise Exit(code=verdict.code)

@@ -40,6 +40,11 @@ def test_up_attaches_the_policy_once_every_backend_is_ready(aws, tmp_path):
     (project / "Pulumi.lab.yaml").write_text(yaml.safe_dump(doc))
     (tmp_path / "state").mkdir()
     env_vars = {"PULUMI_BACKEND_URL": f"file://{tmp_path / 'state'}", "PULUMI_CONFIG_PASSPHRASE": "lab-only"}
+    with pytest.raises(automation.PulumiError, match="stack 'lab' does not exist"):
+        automation.up("lab", work_dir=project, env_vars=env_vars)  # select, never create
+    from pulumi import automation as auto
+
+    auto.create_stack(stack_name="lab", work_dir=str(project), opts=auto.LocalWorkspaceOptions(env_vars=env_vars))
 
     s = settings_from("lab", **{k: v for k, v in doc["config"].items() if k.startswith(("aws:endpoints", "wsgate:loadBalancer"))})
     remote_aws.write_record(s, records.build("lab", list(s.ports.proxied), {instance: "d" * 64}))
