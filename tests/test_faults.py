@@ -133,6 +133,15 @@ def when_swapped(host, then) -> threading.Thread:
     return t
 
 
+def once_swapped(host, action):
+    """A driver hook: once `host`'s swap request is out and its `current` link changed, `action`."""
+    def hook(outcome):
+        if outcome.host == host.name and outcome.step.value == "swap":
+            when_swapped(host, action)
+
+    return hook
+
+
 def drop_connections(host) -> None:
     """Kill the host's per-connection sshd processes: every open connection drops; sshd still listens."""
     subprocess.run(["pkill", "-KILL", "-P", str(host.pid())], check=False)
@@ -220,12 +229,7 @@ def test_connection_dropped_after_the_swap_is_reconnected_and_restored(fleet, sl
     before = two_releases(fleet)
     h2 = fleet.hosts[1]
     slow_nginx(h2, 2)
-
-    def drop(outcome):
-        if outcome.host == "h2" and outcome.step.value == "swap":
-            when_swapped(h2, lambda: drop_connections(h2))
-
-    verdict, outcomes = driver(fleet, drop)
+    verdict, outcomes = driver(fleet, once_swapped(h2, lambda: drop_connections(h2)))
     assert verdict.code == 1
     assert "connection lost" in outcomes["h2"].error
     assert outcomes["h2"].restored and not outcomes["h2"].rollback_failed
@@ -248,13 +252,8 @@ def test_request_hanging_past_the_command_timeout_is_restored_once_the_host_lets
 def test_host_gone_during_the_rollback_is_reported_rollback_failed(fleet, slow_nginx):
     before = two_releases(fleet)
     h2 = fleet.hosts[1]
-    slow_nginx(h2, 2)
-
-    def kill(outcome):
-        if outcome.host == "h2" and outcome.step.value == "swap":
-            when_swapped(h2, h2.stop)
-
-    verdict, outcomes = driver(fleet, kill)
+    slow_nginx(h2, 2)  # the host goes away between its swap and its answer
+    verdict, outcomes = driver(fleet, once_swapped(h2, h2.stop))
     assert verdict.code == 3  # a person is needed
     assert outcomes["h2"].rollback_failed and outcomes["h2"].result == "ROLLBACK FAILED"
     assert "ROLLBACK FAILED" in outcomes["h2"].error and "cannot connect" in outcomes["h2"].error
