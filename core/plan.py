@@ -120,16 +120,16 @@ put() {  # put NAME TARGET: the link ROOT/NAME -> TARGET, atomically; an empty T
 }
 switch() { old=$(readlink "$R/current" 2>/dev/null || true); { [ -z "$old" ] || put previous "$old"; } && put current "$1"; }
 prune() {
-  keep=" $(readlink "$R/current" 2>/dev/null) $(readlink "$R/previous" 2>/dev/null) "
+  keep=" $BEFORE $PREVIOUS $(readlink "$R/current" 2>/dev/null) $(readlink "$R/previous" 2>/dev/null) "
   ls -1t "$R/releases" | grep -v '^\.' | tail -n +__KEEP__ | while read -r d; do
     case "$keep" in *" releases/$d "*) ;; *) rm -rf "$R/releases/$d";; esac
   done
 }
-next() { timeout "$IDLE" sh -c 'IFS= read -r l && printf "%s\n" "$l"'; }
-while cmd=$(next); do
+line() { timeout "$1" sh -c 'IFS= read -r l && printf "%s\n" "$l"'; }  # one line, or fail after $1 s
+while cmd=$(line "$IDLE"); do
   case "$cmd" in
     ping) rc=0 ;;
-    stage) read -r payload
+    stage) payload=$(line "$T") || { echo "no payload within ${T}s"; echo "__DONE__ 1"; continue; }
            rm -rf "$S" && mkdir -p "$S" && printf '%s' "$payload" | base64 -d | tar -xf - -C "$S" \
              && echo "__STAGED__" && ngx "$S/nginx.conf" -t; rc=$? ;;
     discard) rm -rf "$S"; rc=$? ;;
@@ -139,10 +139,15 @@ while cmd=$(next); do
     back) if [ -z "$PREVIOUS" ] || [ ! -d "$R/$PREVIOUS" ]; then echo "the previous release ${PREVIOUS:-(none)} is not on the host"; rc=1
           else switch "$PREVIOUS" && echo "__SWAPPED__" && reload; rc=$?; fi ;;
     reload) reload; rc=$? ;;
-    restore) IFS='|' read -r WC WP WR  # the links as they were, and whether nginx ran
+    restore) was=$(line "$T") || { echo "no payload within ${T}s"; echo "__DONE__ 1"; continue; }
+             IFS='|' read -r WC WP WR <<EOF_RESTORE
+$was
+EOF_RESTORE
+             # the links as they were, and whether nginx ran
              st=$(nginx_state)
              if [ "$st" = foreign ]; then reload; rc=$?  # refuses, and says why
              elif [ -n "$WC" ] && [ ! -d "$R/$WC" ]; then echo "release $WC is gone"; rc=1
+             elif [ -n "$WP" ] && [ ! -d "$R/$WP" ]; then echo "release $WP is gone"; rc=1
              else put current "$WC" && put previous "$WP" && echo "__SWAPPED__" && \
                   if [ "$WR" = yes ]; then reload; elif [ "$st" = ours ]; then kill -QUIT "$(pid_of)"; fi; rc=$?; fi ;;
     show) if cd "$R/current" 2>/dev/null; then

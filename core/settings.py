@@ -258,7 +258,8 @@ class Ssh(Model):
     gateway: Gateway | None = None  # bastion, as [user@]host[:port] (a chain: a,b)
     connect_timeout: Seconds = 10
     command_timeout: Seconds = 120
-    idle_timeout: Seconds = 30  # a host's session (and its rollout lock) ends this long after the controller is gone
+    # a host's session (and its rollout lock) ends this long after the controller is gone
+    idle_timeout: Annotated[int, Field(ge=2)] = 30
     sudo: bool = False  # run remote commands with `sudo -n` (login user is not root)
 
 

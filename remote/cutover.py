@@ -109,17 +109,23 @@ def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balan
             _apply(run, balancer, want=[] if turning_off else sorted(run.settings.ports.proxied))
         except KitError as exc:
             verdict.fail(f"every host is ready and recorded, but {exc}")
+        except KeyboardInterrupt:
+            verdict.fail("interrupted during pulumi up: every host is ready and recorded; run `pulumi up` "
+                         "(or `fab status`) to see where the load balancer stands", INTERRUPTED)
     return verdict
 
 
 def _roll_back(run: Rollout, record: ParameterRecord | None, verdict: Verdict) -> None:
-    if not run.roll_back():
-        verdict.fail("not every host could be put back: see ROLLBACK FAILED", code=ATTENTION)
+    try:
+        if not run.roll_back():
+            verdict.fail("not every host could be put back: see ROLLBACK FAILED", code=ATTENTION)
+    except Exception as exc:  # noqa: BLE001 - the record is still put back, the table still printed
+        verdict.fail(f"rolling back: {type(exc).__name__}: {exc}", code=ATTENTION)
     if record:
         try:
             record.undo()
-        except KitError as exc:
-            verdict.fail(str(exc), code=ATTENTION)
+        except Exception as exc:  # noqa: BLE001
+            verdict.fail(str(exc) if isinstance(exc, KitError) else f"{type(exc).__name__}: {exc}", code=ATTENTION)
 
 
 def _stopped(run: Rollout, verdict: Verdict) -> Verdict:

@@ -35,6 +35,8 @@ class ParameterRecord:
             self._stored = aws.read_record_text(self.settings)
         except KitError as exc:
             self._error = exc
+        except Exception as exc:  # noqa: BLE001 - credentials, endpoint: the run must not take "no record"
+            self._error = KitError(f"ssm get-parameter {self.settings.parameter_path}: {type(exc).__name__}: {exc}")
 
     def load(self) -> None:
         """Wait for the stored record; raise if it could not be read."""

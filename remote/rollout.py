@@ -58,7 +58,7 @@ from core.render import Tree
 from core.settings import Host, Settings
 from remote.probe import live, probe, wait_live
 from remote.report import Reporter
-from remote.ssh import Session, Ssh
+from remote.ssh import Session, Ssh, SshError
 
 
 class StepFailed(KitError):
@@ -111,6 +111,7 @@ class Rollout:
         self.diffs: dict[str, str] = {}  # check: host -> unified diff of live vs new files
         self.interrupted = threading.Event()
         self._rolling_back = False
+        self._sigints = 0
         self._ended = threading.Event()
 
     @property
@@ -130,8 +131,8 @@ class Rollout:
         previous = None
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGINT, self._on_interrupt)
-        beat = threading.Thread(target=self._heartbeat, daemon=True)
-        beat.start()
+        for loop in (self._heartbeat, self._watch_interrupts):
+            threading.Thread(target=loop, daemon=True).start()
         try:
             yield self
         finally:
@@ -141,19 +142,30 @@ class Rollout:
                 signal.signal(signal.SIGINT, previous)
 
     def _on_interrupt(self, signum, frame) -> None:
-        if self._rolling_back:
-            self.reporter.note("interrupt: rolling back; the interrupt is deferred until every host is back")
-        elif not self.interrupted.is_set():
-            self.reporter.note("interrupt: stopping after the steps in flight; every host this run changed "
-                               "will be put back")
-        self.interrupted.set()
+        self._sigints += 1  # only this: a handler that prints or takes a lock can break the main thread
+
+    def _watch_interrupts(self) -> None:
+        seen = 0
+        while not self._ended.wait(0.05):
+            if self._sigints == seen:
+                continue
+            seen = self._sigints
+            if self._rolling_back:
+                self.reporter.note("interrupt: rolling back; the interrupt is deferred until every host is back")
+            elif not self.interrupted.is_set():
+                self.reporter.note("interrupt: stopping after the steps in flight; every host this run changed "
+                                   "will be put back")
+            self.interrupted.set()
 
     def _heartbeat(self) -> None:
+        """Ping every idle session each third of ssh.idleTimeout, each on its own thread: a host
+        that stopped answering must not starve the others (a busy session is skipped)."""
         interval = max(1.0, self.settings.ssh.idle_timeout / 3)
         while not self._ended.wait(interval):
             for h in self.hosts:
-                if h.session:
-                    h.session.ping()
+                session = h.session
+                if session is not None:
+                    threading.Thread(target=session.ping, daemon=True).start()
 
     def _close(self) -> None:
         """Release every lock (closing a session ends the command holding it) and disconnect."""
@@ -371,8 +383,14 @@ class Rollout:
         try:
             if h.session is None or h.session.broken:
                 self._reconnect(h)
-            assert h.session is not None and h.conn is not None
-            r = h.session.request("restore", h.before.restore_line())
+            assert h.session is not None
+            try:
+                r = h.session.request("restore", h.before.restore_line())
+            except SshError:  # the session was dead without anyone noticing yet (idle, a lost probe)
+                self._reconnect(h)
+                assert h.session is not None
+                r = h.session.request("restore", h.before.restore_line())
+            assert h.conn is not None
             if not r.ok:
                 raise StepFailed(f"restore failed: {nginx_error(r.stdout.split(SWAPPED)[-1])}")
             before = digest_of_link(h.before.current)

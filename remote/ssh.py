@@ -73,6 +73,7 @@ class Session:
             raise SshError(f"{word}: the host session was lost earlier in this run")
         deadline = time.monotonic() + self.timeout
         try:
+            self.chan.settimeout(self.timeout)
             self.chan.sendall(word.encode() + b"\n" + (payload + b"\n" if payload is not None else b""))
             while not (m := self._done.search(self._buffer)):
                 chunk = _recv(self.chan.recv, self.chan, deadline)
@@ -183,6 +184,9 @@ class Ssh:
         """A bastion connection (`[user@]host[:port]`, or a ProxyJump chain `a,b`), opened once
         before any thread shares it; a bastion that failed fails every host at once, untried."""
         with self._lock:
+            cached = self._gateways.get(spec)
+            if isinstance(cached, Connection) and not (cached.transport and cached.transport.is_active()):
+                del self._gateways[spec]  # the bastion link dropped: open it again (a rollback may need it)
             if spec not in self._gateways:
                 try:
                     *front, last = [part.strip() for part in spec.split(",")]
