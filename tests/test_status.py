@@ -84,3 +84,41 @@ def test_a_held_lock_an_unreachable_host_and_an_unregistered_instance_are_named(
     assert view["hosts"][1]["problems"][0].startswith("cannot inspect: ssh 127.0.")
     assert "i-0000000000000000a is not registered with the load balancer: run `pulumi up`" in problems(view)
     assert view["gate"]["state"] == "sticky" and "i-0000000000000000a" in view["gate"]["missing"]
+
+
+@pytest.mark.parametrize("plain_file, plain_port", [("http.d/10-redirect.conf", "http"), ("http.d/20-app.conf", "tls")])
+def test_a_host_reading_the_header_on_one_port_only_is_caught_by_probe_and_status(fleet, plain_file, plain_port):
+    import shutil
+    import time
+
+    from core.settings import load
+    from remote.probe import probe
+    from remote.ssh import Ssh
+
+    assert fab(fleet, "rollout", "--apply").returncode == 0
+    h1 = fleet.hosts[0]
+    conf = h1.root / "current" / plain_file
+    conf.write_text(conf.read_text().replace(" proxy_protocol", ""))  # by hand: this port stops reading it
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    subprocess.run([nginx, "-p", f"{h1.root}/", "-c", f"{h1.root}/current/nginx.conf", "-s", "reload"], check=True)
+    time.sleep(1.0)  # the old workers close their listeners
+    port, other = fleet.ports[plain_port], fleet.ports["tls" if plain_port == "http" else "http"]
+
+    code, view = status(fleet)
+    assert code == 1
+    assert view["hosts"][0]["ports"] == {str(port): "plain", str(other): "proxy"}
+    assert any(f"port {port} does not read the PROXY header but the load balancer sends it" in p
+               for p in view["hosts"][0]["problems"]), view["hosts"][0]["problems"]
+    assert view["hosts"][1]["problems"] == []
+
+    s = load(str(fleet.env_file))
+    ssh = Ssh(s)
+    conn = ssh.connect(s.hosts[0])
+    try:
+        found = probe(ssh, conn, s, h1.address, view["hosts"][0]["live"], timeout=1.0)
+    finally:
+        conn.close()
+        ssh.close()
+    assert any(p.startswith(f"port {port}: a request with a PROXY header") for p in found), found
+    assert f"port {port}: a request without a PROXY header was answered" in " ".join(found), found
+    assert not any(p.startswith(f"port {other}:") for p in found), found
