@@ -179,6 +179,7 @@ def main() -> int:
     have_ansible = not args.no_ansible and shutil.which(
         "ansible-playbook", path=str(Path(sys.executable).parent)) is not None
     work = Path(tempfile.mkdtemp(prefix="wsgate-bench-"))
+    work.chmod(0o711)  # nginx's workers must reach each root, as on a real host (mkdtemp makes it 0700)
     moto = MotoServer(work / "moto.log")
     app_port = free_port()
     app = start_app("127.0.0.1", app_port, work / "app.log")
