@@ -79,11 +79,11 @@ def balancer_problems(s: Settings, lb: BalancerFacts | None, record: ReadinessRe
     """(problems, notes, the gate's view) for the load balancer, the gate computed exactly as
     the Pulumi program computes it (backends: loadBalancer.instances)."""
     backends = list(s.load_balancer.instances)
-    attached = bool(lb and lb.policy_ports)
+    attached = list(lb.policy_ports) if lb else []
     decision = decide(env=s.env, wanted=s.proxy_protocol, backends=backends, ports=list(s.ports.proxied),
                       record=record, attached=attached,
                       record_problem=record_problem or (None if record else f"no readiness record at {s.parameter_path}"))
-    gate = {"state": decision.state.value, "attach": decision.attach, "missing": decision.missing,
+    gate = {"state": decision.state.value, "ports": list(decision.ports), "missing": decision.missing,
             "message": decision.message}
     problems: list[str] = []
     notes: list[str] = []
@@ -91,7 +91,7 @@ def balancer_problems(s: Settings, lb: BalancerFacts | None, record: ReadinessRe
         return [f"load balancer {s.load_balancer.name} does not exist: run `pulumi up`"], notes, gate
     if decision.warn or (not s.proxy_protocol and attached):
         problems.append(f"gate {decision.state.value}: {decision.message}")
-    want_ports = sorted(s.ports.proxied) if decision.attach else []
+    want_ports = list(decision.ports)
     if sorted(lb.policy_ports) != want_ports:
         problems.append(f"the ProxyProtocol policy is on ports {lb.policy_ports or 'none'}, the gate wants "
                         f"{want_ports or 'none'}: run `pulumi up`")

@@ -1,10 +1,11 @@
 """The gate: may the ProxyProtocol policy be on the backend ports? Pure and total.
 
 Inputs: what the settings ask, the backends, the ports, the readiness record (or why it
-could not be read), and whether the policy is attached now. Output: the decision and the
-words an operator reads. The rule that matters most: once attached, a missing, stale or
-incomplete record never detaches it, because that would turn every ready host into a
-host that rejects every request.
+could not be read), and the ports that have the policy now (read from the load balancer).
+Output: the ports that carry the policy after the run, and the words an operator reads. The
+rules that matter most: once attached, a missing, stale or incomplete record never detaches
+a port (that would turn every ready host into one that rejects every request), and a port
+is newly attached only when the record proves every backend reads the header on it.
 """
 
 from __future__ import annotations
@@ -17,17 +18,21 @@ from core.record import ReadinessRecord
 
 class GateState(str, Enum):
     OFF = "off"  # not asked for: no policy (detached if it was attached)
-    CLOSED = "closed"  # asked for, not every backend ready: no policy
-    OPEN = "open"  # asked for, every backend ready: policy attached
-    STICKY = "sticky"  # asked for, record no longer covers every backend, kept attached
+    CLOSED = "closed"  # asked for, not every backend proven: no policy on an unproven port
+    OPEN = "open"  # asked for, every backend proven on every port: policy on every port
+    STICKY = "sticky"  # asked for, an attached port is no longer proven: kept attached
 
 
 @dataclass(frozen=True)
 class Decision:
-    attach: bool
+    ports: tuple[int, ...]  # the backend ports that carry the ProxyProtocol policy after this run
     state: GateState
     missing: dict[str, str] = field(default_factory=dict)  # instance ID -> why it is not covered
     message: str = ""
+
+    @property
+    def attach(self) -> bool:
+        return bool(self.ports)
 
     @property
     def warn(self) -> bool:
@@ -59,29 +64,39 @@ def decide(
     backends: list[str],
     ports: list[int],
     record: ReadinessRecord | None,
-    attached: bool,
+    attached: list[int],
     record_problem: str | None = None,
 ) -> Decision:
+    """`attached`: the ports that have the policy now, as the load balancer itself says (never a
+    marker of ours). Once attached, a port keeps the policy until proxy protocol is turned off;
+    a port is newly attached only when the record proves every backend reads the header on it."""
     if not wanted:
         msg = ("proxy protocol off: detaching the policy; turn nginx's proxy_protocol off only after this update"
                if attached else "proxy protocol off")
-        return Decision(False, GateState.OFF, message=msg)
+        return Decision((), GateState.OFF, message=msg)
     missing = missing_backends(env, backends, ports, record, record_problem)
+    proven = [p for p in ports if not missing_backends(env, backends, [p], record, record_problem)]
+    kept = sorted(set(attached) - set(proven))  # on now, not proven (any more): kept, loudly
+    result = tuple(sorted(set(attached) | set(proven)))
     if not missing:
-        return Decision(True, GateState.OPEN, message=f"every backend ready: policy on ports {_ports(ports)}")
+        return Decision(result, GateState.OPEN, message=f"every backend ready: policy on ports {_ports(result)}")
     listing = "; ".join(f"{i}: {why}" for i, why in sorted(missing.items()))
-    if attached:
+    if kept:
         return Decision(
-            True, GateState.STICKY, missing,
-            f"KEEPING the ProxyProtocol policy on ports {_ports(ports)} although the readiness record no longer "
-            f"covers every backend ({listing}). Detaching would break every ready host. Run `fab rollout` "
-            "to refresh the record, or turn proxyProtocol off to detach.",
+            result, GateState.STICKY, missing,
+            f"KEEPING the ProxyProtocol policy on ports {_ports(kept)} although the readiness record no longer "
+            f"covers every backend there ({listing}). Detaching would break every ready host. Run `fab rollout` "
+            "to refresh the record, or turn proxyProtocol off to detach."
+            + (f" Policy also on proven ports {_ports(sorted(set(proven) - set(attached)))}."
+               if set(proven) - set(attached) else ""),
         )
+    on = f"; policy on the proven ports {_ports(result)} only" if result else ""
     return Decision(
-        False, GateState.CLOSED, missing,
-        f"ProxyProtocol policy NOT attached: not every backend is ready ({listing}). Run `fab rollout` first.",
+        result, GateState.CLOSED, missing,
+        f"ProxyProtocol policy NOT attached on every port: not every backend is ready ({listing}){on}. "
+        "Run `fab rollout` first.",
     )
 
 
-def _ports(ports: list[int]) -> str:
-    return ", ".join(map(str, sorted(ports)))
+def _ports(ports) -> str:
+    return ", ".join(map(str, sorted(ports))) or "none"

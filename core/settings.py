@@ -344,11 +344,6 @@ class Settings(Model):
     def parameter_dir(self) -> str:
         return self.parameter_path.rsplit("/", 1)[0]
 
-    @property
-    def gate_parameter_path(self) -> str:
-        """Beside the record: whether `pulumi up` attached the policy (the program writes it)."""
-        return f"{self.parameter_dir}/gate"
-
 
 def stack_file(env: str, directory: Path | str = ".") -> Path:
     return Path(directory) / f"Pulumi.{env}.yaml"

@@ -8,7 +8,6 @@ only when the gate says so; each port is managed by exactly one resource.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import pulumi
@@ -42,6 +41,14 @@ class WsGateLoadBalancer(pulumi.ComponentResource):
             f"{name}-instances", description=f"wsgate {s.env}: instance ports, from the load balancer only",
             vpc_id=lb.vpc_id, tags={**tags, "Name": f"{lb.name}-instances"}, opts=child,
         )
+        for family, everywhere in (("ipv4", "0.0.0.0/0"), ("ipv6", "::/0")):
+            # Outbound as a default group allows it (the app's upstreams, packages, AWS APIs):
+            # a group with no egress rule, used as an instance's only group, cuts all of it.
+            aws.vpc.SecurityGroupEgressRule(
+                f"{name}-instances-out-{family}", security_group_id=self.instance_security_group.id,
+                ip_protocol="-1", cidr_ipv4=everywhere if family == "ipv4" else None,
+                cidr_ipv6=everywhere if family == "ipv6" else None, description="outbound", opts=child,
+            )
         for port in (80, 443):
             for i, cidr in enumerate(lb.allowed_cidrs):
                 aws.vpc.SecurityGroupIngressRule(
@@ -102,14 +109,15 @@ class WsGateLoadBalancer(pulumi.ComponentResource):
                 name="Reference-Security-Policy", value=lb.ssl_policy)],
             opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True),
         )
-        aws.elb.ListenerPolicy(
+        # A certificate or instance-port change deletes and recreates the 443 listener, and its
+        # policies go with it: the triggers make the listener policy follow (be reapplied).
+        self.tls_listener_policy = aws.elb.ListenerPolicy(
             f"{name}-tls-443", load_balancer_name=self.elb.name, load_balancer_port=443,
-            policy_names=[tls_policy.policy_name], opts=child,
+            policy_names=[tls_policy.policy_name],
+            triggers={"certificate": lb.certificate_arn, "instancePort": str(s.ports.tls)}, opts=child,
         )
 
-        attachments: list[pulumi.Resource] = []
-        ports = list(s.ports.proxied)
-        if args.decision.attach:
+        if args.decision.ports:
             # Name and type force replacement; the fixed name must be deleted before it is recreated.
             policy = aws.elb.LoadBalancerPolicy(
                 f"{name}-proxy-protocol", load_balancer_name=self.elb.name,
@@ -117,20 +125,11 @@ class WsGateLoadBalancer(pulumi.ComponentResource):
                 policy_attributes=[aws.elb.LoadBalancerPolicyPolicyAttributeArgs(name="ProxyProtocol", value="true")],
                 opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True),
             )
-            for port in ports:  # one resource per port: AWS replaces a port's whole policy list
-                attachments.append(aws.elb.LoadBalancerBackendServerPolicy(
+            for port in args.decision.ports:  # one resource per port: AWS replaces a port's whole policy list
+                aws.elb.LoadBalancerBackendServerPolicy(
                     f"{name}-proxy-protocol-{port}", load_balancer_name=self.elb.name, instance_port=port,
                     policy_names=[policy.policy_name], opts=child,
-                ))
-
-        # What is attached, for the next run's gate: written after the attachments themselves.
-        self.gate_parameter = aws.ssm.Parameter(
-            f"{name}-gate", name=s.gate_parameter_path, type="String",
-            value=json.dumps({"attached": args.decision.attach, "ports": ports if args.decision.attach else []}),
-            description=f"wsgate {s.env}: is the ProxyProtocol policy attached (written by pulumi up)",
-            tags=tags, overwrite=True,
-            opts=pulumi.ResourceOptions(parent=self, depends_on=attachments),
-        )
+                )
 
         self.dns_name = self.elb.dns_name
         self.register_outputs({

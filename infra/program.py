@@ -1,7 +1,9 @@
 """The Pulumi program: settings from the stack config, the gate's inputs, the component, exports.
 
-The readiness record and the gate's own state are read with provider invokes
-(`aws.ssm.get_parameter`), so they work in `pulumi preview` and `pulumi up`, locally and in CI.
+The readiness record is read with a provider invoke (`aws.ssm.get_parameters_by_path`), and
+the ports that have the policy now straight from the ELB API (botocore, the read `fab status`
+uses): both work in `pulumi preview` and `pulumi up`, locally and in CI. Nothing the program
+stores marks the gate: the load balancer itself is the truth.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import pulumi
 import pulumi_aws as aws
 from pulumi.runtime.config import CONFIG
 
+from core.errors import KitError
 from core.gate import Decision, decide
 from core.record import ReadinessRecord, RecordError
 from core.settings import Settings, from_config
@@ -36,13 +39,11 @@ def settings() -> Settings:
 
 
 def parameters(s: Settings) -> dict[str, str]:
-    """Every parameter beside the readiness record (the record and the gate's state).
-
-    One by-path read: it returns nothing, not an error, where nothing was written yet (a
-    failed invoke would fail the whole program even when caught).
-    """
-    found = aws.ssm.get_parameters_by_path(path=s.parameter_dir, recursive=False)
-    return dict(zip(found.names, found.values, strict=False))
+    """Every parameter beside the readiness record, read without decryption (a SecureString a
+    neighbour keeps there must not need kms:Decrypt). One by-path read: it returns nothing, not
+    an error, where nothing was written yet (a failed invoke would fail the whole program)."""
+    found = aws.ssm.get_parameters_by_path(path=s.parameter_dir, recursive=False, with_decryption=False)
+    return dict(zip(found.names or [], found.values or [], strict=False))
 
 
 def read_record(found: dict[str, str], s: Settings) -> tuple[ReadinessRecord | None, str | None]:
@@ -56,12 +57,16 @@ def read_record(found: dict[str, str], s: Settings) -> tuple[ReadinessRecord | N
         return None, str(exc)
 
 
-def attached_now(found: dict[str, str], s: Settings) -> bool:
-    """What the last `pulumi up` attached (it writes the gate parameter after the attachments)."""
+def attached_now(s: Settings) -> list[int]:
+    """The ports that carry the ProxyProtocol policy now, as the load balancer itself says (the
+    same read `fab status` and `fab rollout` use), in `pulumi up` and in `pulumi preview`."""
+    from remote import aws as edge
+
     try:
-        return bool(json.loads(found.get(s.gate_parameter_path) or "{}").get("attached"))
-    except (ValueError, AttributeError):
-        return False
+        return edge.proxy_protocol_ports(s)
+    except KitError as exc:
+        raise KitError(f"cannot read which ports have the ProxyProtocol policy now ({exc}); the gate will not "
+                       "decide blind: the program needs elasticloadbalancing:Describe* on the load balancer") from None
 
 
 def gate(s: Settings) -> Decision:
@@ -69,7 +74,7 @@ def gate(s: Settings) -> Decision:
     record, problem = read_record(found, s)
     return decide(
         env=s.env, wanted=s.proxy_protocol, backends=list(s.load_balancer.instances),
-        ports=list(s.ports.proxied), record=record, attached=attached_now(found, s), record_problem=problem,
+        ports=list(s.ports.proxied), record=record, attached=attached_now(s), record_problem=problem,
     )
 
 
@@ -85,7 +90,7 @@ def main() -> WsGateLoadBalancer:
     pulumi.export("lbSecurityGroupId", lb.lb_security_group.id)
     pulumi.export("instanceSecurityGroupId", lb.instance_security_group.id)
     pulumi.export("proxyProtocolGate", decision.state.value)
-    pulumi.export("proxyProtocolPorts", list(s.ports.proxied) if decision.attach else [])
+    pulumi.export("proxyProtocolPorts", list(decision.ports))
     pulumi.export("notReady", decision.missing)
     pulumi.export("gateMessage", decision.message)
     return lb

@@ -7,22 +7,11 @@ AWS account: `apply` refuses any environment whose endpoints are not on loopback
 
 from __future__ import annotations
 
-import json
-
 from core.elb import health_check, listeners
 from core.errors import KitError
 from core.gate import Decision, decide
 from core.settings import Settings
 from remote import aws
-
-
-def read_gate(settings: Settings) -> bool:
-    ssm = aws.client(settings, "ssm")
-    try:
-        value = ssm.get_parameter(Name=settings.gate_parameter_path)["Parameter"]["Value"]
-    except ssm.exceptions.ParameterNotFound:
-        return False
-    return bool(json.loads(value).get("attached"))
 
 
 def apply(settings: Settings) -> Decision:
@@ -56,7 +45,7 @@ def apply(settings: Settings) -> Decision:
 
     record = aws.read_record(settings)
     decision = decide(env=s.env, wanted=s.proxy_protocol, backends=list(lb.instances), ports=list(s.ports.proxied),
-                      record=record, attached=read_gate(settings),
+                      record=record, attached=aws.proxy_protocol_ports(settings),
                       record_problem=None if record else f"no readiness record at {s.parameter_path}")
     policy = f"{name}-proxy-protocol"
     if decision.attach:
@@ -66,12 +55,9 @@ def apply(settings: Settings) -> Decision:
             elb.create_load_balancer_policy(
                 LoadBalancerName=name, PolicyName=policy, PolicyTypeName="ProxyProtocolPolicyType",
                 PolicyAttributes=[{"AttributeName": "ProxyProtocol", "AttributeValue": "true"}])
-    for port in s.ports.proxied:
+    for port in sorted(set(s.ports.proxied) | set(aws.proxy_protocol_ports(settings))):
         elb.set_load_balancer_policies_for_backend_server(
-            LoadBalancerName=name, InstancePort=port, PolicyNames=[policy] if decision.attach else [])
-    aws.client(settings, "ssm").put_parameter(
-        Name=s.gate_parameter_path, Type="String", Overwrite=True,
-        Value=json.dumps({"attached": decision.attach, "ports": list(s.ports.proxied) if decision.attach else []}))
+            LoadBalancerName=name, InstancePort=port, PolicyNames=[policy] if port in decision.ports else [])
     return decision
 
 

@@ -1,5 +1,5 @@
-"""The gate decision, exhaustively: the policy is on only when every backend is proven ready,
-and once on, only an explicit off takes it away."""
+"""The gate decision, exhaustively: a port gets the policy only when every backend is proven
+ready on it, and once a port has it, only an explicit off takes it away."""
 
 from __future__ import annotations
 
@@ -29,32 +29,37 @@ def situations(draw):
         env = draw(st.sampled_from(["staging", "staging", "prod"]))
         if served:
             record = build(env, ports, served)
+    attached = draw(st.lists(st.sampled_from([80, 81, 82]), unique=True))  # 82: a port the config left
     return dict(env="staging", wanted=draw(st.booleans()), backends=backends, ports=PORTS,
-                record=record, attached=draw(st.booleans()))
+                record=record, attached=sorted(attached))
 
 
-def fully_covers(record, backends, ports):
+def proven(record, backends, port):
     return (record is not None and record.env == "staging" and bool(backends)
-            and set(ports) <= set(record.proxy_protocol_ports) and set(backends) <= set(record.instances))
+            and port in record.proxy_protocol_ports and set(backends) <= set(record.instances))
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=1500, deadline=None)
 @given(situations())
 def test_gate_rules(situation):
     d = decide(**situation)
-    wanted, attached = situation["wanted"], situation["attached"]
-    covered = fully_covers(situation["record"], situation["backends"], PORTS)
+    wanted, attached, record, backends = (situation["wanted"], situation["attached"], situation["record"],
+                                          situation["backends"])
     # Off is the only way to detach, and it always detaches.
     if not wanted:
-        assert (d.attach, d.state) == (False, GateState.OFF)
+        assert (d.ports, d.state) == ((), GateState.OFF)
         return
-    # Attached stays attached while wanted, whatever the record says.
-    if attached:
-        assert d.attach
-    # A closed gate never attaches; the policy goes on only when every backend is covered.
-    if not attached:
-        assert d.attach == covered
-    assert d.state == (GateState.OPEN if covered else GateState.STICKY if attached else GateState.CLOSED)
+    # A port that has the policy keeps it while wanted, whatever the record says.
+    assert set(attached) <= set(d.ports)
+    # A port is newly attached only when the record proves every backend on it; every proven port is attached.
+    for port in set(d.ports) - set(attached):
+        assert proven(record, backends, port)
+    for port in PORTS:
+        if proven(record, backends, port):
+            assert port in d.ports
+    covered = all(proven(record, backends, p) for p in PORTS)
+    unproven_kept = [p for p in attached if not proven(record, backends, p)]
+    assert d.state == (GateState.OPEN if covered else GateState.STICKY if unproven_kept else GateState.CLOSED)
     # Anything not open names every backend that is missing, and says so in the message.
     if not covered:
         assert d.missing and d.warn
@@ -64,7 +69,7 @@ def test_gate_rules(situation):
         assert d.missing == {} and not d.warn
 
 
-@pytest.mark.parametrize("attached", [False, True])
+@pytest.mark.parametrize("attached", [[], [80, 81]])
 def test_no_backends_never_opens_the_gate(attached):
     record = build("staging", PORTS, {"i-0123456789abcdef0": "a" * 64})
     d = decide(env="staging", wanted=True, backends=[], ports=PORTS, record=record, attached=attached)
@@ -72,9 +77,19 @@ def test_no_backends_never_opens_the_gate(attached):
     assert "no backend instances configured" in d.message
 
 
+def test_a_port_change_keeps_the_old_port_and_attaches_the_new_one_only_when_proven():
+    backends = ["i-0123456789abcdef0"]
+    old = build("staging", [80, 81], {backends[0]: "a" * 64})
+    d = decide(env="staging", wanted=True, backends=backends, ports=[80, 82], record=old, attached=[80, 81])
+    assert d.ports == (80, 81) and d.state is GateState.STICKY  # 82 is not proven: not attached
+    new = build("staging", [80, 82], {backends[0]: "b" * 64})
+    d = decide(env="staging", wanted=True, backends=backends, ports=[80, 82], record=new, attached=[80, 81])
+    assert d.ports == (80, 81, 82)
+
+
 def test_an_unreadable_record_is_a_reason_not_a_crash():
     d = decide(env="staging", wanted=True, backends=["i-0123456789abcdef0"], ports=PORTS, record=None,
-               attached=False, record_problem="readiness record is not valid: boom")
+               attached=[], record_problem="readiness record is not valid: boom")
     assert d.missing == {"i-0123456789abcdef0": "readiness record is not valid: boom"}
 
 

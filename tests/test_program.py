@@ -33,6 +33,7 @@ class Recorder(pulumi.runtime.Mocks):
     def __init__(self, ssm):
         self.resources: list[pulumi.runtime.MockResourceArgs] = []
         self.ssm = ssm
+        self.decrypted: list[bool] = []
 
     def new_resource(self, args):
         self.resources.append(args)
@@ -43,10 +44,13 @@ class Recorder(pulumi.runtime.Mocks):
 
     def call(self, args):
         if args.token == "aws:ssm/getParametersByPath:getParametersByPath":
-            found = self.ssm.get_parameters_by_path(Path=args.args["path"], Recursive=False)["Parameters"]
+            decrypt = args.args.get("withDecryption", True)
+            self.decrypted.append(decrypt)
+            found = self.ssm.get_parameters_by_path(Path=args.args["path"], Recursive=False,
+                                                    WithDecryption=decrypt)["Parameters"]
             return {"path": args.args["path"], "id": args.args["path"], "names": [p["Name"] for p in found],
                     "values": [p["Value"] for p in found], "types": [p["Type"] for p in found],
-                    "arns": [p["ARN"] for p in found], "withDecryption": True, "recursive": False}
+                    "arns": [p["ARN"] for p in found], "withDecryption": decrypt, "recursive": False}
         raise NotImplementedError(args.token)
 
     def of(self, typ):
@@ -108,20 +112,21 @@ def write_record(env, aws_url, instances, ports=None, digest="d" * 64):
     remote_aws.write_record(s, records.build(env, ports or list(s.ports.proxied), {i: digest for i in instances}))
 
 
-def mark_attached(env, aws_url):
-    """What a previous `pulumi up` that attached the policy left behind."""
+def mark_attached(env, aws_url, ports=None):
+    """The load balancer as a previous `pulumi up` (complete, or cut short) left it in AWS: the
+    ProxyProtocol policy on `ports` (default: both proxied ports)."""
     s = settings_for(env, aws_url)
-    boto3.client("ssm", region_name=s.aws.region, endpoint_url=aws_url).put_parameter(
-        Name=s.gate_parameter_path, Value=json.dumps({"attached": True, "ports": list(s.ports.proxied)}),
-        Type="String", Overwrite=True)
-
-
-def gate_value(parameter) -> dict:
-    """The gate parameter's value (pulumi-aws marks Parameter values secret: unwrap it)."""
-    value = parameter.inputs["value"]
-    if isinstance(value, dict):
-        value = value["value"]
-    return json.loads(value)
+    name = s.load_balancer.name
+    elb = boto3.client("elb", region_name=s.aws.region, endpoint_url=aws_url)
+    elb.create_load_balancer(LoadBalancerName=name, AvailabilityZones=[f"{s.aws.region}a"], Listeners=[
+        {"Protocol": "TCP", "LoadBalancerPort": 80, "InstanceProtocol": "TCP", "InstancePort": s.ports.http},
+        {"Protocol": "TCP", "LoadBalancerPort": 443, "InstanceProtocol": "TCP", "InstancePort": s.ports.tls}])
+    elb.create_load_balancer_policy(LoadBalancerName=name, PolicyName=f"{name}-proxy-protocol",
+                                    PolicyTypeName="ProxyProtocolPolicyType",
+                                    PolicyAttributes=[{"AttributeName": "ProxyProtocol", "AttributeValue": "true"}])
+    for port in list(s.ports.proxied) if ports is None else ports:
+        elb.set_load_balancer_policies_for_backend_server(LoadBalancerName=name, InstancePort=port,
+                                                          PolicyNames=[f"{name}-proxy-protocol"])
 
 
 def proxy_ports(mocks) -> list[int]:
@@ -194,11 +199,49 @@ def test_gate_closed_with_a_partial_record(aws):
     assert any(STAGING_INSTANCES[1] in w for w in warnings)
 
 
-def test_gate_closed_when_the_record_lacks_a_port(aws):
+def test_gate_attaches_only_the_proven_port_when_the_record_lacks_one(aws):
     write_record("staging", aws.url, STAGING_INSTANCES, ports=[80])
     mocks, exports, _ = run("staging", aws.url)
-    assert exports["state"] == "closed" and proxy_ports(mocks) == []
+    assert exports["state"] == "closed" and proxy_ports(mocks) == [80]
     assert set(exports["missing"].values()) == {"record lacks port(s) 81"}
+
+
+@pytest.mark.parametrize("left", [[80], [81], [80, 81]])
+def test_a_policy_left_on_any_port_by_a_cut_short_update_is_kept_with_a_stale_record(aws, left):
+    """Whatever a previous update managed to attach before it failed (the policy, one port, both),
+    a later run with a stale or missing record keeps exactly that: AWS is read, not a marker."""
+    mark_attached("staging", aws.url, ports=left)
+    write_record("staging", aws.url, STAGING_INSTANCES[:1])  # stale: one backend missing
+    mocks, exports, warnings = run("staging", aws.url)
+    assert exports["state"] == "sticky" and proxy_ports(mocks) == left
+    assert any(w.startswith("KEEPING the ProxyProtocol policy") for w in warnings)
+
+
+def test_a_changed_tls_port_is_attached_only_once_proven(aws):
+    mark_attached("staging", aws.url)  # on 80 and 81
+    write_record("staging", aws.url, STAGING_INSTANCES, ports=[80, 81])
+    mocks, exports, _ = run("staging", aws.url, **{"wsgate:ports": {"http": 80, "tls": 82, "health": 8081}})
+    assert proxy_ports(mocks) == [80, 81] and exports["state"] == "sticky"  # 82 not proven: not attached
+
+
+def test_the_tls_listener_policy_follows_a_recreated_listener(aws):
+    mocks, _, _ = run("staging", aws.url)
+    (policy,) = mocks.of("aws:elb/listenerPolicy:ListenerPolicy")
+    cert = stack_config("staging")["wsgate:loadBalancer"]["certificateArn"]
+    assert policy.inputs["triggers"] == {"certificate": cert, "instancePort": "81"}
+
+
+def test_the_record_is_read_without_decryption(aws):
+    write_record("staging", aws.url, STAGING_INSTANCES)
+    mocks, exports, _ = run("staging", aws.url)
+    assert mocks.decrypted and not any(mocks.decrypted) and exports["state"] == "open"
+
+
+def test_instances_may_reach_out(aws):
+    mocks, _, _ = run("staging", aws.url)
+    egress = [r for r in mocks.of("aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule")
+              if r.name.startswith("wsgate-staging-instances-out")]
+    assert sorted(r.inputs.get("cidrIpv4") or r.inputs.get("cidrIpv6") for r in egress) == ["0.0.0.0/0", "::/0"]
 
 
 def test_gate_open_attaches_one_policy_resource_per_port(aws):
@@ -209,8 +252,7 @@ def test_gate_open_attaches_one_policy_resource_per_port(aws):
     (policy,) = [p for p in mocks.of(POLICY) if p.inputs["policyTypeName"] == "ProxyProtocolPolicyType"]
     assert policy.inputs["policyAttributes"] == [{"name": "ProxyProtocol", "value": "true"}]
     assert all(b.inputs["policyNames"] == [policy.inputs["policyName"]] for b in mocks.of(BACKEND_POLICY))
-    (gate,) = [p for p in mocks.of(PARAMETER) if p.inputs["name"].endswith("/gate")]
-    assert gate_value(gate) == {"attached": True, "ports": [80, 81]}
+    assert mocks.of(PARAMETER) == []  # nothing of the gate is stored: the load balancer is the truth
 
 
 def test_gate_sticky_keeps_the_policy_when_the_record_becomes_partial(aws):
@@ -235,8 +277,6 @@ def test_explicit_off_detaches_even_when_attached_and_ready(aws):
     mocks, exports, _ = run("staging", aws.url, **{"wsgate:proxyProtocol": "false"})
     assert exports["state"] == "off" and proxy_ports(mocks) == []
     assert "turn nginx's proxy_protocol off only after this update" in exports["message"]
-    (gate,) = [p for p in mocks.of(PARAMETER) if p.inputs["name"].endswith("/gate")]
-    assert gate_value(gate) == {"attached": False, "ports": []}
 
 
 def test_record_for_another_environment_does_not_open_the_gate(aws):
