@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from core.gate import decide
+from core.gate import plan
 from core.plan import digest_of_link
 from core.record import ReadinessRecord
 from core.settings import Settings
@@ -80,11 +80,12 @@ def balancer_problems(s: Settings, lb: BalancerFacts | None, record: ReadinessRe
     the Pulumi program computes it (backends: loadBalancer.instances)."""
     backends = list(s.load_balancer.instances)
     attached = list(lb.policy_ports) if lb else []
-    decision = decide(env=s.env, wanted=s.proxy_protocol, backends=backends, ports=list(s.ports.proxied),
-                      record=record, attached=attached,
-                      record_problem=record_problem or (None if record else f"no readiness record at {s.parameter_path}"))
+    gated = plan(env=s.env, wanted=s.proxy_protocol, instances=backends, registered=lb.registered if lb else [],
+                 ports=list(s.ports.proxied), record=record, attached=attached,
+                 record_problem=record_problem or (None if record else f"no readiness record at {s.parameter_path}"))
+    decision = gated.decision
     gate = {"state": decision.state.value, "ports": list(decision.ports), "missing": decision.missing,
-            "message": decision.message}
+            "waiting": gated.waiting, "message": decision.message}
     problems: list[str] = []
     notes: list[str] = []
     if lb is None or not lb.exists:
@@ -104,7 +105,9 @@ def balancer_problems(s: Settings, lb: BalancerFacts | None, record: ReadinessRe
                 problems.append(f"listener {protocol}:{port} -> {instance_protocol}:{instance_port}: the instance "
                                 "protocol must be TCP for the PROXY header to reach nginx")
     for instance in backends:
-        if instance not in lb.registered:
+        if instance in gated.waiting:
+            problems.append(f"{instance} {gated.waiting[instance]}")
+        elif instance not in lb.registered:
             problems.append(f"{instance} is not registered with the load balancer: run `pulumi up`")
         elif instance not in lb.health and lb.lab_endpoint:
             notes.append(f"{instance}: health not reported by this AWS endpoint (it runs no instances)")

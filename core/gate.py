@@ -100,3 +100,32 @@ def decide(
 
 def _ports(ports) -> str:
     return ", ".join(map(str, sorted(ports))) or "none"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The gate's decision and who is registered with the load balancer after the run."""
+
+    decision: Decision
+    join: tuple[str, ...]  # instances registered after this run
+    waiting: dict[str, str]  # configured instances held back, and why
+
+
+def plan(*, env: str, wanted: bool, instances: list[str], registered: list[str], ports: list[int],
+         record: ReadinessRecord | None, attached: list[int], record_problem: str | None = None) -> Plan:
+    """Safe scale-out: while the policy is (or is being) attached, an instance joins the load
+    balancer only once the record proves it reads the header on every proxied port (else it
+    would pass the plain health check and reject every request); one already registered stays.
+    With the policy off, every instance joins. The gate decides over the instances that join."""
+    proven = [i for i in instances if i in registered
+              or not missing_backends(env, [i], ports, record, record_problem)]
+    decision = decide(env=env, wanted=wanted, backends=proven, ports=ports, record=record, attached=attached,
+                      record_problem=record_problem)
+    if not decision.ports:  # no header anywhere: nobody has to wait
+        decision = decide(env=env, wanted=wanted, backends=list(instances), ports=ports, record=record,
+                          attached=attached, record_problem=record_problem)
+        return Plan(decision, tuple(instances), {})
+    waiting = {i: f"waits to join: {why} (run `fab rollout`, then `pulumi up`)"
+               for i, why in missing_backends(env, [i for i in instances if i not in proven], ports, record,
+                                              record_problem).items() if i in instances}
+    return Plan(decision, tuple(proven), waiting)

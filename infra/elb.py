@@ -22,6 +22,7 @@ from core.settings import Settings
 class LoadBalancerArgs:
     settings: Settings
     decision: Decision
+    members: tuple[str, ...]  # the instances registered (new ones only once proven: core.gate.plan)
 
 
 class WsGateLoadBalancer(pulumi.ComponentResource):
@@ -99,7 +100,7 @@ class WsGateLoadBalancer(pulumi.ComponentResource):
             opts=child,
         )
 
-        for instance in lb.instances:  # one mechanism only: Attachment, never `instances=` too
+        for instance in args.members:  # one mechanism only: Attachment, never `instances=` too
             aws.elb.Attachment(f"{name}-{instance}", elb=self.elb.id, instance=instance, opts=child)
 
         tls_policy = aws.elb.LoadBalancerPolicy(

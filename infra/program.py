@@ -16,7 +16,7 @@ import pulumi_aws as aws
 from pulumi.runtime.config import CONFIG
 
 from core.errors import KitError
-from core.gate import Decision, decide
+from core.gate import Decision, Plan, plan
 from core.record import ReadinessRecord, RecordError
 from core.settings import Settings, from_config
 from infra.elb import LoadBalancerArgs, WsGateLoadBalancer
@@ -69,28 +69,43 @@ def attached_now(s: Settings) -> list[int]:
                        "decide blind: the program needs elasticloadbalancing:Describe* on the load balancer") from None
 
 
-def gate(s: Settings) -> Decision:
+def registered_now(s: Settings) -> list[str]:
+    """The instances registered with the load balancer now (none before it exists)."""
+    from remote import aws as edge
+
+    return [i["InstanceId"] for i in (edge.describe(s) or {}).get("Instances", [])]
+
+
+def gate_plan(s: Settings) -> Plan:
     found = parameters(s)
     record, problem = read_record(found, s)
-    return decide(
-        env=s.env, wanted=s.proxy_protocol, backends=list(s.load_balancer.instances),
-        ports=list(s.ports.proxied), record=record, attached=attached_now(s), record_problem=problem,
-    )
+    return plan(env=s.env, wanted=s.proxy_protocol, instances=list(s.load_balancer.instances),
+                registered=registered_now(s), ports=list(s.ports.proxied), record=record,
+                attached=attached_now(s), record_problem=problem)
+
+
+def gate(s: Settings) -> Decision:
+    return gate_plan(s).decision
 
 
 def main() -> WsGateLoadBalancer:
     s = settings()
-    decision = gate(s)
+    gated = gate_plan(s)
+    decision = gated.decision
     if decision.warn:
         pulumi.log.warn(decision.message)
     else:
         pulumi.log.info(decision.message)
-    lb = WsGateLoadBalancer(s.load_balancer.name, LoadBalancerArgs(settings=s, decision=decision))
+    for instance, why in sorted(gated.waiting.items()):
+        pulumi.log.warn(f"{instance} {why}")
+    lb = WsGateLoadBalancer(s.load_balancer.name, LoadBalancerArgs(settings=s, decision=decision,
+                                                                   members=gated.join))
     pulumi.export("dnsName", lb.dns_name)
     pulumi.export("lbSecurityGroupId", lb.lb_security_group.id)
     pulumi.export("instanceSecurityGroupId", lb.instance_security_group.id)
     pulumi.export("proxyProtocolGate", decision.state.value)
     pulumi.export("proxyProtocolPorts", list(decision.ports))
     pulumi.export("notReady", decision.missing)
+    pulumi.export("waiting", gated.waiting)
     pulumi.export("gateMessage", decision.message)
     return lb

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from core.elb import health_check, listeners
 from core.errors import KitError
-from core.gate import Decision, decide
+from core.gate import Decision, plan
 from core.settings import Settings
-from remote import aws
 
 
 def apply(settings: Settings) -> Decision:
     """Create or update the lab's ELB and apply the gate's decision; returns the decision."""
+    from remote import aws  # botocore: only when applying (a rollout starts without it)
+
     if not aws.is_lab(settings):
         raise KitError(f"{settings.env}: the boto3 fallback only runs against a loopback AWS endpoint (the lab); "
                        "install the pulumi CLI for a real account")
@@ -38,15 +39,15 @@ def apply(settings: Settings) -> Decision:
         "ConnectionSettings": {"IdleTimeout": lb.idle_timeout},
         "CrossZoneLoadBalancing": {"Enabled": lb.cross_zone},
         "ConnectionDraining": {"Enabled": lb.connection_draining > 0, "Timeout": lb.connection_draining or 300}})
-    registered = {i["InstanceId"] for i in (aws.describe(settings) or {}).get("Instances", [])}
-    new = [i for i in lb.instances if i not in registered]
+    registered = [i["InstanceId"] for i in (aws.describe(settings) or {}).get("Instances", [])]
+    record = aws.read_record(settings)
+    gated = plan(env=s.env, wanted=s.proxy_protocol, instances=list(lb.instances), registered=registered,
+                 ports=list(s.ports.proxied), record=record, attached=aws.proxy_protocol_ports(settings),
+                 record_problem=None if record else f"no readiness record at {s.parameter_path}")
+    decision = gated.decision
+    new = [i for i in gated.join if i not in registered]
     if new:
         elb.register_instances_with_load_balancer(LoadBalancerName=name, Instances=[{"InstanceId": i} for i in new])
-
-    record = aws.read_record(settings)
-    decision = decide(env=s.env, wanted=s.proxy_protocol, backends=list(lb.instances), ports=list(s.ports.proxied),
-                      record=record, attached=aws.proxy_protocol_ports(settings),
-                      record_problem=None if record else f"no readiness record at {s.parameter_path}")
     policy = f"{name}-proxy-protocol"
     if decision.attach:
         existing = {p["PolicyName"] for p in elb.describe_load_balancer_policies(LoadBalancerName=name)
@@ -69,6 +70,8 @@ class LabBalancer:
         self.settings = settings
 
     def proxy_ports(self) -> list[int]:
+        from remote import aws
+
         return aws.proxy_protocol_ports(self.settings)
 
     def apply(self, note) -> dict:

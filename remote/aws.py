@@ -100,9 +100,11 @@ def delete_record(settings: Settings) -> None:
 
 
 def registered_instances(settings: Settings) -> dict[str, str]:
-    """Instances registered with the load balancer: instance ID -> private IP address."""
+    """The load balancer's instances: those registered, and those configured that wait to join
+    (they must be rolled out to be proven): instance ID -> private IP address."""
     d = describe(settings)
-    ids = [i["InstanceId"] for i in d.get("Instances", [])] if d else []
+    registered = [i["InstanceId"] for i in d.get("Instances", [])] if d else []
+    ids = sorted(set(registered) | set(settings.load_balancer.instances))
     if not ids:
         return {}
     ec2 = client(settings, "ec2")

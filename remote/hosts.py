@@ -14,7 +14,8 @@ def resolve(settings: Settings, only: str | None = None) -> list[Host]:
 
         found = aws.registered_instances(settings)
         if not found:
-            raise PlanError(f"no instances are registered with load balancer {settings.load_balancer.name}")
+            raise PlanError(f"no instances are registered with load balancer {settings.load_balancer.name}, "
+                            "and loadBalancer.instances names none")
         missing = sorted(i for i, ip in found.items() if not ip)
         if missing:
             raise PlanError(f"registered instances without a private address: {', '.join(missing)}")

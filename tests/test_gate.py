@@ -109,3 +109,23 @@ def test_record_round_trips_and_stays_compact():
 def test_a_malformed_record_is_refused(text):
     with pytest.raises(RecordError):
         ReadinessRecord.from_json(text)
+
+
+@settings(max_examples=800, deadline=None)
+@given(situations(), st.data())
+def test_scale_out_rules(situation, data):
+    from core.gate import plan
+
+    instances = situation["backends"]
+    registered = data.draw(st.lists(st.sampled_from(instances), unique=True) if instances else st.just([]))
+    p = plan(env="staging", wanted=situation["wanted"], instances=instances, registered=registered, ports=PORTS,
+             record=situation["record"], attached=situation["attached"])
+    assert set(p.join) | set(p.waiting) == set(instances) and not set(p.join) & set(p.waiting)
+    if not p.decision.ports:  # no header anywhere: every instance joins
+        assert set(p.join) == set(instances)
+    else:  # the header is (being) sent: an instance joins only registered already, or proven where it is sent
+        for i in p.join:
+            live = set(p.decision.ports) & set(PORTS)  # a port the config left has no listener: inert
+            assert i in registered or all(proven(situation["record"], [i], port) for port in live)
+        for i, why in p.waiting.items():
+            assert i not in registered and why.startswith("waits to join")

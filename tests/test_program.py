@@ -112,9 +112,10 @@ def write_record(env, aws_url, instances, ports=None, digest="d" * 64):
     remote_aws.write_record(s, records.build(env, ports or list(s.ports.proxied), {i: digest for i in instances}))
 
 
-def mark_attached(env, aws_url, ports=None):
+def mark_attached(env, aws_url, ports=None, registered=None):
     """The load balancer as a previous `pulumi up` (complete, or cut short) left it in AWS: the
-    ProxyProtocol policy on `ports` (default: both proxied ports)."""
+    ProxyProtocol policy on `ports` (default: both proxied ports), `registered` instances
+    (default: the environment's)."""
     s = settings_for(env, aws_url)
     name = s.load_balancer.name
     elb = boto3.client("elb", region_name=s.aws.region, endpoint_url=aws_url)
@@ -127,6 +128,10 @@ def mark_attached(env, aws_url, ports=None):
     for port in list(s.ports.proxied) if ports is None else ports:
         elb.set_load_balancer_policies_for_backend_server(LoadBalancerName=name, InstancePort=port,
                                                           PolicyNames=[f"{name}-proxy-protocol"])
+    members = list(s.load_balancer.instances) if registered is None else registered
+    if members:
+        elb.register_instances_with_load_balancer(LoadBalancerName=name,
+                                                  Instances=[{"InstanceId": i} for i in members])
 
 
 def proxy_ports(mocks) -> list[int]:
@@ -192,6 +197,7 @@ def test_gate_closed_without_a_record(aws):
 
 
 def test_gate_closed_with_a_partial_record(aws):
+    mark_attached("staging", aws.url, ports=[])  # every instance registered, nothing attached yet
     write_record("staging", aws.url, STAGING_INSTANCES[:1])
     mocks, exports, warnings = run("staging", aws.url)
     assert exports["state"] == "closed" and proxy_ports(mocks) == []
@@ -200,6 +206,7 @@ def test_gate_closed_with_a_partial_record(aws):
 
 
 def test_gate_attaches_only_the_proven_port_when_the_record_lacks_one(aws):
+    mark_attached("staging", aws.url, ports=[])
     write_record("staging", aws.url, STAGING_INSTANCES, ports=[80])
     mocks, exports, _ = run("staging", aws.url)
     assert exports["state"] == "closed" and proxy_ports(mocks) == [80]
@@ -297,20 +304,49 @@ def test_bad_config_fails_before_any_resource_is_declared(aws):
                                                            "idleTimeout": 0}})
 
 
-def test_hosts_are_discovered_from_the_load_balancer(aws):
-    """`discover: true`: the instances registered with the ELB, by private address (AWS API)."""
+def test_hosts_are_discovered_from_the_load_balancer_and_the_instances_waiting_to_join(aws):
+    """`discover: true`: the instances registered with the ELB, and those configured that wait to
+    join (a new instance must be rolled out to be proven), by private address (AWS API)."""
     from remote.hosts import resolve
 
     endpoints = [{s: aws.url for s in ("ec2", "elb", "ssm", "sts")}]
     ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=aws.url)
     image = ec2.describe_images()["Images"][0]["ImageId"]
-    instances = ec2.run_instances(ImageId=image, MinCount=2, MaxCount=2)["Instances"]
+    instances = ec2.run_instances(ImageId=image, MinCount=3, MaxCount=3)["Instances"]
     elb = boto3.client("elb", region_name="us-east-1", endpoint_url=aws.url)
     elb.create_load_balancer(LoadBalancerName="wsgate-lab", AvailabilityZones=["us-east-1a"], Listeners=[
         {"Protocol": "TCP", "LoadBalancerPort": 80, "InstanceProtocol": "TCP", "InstancePort": 18080}])
     elb.register_instances_with_load_balancer(
-        LoadBalancerName="wsgate-lab", Instances=[{"InstanceId": i["InstanceId"]} for i in instances])
-    s = settings_from("lab", **{"aws:endpoints": endpoints, "wsgate:hosts": [], "wsgate:discover": True})
+        LoadBalancerName="wsgate-lab", Instances=[{"InstanceId": i["InstanceId"]} for i in instances[:2]])
+    lb = {**stack_config("lab")["wsgate:loadBalancer"], "instances": [i["InstanceId"] for i in instances]}
+    s = settings_from("lab", **{"aws:endpoints": endpoints, "wsgate:hosts": [], "wsgate:discover": True,
+                                "wsgate:loadBalancer": lb})
     hosts = resolve(s)
     assert {(h.name, h.instance_id, h.address) for h in hosts} == {
         (i["InstanceId"], i["InstanceId"], i["PrivateIpAddress"]) for i in instances}
+
+
+def test_a_new_instance_waits_to_join_while_the_policy_is_on_and_joins_once_proven(aws):
+    new = "i-0123456789abcdef9"
+    mark_attached("staging", aws.url, registered=[])  # the policy is on 80 and 81
+    elb = boto3.client("elb", region_name="eu-west-1", endpoint_url=aws.url)
+    ec2 = boto3.client("ec2", region_name="eu-west-1", endpoint_url=aws.url)
+    image = ec2.describe_images()["Images"][0]["ImageId"]
+    running = [i["InstanceId"] for i in ec2.run_instances(ImageId=image, MinCount=2, MaxCount=2)["Instances"]]
+    elb.register_instances_with_load_balancer(LoadBalancerName="wsgate-staging",
+                                              Instances=[{"InstanceId": i} for i in running])
+    lb = {**stack_config("staging")["wsgate:loadBalancer"], "instances": [*running, new]}
+    write_record("staging", aws.url, running)
+    mocks, exports, warnings = run("staging", aws.url, **{"wsgate:loadBalancer": lb})
+    assert sorted(a.inputs["instance"] for a in mocks.of(ATTACHMENT)) == sorted(running)  # the new one waits
+    assert exports["state"] == "open" and proxy_ports(mocks) == [80, 81]
+    assert any(w.startswith(f"{new} waits to join: not in the readiness record") for w in warnings)
+    write_record("staging", aws.url, [*running, new])  # `fab rollout` proved it
+    mocks, _, _ = run("staging", aws.url, **{"wsgate:loadBalancer": lb})
+    assert sorted(a.inputs["instance"] for a in mocks.of(ATTACHMENT)) == sorted([*running, new])
+
+
+def test_with_the_policy_off_every_instance_joins(aws):
+    mocks, exports, _ = run("staging", aws.url)  # no record, nothing attached
+    assert exports["state"] == "closed"
+    assert sorted(a.inputs["instance"] for a in mocks.of(ATTACHMENT)) == STAGING_INSTANCES
