@@ -2,7 +2,8 @@
 
 Turning the PROXY protocol on (or changing config while it is on):
   1. connect, lock and inspect every host; nothing changes;
-  2. every AWS read the run depends on: the stored record, the ports with the policy;
+  2. every AWS read the run depends on: the stored record, and (turning off, or with --apply)
+     the ports with the policy;
   3. upload and `nginx -t` every host; a failure discards every stage: nothing changed;
   4. go live, batch by batch (swap, reload, probe);
   5. lock the hosts that had nothing to do and prove them under the lock;
@@ -58,7 +59,9 @@ def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balan
     """One rollout (or rollback, with trees None) in the order above."""
     verdict = Verdict()
     turning_off = not run.settings.proxy_protocol
-    attached_read = Background(balancer.proxy_ports if balancer else list)  # overlaps step 1
+    # The ports with the policy matter when turning off (refuse, or detach) and for --apply (its
+    # check at the end needs the same read): read them then, overlapping step 1.
+    attached_read = Background(balancer.proxy_ports if balancer and (turning_off or apply) else list)
     with run.guarded():
         if not run.prepare():                                                 # 1
             return _stopped(run, verdict)

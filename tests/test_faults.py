@@ -350,11 +350,11 @@ def test_turning_off_without_apply_while_the_policy_is_on_refuses_before_any_cha
 
 # --- 7. AWS preconditions before the first swap -------------------------------------------------
 
-@pytest.mark.parametrize("action", ["GetParameter", "DescribeLoadBalancers"])
-def test_aws_read_refused_stops_the_run_before_any_swap(fleet, faults, action):
+@pytest.mark.parametrize("action, args", [("GetParameter", ()), ("DescribeLoadBalancers", ("--apply",))])
+def test_aws_read_refused_stops_the_run_before_any_swap(fleet, faults, action, args):
     before = two_releases(fleet)
     faults.add(action, "refuse")
-    result = fab(fleet, "rollout")
+    result = fab(fleet, "rollout", *args)
     assert result.returncode == 1
     assert "error: before any change:" in result.stderr and "AccessDenied" in result.stderr
     assert "swap" not in result.stderr
