@@ -85,8 +85,9 @@ def split(items: list, spec: str | None) -> list[list]:
 # The per-host session: one SSH command that takes the host's rollout lock, reports the live
 # state, then serves one request a line. The lock (an flock on fd 9) lasts exactly as long as
 # the session, and the session ends on its own when its stdin closes or when no request (or
-# heartbeat `ping`) came for IDLE seconds: a controller that dies or loses the network leaves
-# the lock behind for IDLE seconds at most (plus the request then running, itself bounded by T).
+# heartbeat `ping`) came for IDLE seconds (a watchdog ends it; a payload that stops halfway
+# counts as waiting): a controller that dies or loses the network leaves the lock behind for
+# IDLE (+1) seconds at most, plus the request then running, itself bounded by T.
 # MODE is `x` (rollout: exclusive; cleans stale stages, names itself in the owner file) or `s`
 # (check: shared, writes nothing but its own stage). WAIT > 0 waits that long for the lock.
 _SESSION = r"""
@@ -97,6 +98,7 @@ STALE=0
 if [ "$MODE" = x ]; then
   printf '%s\n' "$OWNER" > "$R/.rollout.owner"
   for d in "$R"/releases/.stage-*; do if [ -e "$d" ]; then rm -rf "$d"; STALE=$((STALE + 1)); fi; done
+  rm -f "$R"/.session.*  # left by sessions that were killed (none runs beside an exclusive lock)
 fi
 BEFORE=$(readlink "$R/current" 2>/dev/null || true)
 PREVIOUS=$(readlink "$R/previous" 2>/dev/null || true)
@@ -125,12 +127,30 @@ prune() {
     case "$keep" in *" releases/$d "*) ;; *) rm -rf "$R/releases/$d";; esac
   done
 }
-line() { timeout "$1" sh -c 'IFS= read -r l && printf "%s\n" "$l"'; }  # one line, or fail after $1 s
-while cmd=$(line "$IDLE"); do
+# The idle clock: a watchdog that ends this shell (and so the lock) after IDLE seconds spent
+# waiting for a request. The shell writes its state to a file with builtins (`w K` while
+# waiting for the K-th request, `b` while one runs): a request costs no process.
+F="$R/.session.$$"
+echo b > "$F"
+trap 'kill "$WD" 2>/dev/null; rm -f "$F"' EXIT
+(
+  n=0; last=""
+  while kill -0 "$$" 2>/dev/null; do
+    sleep 1
+    state=$(cat "$F" 2>/dev/null) || exit 0
+    if [ "${state%% *}" = w ] && [ "$state" = "$last" ]; then n=$((n + 1)); else n=0; fi
+    last=$state
+    if [ "$n" -ge "$IDLE" ]; then kill -TERM "$$" 2>/dev/null; exit 0; fi
+  done
+) 9>&- >/dev/null 2>&1 </dev/null &
+WD=$!
+K=0
+while K=$((K + 1)); echo "w $K" > "$F"; IFS= read -r cmd; do
+  case "$cmd" in stage|restore) IFS= read -r payload || break ;; esac  # still on the idle clock
+  echo b > "$F"
   case "$cmd" in
     ping) rc=0 ;;
-    stage) payload=$(line "$T") || { echo "no payload within ${T}s"; echo "__DONE__ 1"; continue; }
-           rm -rf "$S" && mkdir -p "$S" && printf '%s' "$payload" | base64 -d | tar -xf - -C "$S" \
+    stage) rm -rf "$S" && mkdir -p "$S" && printf '%s' "$payload" | base64 -d | tar -xf - -C "$S" \
              && echo "__STAGED__" && ngx "$S/nginx.conf" -t; rc=$? ;;
     discard) rm -rf "$S"; rc=$? ;;
     live) D="$R/releases/$TARGET"
@@ -139,9 +159,8 @@ while cmd=$(line "$IDLE"); do
     back) if [ -z "$PREVIOUS" ] || [ ! -d "$R/$PREVIOUS" ]; then echo "the previous release ${PREVIOUS:-(none)} is not on the host"; rc=1
           else switch "$PREVIOUS" && echo "__SWAPPED__" && reload; rc=$?; fi ;;
     reload) reload; rc=$? ;;
-    restore) was=$(line "$T") || { echo "no payload within ${T}s"; echo "__DONE__ 1"; continue; }
-             IFS='|' read -r WC WP WR <<EOF_RESTORE
-$was
+    restore) IFS='|' read -r WC WP WR <<EOF_RESTORE
+$payload
 EOF_RESTORE
              # the links as they were, and whether nginx ran
              st=$(nginx_state)
