@@ -111,10 +111,11 @@ exec 2>&1  # from here on, every answer carries its errors
 S="$R/releases/$STAGE"
 ngx() { timeout "$T" "$N" -p "$R/" -c "$@" 9>&-; }
 reload() {
-  case $(nginx_state) in
+  nginx_state
+  case $NGX in
     ours) ngx "$R/current/nginx.conf" -s reload ;;
     no) ngx "$R/current/nginx.conf" ;;
-    *) echo "the pid file $P names an nginx wsgate did not start (pid $(pid_of)): not signalling it"; return 1 ;;
+    *) echo "the pid file $P names an nginx wsgate did not start (pid $NPID): not signalling it"; return 1 ;;
   esac
 }
 put() {  # put NAME TARGET: the link ROOT/NAME -> TARGET, atomically; an empty TARGET removes it
@@ -163,12 +164,12 @@ while K=$((K + 1)); echo "w $K" > "$F"; IFS= read -r cmd; do
 $payload
 EOF_RESTORE
              # the links as they were, and whether nginx ran
-             st=$(nginx_state)
+             nginx_state; st=$NGX; was_pid=$NPID
              if [ "$st" = foreign ]; then reload; rc=$?  # refuses, and says why
              elif [ -n "$WC" ] && [ ! -d "$R/$WC" ]; then echo "release $WC is gone"; rc=1
              elif [ -n "$WP" ] && [ ! -d "$R/$WP" ]; then echo "release $WP is gone"; rc=1
              else put current "$WC" && put previous "$WP" && echo "__SWAPPED__" && \
-                  if [ "$WR" = yes ]; then reload; elif [ "$st" = ours ]; then kill -QUIT "$(pid_of)"; fi; rc=$?; fi ;;
+                  if [ "$WR" = yes ]; then reload; elif [ "$st" = ours ]; then kill -QUIT "$was_pid"; fi; rc=$?; fi ;;
     show) if cd "$R/current" 2>/dev/null; then
             find . -type f | sort | while read -r f; do printf '%s\0' "${f#./}"; cat "$f"; printf '\0'; done; cd /
           fi; echo; rc=0 ;;
@@ -181,15 +182,18 @@ done
 # What the pid file names: `no` nginx, `ours` (started from ROOT/current/nginx.conf), or
 # `foreign` (anything else: the packaged nginx, another prefix). The kit signals only `ours`.
 _STATE = r"""
-pid_of() { p=$(cat "$P" 2>/dev/null) && [ -n "$p" ] && { kill -0 "$p" 2>/dev/null || [ -d "/proc/$p" ]; } && echo "$p"; }
-cmdline_of() { { tr '\0\n' '  ' < "/proc/$1/cmdline" || ps -o args= -p "$1"; } 2>/dev/null; }
+# Builtins where they do (a process costs milliseconds on a busy host): NGX = no | ours |
+# foreign, NPID = the pid file's live process, NCMD = its command line.
 nginx_state() {
-  p=$(pid_of) || { echo no; return; }
-  case " $(cmdline_of "$p") " in *" -c $R/current/nginx.conf "*) echo ours ;; *) echo foreign ;; esac
+  NGX=no; NPID=""; NCMD=""
+  { read -r NPID < "$P"; } 2>/dev/null || { NPID=""; return 0; }
+  if [ -z "$NPID" ] || ! { kill -0 "$NPID" 2>/dev/null || [ -d "/proc/$NPID" ]; }; then NPID=""; return 0; fi
+  NCMD=$({ tr '\0\n' '  ' < "/proc/$NPID/cmdline" || ps -o args= -p "$NPID"; } 2>/dev/null)
+  case " $NCMD " in *" -c $R/current/nginx.conf "*) NGX=ours ;; *) NGX=foreign ;; esac
 }
 state_report() {
-  p=$(pid_of) || p=""
-  printf 'nginx\t%s\npid\t%s\ncmdline\t%s\n' "$(nginx_state)" "$p" "$( [ -z "$p" ] || cmdline_of "$p")"
+  nginx_state
+  printf 'nginx\t%s\npid\t%s\ncmdline\t%s\n' "$NGX" "$NPID" "$NCMD"
 }
 """
 
