@@ -87,7 +87,7 @@ def split(items: list, spec: str | None) -> list[list]:
 # the session, and the session ends on its own when its stdin closes or when no request (or
 # heartbeat `ping`) came for IDLE seconds (a watchdog ends it; a payload that stops halfway
 # counts as waiting): a controller that dies or loses the network leaves the lock behind for
-# IDLE (+1) seconds at most, plus the request then running, itself bounded by T.
+# at most IDLE seconds plus a third of them, plus the request then running, bounded by T.
 # MODE is `x` (rollout: exclusive; cleans stale stages, names itself in the owner file) or `s`
 # (check: shared, writes nothing but its own stage). WAIT > 0 waits that long for the lock.
 _SESSION = r"""
@@ -135,11 +135,12 @@ F="$R/.session.$$"
 echo b > "$F"
 trap 'kill "$WD" 2>/dev/null; rm -f "$F"' EXIT
 (
+  tick=$((IDLE / 3)); [ "$tick" -ge 1 ] || tick=1  # one wake-up per tick: a short run sees none
   n=0; last=""
   while kill -0 "$$" 2>/dev/null; do
-    sleep 1
-    state=$(cat "$F" 2>/dev/null) || exit 0
-    if [ "${state%% *}" = w ] && [ "$state" = "$last" ]; then n=$((n + 1)); else n=0; fi
+    sleep "$tick"
+    { read -r state < "$F"; } 2>/dev/null || exit 0
+    if [ "${state%% *}" = w ] && [ "$state" = "$last" ]; then n=$((n + tick)); else n=0; fi
     last=$state
     if [ "$n" -ge "$IDLE" ]; then kill -TERM "$$" 2>/dev/null; exit 0; fi
   done
