@@ -23,12 +23,11 @@ named and the exit code says a person is needed.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from core.errors import KitError
 from core.plan import HostOutcome
+from remote.background import Background
 from remote.balancer import Balancer
 from remote.readiness import ParameterRecord
 from remote.rollout import Rollout
@@ -119,28 +118,6 @@ def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balan
             verdict.fail("interrupted during pulumi up: every host is ready and recorded; run `pulumi up` "
                          "(or `fab status`) to see where the load balancer stands", INTERRUPTED)
     return verdict
-
-
-class Background:
-    """A read started now, on a thread of its own; `result` waits for it (and raises what it raised)."""
-
-    def __init__(self, fn: Callable[[], list[int]]):
-        self._value: list[int] = []
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable[[], list[int]]) -> None:
-        try:
-            self._value = fn()
-        except Exception as exc:  # noqa: BLE001 - handed to the caller
-            self._error = exc if isinstance(exc, KitError) else KitError(f"{type(exc).__name__}: {exc}")
-
-    def result(self) -> list[int]:
-        self._thread.join()
-        if self._error:
-            raise self._error
-        return self._value
 
 
 def _roll_back(run: Rollout, record: ParameterRecord | None, verdict: Verdict) -> None:

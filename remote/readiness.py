@@ -8,13 +8,12 @@ precondition: no host is swapped before the record could be read.
 
 from __future__ import annotations
 
-import threading
-
 from core import record as records
 from core.errors import KitError
 from core.plan import HostOutcome
 from core.record import RecordError
 from core.settings import Settings
+from remote.background import Background
 
 
 class ParameterRecord:
@@ -23,26 +22,18 @@ class ParameterRecord:
     def __init__(self, settings: Settings, reporter):
         self.settings, self.reporter = settings, reporter
         self._stored: str | None = None  # the text as it was before this run
-        self._error: KitError | None = None
         self._touched = False  # a write or delete was sent (its answer may have been lost)
-        self._fetch = threading.Thread(target=self._read, daemon=True)
-        self._fetch.start()
+        # Any error, not only AWS's own: the run must never take "could not read" for "no record".
+        self._fetch = Background(self._read, what=f"ssm get-parameter {settings.parameter_path}")
 
-    def _read(self) -> None:
+    def _read(self) -> str | None:
         from remote import aws
 
-        try:
-            self._stored = aws.read_record_text(self.settings)
-        except KitError as exc:
-            self._error = exc
-        except Exception as exc:  # noqa: BLE001 - credentials, endpoint: the run must not take "no record"
-            self._error = KitError(f"ssm get-parameter {self.settings.parameter_path}: {type(exc).__name__}: {exc}")
+        return aws.read_record_text(self.settings)
 
     def load(self) -> None:
         """Wait for the stored record; raise if it could not be read."""
-        self._fetch.join()
-        if self._error:
-            raise self._error
+        self._stored = self._fetch.result()
 
     def _new(self, outcomes: list[HostOutcome]) -> records.ReadinessRecord:
         return records.build(self.settings.env, list(self.settings.ports.proxied),

@@ -145,13 +145,13 @@ def rollback(c, env, parallel=10, json=False):
 
 
 def _summary(reporter, as_json: bool, title: str, verdict, outcomes) -> None:
-    from remote.cutover import failed_hosts
+    from remote.cutover import INTERRUPTED, failed_hosts
 
     if as_json:
         reporter.json({"ok": verdict.ok, "exit_code": verdict.code, "problems": verdict.problems,
                        "hosts": [o.as_dict() for o in outcomes]})
         return
-    headline = "every host ready" if verdict.ok else "INTERRUPTED" if verdict.code == 130 else "FAILED"
+    headline = "every host ready" if verdict.ok else "INTERRUPTED" if verdict.code == INTERRUPTED else "FAILED"
     reporter.table(f"{title}: {headline}", outcomes)
     for o in failed_hosts(outcomes):
         reporter.message(f"{o.host}: failed at {o.step.value}: {o.error}", error=True)
