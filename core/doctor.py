@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from core.gate import plan
+from core.gate import plan_for
 from core.plan import digest_of_link
 from core.record import ReadinessRecord
 from core.settings import Settings
@@ -80,9 +80,8 @@ def balancer_problems(s: Settings, lb: BalancerFacts | None, record: ReadinessRe
     the Pulumi program computes it (backends: loadBalancer.instances)."""
     backends = list(s.load_balancer.instances)
     attached = list(lb.policy_ports) if lb else []
-    gated = plan(env=s.env, wanted=s.proxy_protocol, instances=backends, registered=lb.registered if lb else [],
-                 ports=list(s.ports.proxied), record=record, attached=attached,
-                 record_problem=record_problem or (None if record else f"no readiness record at {s.parameter_path}"))
+    gated = plan_for(s, registered=lb.registered if lb else [], attached=attached, record=record,
+                     record_problem=record_problem)
     decision = gated.decision
     gate = {"state": decision.state.value, "ports": list(decision.ports), "missing": decision.missing,
             "waiting": gated.waiting, "message": decision.message}

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from core.record import ReadinessRecord
+from core.settings import Settings
 
 
 class GateState(str, Enum):
@@ -40,7 +41,8 @@ class Decision:
 
 
 def missing_backends(
-    env: str, backends: list[str], ports: list[int], record: ReadinessRecord | None, record_problem: str | None
+    env: str, backends: list[str], ports: list[int], record: ReadinessRecord | None, record_problem: str | None,
+    load_balancer: str | None = None,
 ) -> dict[str, str]:
     """Every backend the record does not prove ready on every port, with the reason."""
     if record is None:
@@ -48,8 +50,9 @@ def missing_backends(
         return {b: why for b in backends} if backends else {"(none)": "no backend instances configured"}
     if not backends:
         return {"(none)": "no backend instances configured"}
-    if record.env != env:
-        return {b: f"record is for environment {record.env!r}" for b in backends}
+    foreign = record.foreign(env, load_balancer)
+    if foreign:
+        return {b: foreign for b in backends}
     uncovered = sorted(set(ports) - set(record.proxy_protocol_ports))
     if uncovered:
         return {b: f"record lacks port(s) {', '.join(map(str, uncovered))}" for b in backends}
@@ -66,6 +69,7 @@ def decide(
     record: ReadinessRecord | None,
     attached: list[int],
     record_problem: str | None = None,
+    load_balancer: str | None = None,
 ) -> Decision:
     """`attached`: the ports that have the policy now, as the load balancer itself says (never a
     marker of ours). Once attached, a port keeps the policy until proxy protocol is turned off;
@@ -74,8 +78,8 @@ def decide(
         msg = ("proxy protocol off: detaching the policy; turn nginx's proxy_protocol off only after this update"
                if attached else "proxy protocol off")
         return Decision((), GateState.OFF, message=msg)
-    missing = missing_backends(env, backends, ports, record, record_problem)
-    proven = [p for p in ports if not missing_backends(env, backends, [p], record, record_problem)]
+    missing = missing_backends(env, backends, ports, record, record_problem, load_balancer)
+    proven = [p for p in ports if not missing_backends(env, backends, [p], record, record_problem, load_balancer)]
     kept = sorted(set(attached) - set(proven))  # on now, not proven (any more): kept, loudly
     result = tuple(sorted(set(attached) | set(proven)))
     if not missing:
@@ -112,20 +116,30 @@ class Plan:
 
 
 def plan(*, env: str, wanted: bool, instances: list[str], registered: list[str], ports: list[int],
-         record: ReadinessRecord | None, attached: list[int], record_problem: str | None = None) -> Plan:
+         record: ReadinessRecord | None, attached: list[int], record_problem: str | None = None,
+         load_balancer: str | None = None) -> Plan:
     """Safe scale-out: while the policy is (or is being) attached, an instance joins the load
     balancer only once the record proves it reads the header on every proxied port (else it
     would pass the plain health check and reject every request); one already registered stays.
     With the policy off, every instance joins. The gate decides over the instances that join."""
     proven = [i for i in instances if i in registered
-              or not missing_backends(env, [i], ports, record, record_problem)]
+              or not missing_backends(env, [i], ports, record, record_problem, load_balancer)]
     decision = decide(env=env, wanted=wanted, backends=proven, ports=ports, record=record, attached=attached,
-                      record_problem=record_problem)
+                      record_problem=record_problem, load_balancer=load_balancer)
     if not decision.ports:  # no header anywhere: nobody has to wait
         decision = decide(env=env, wanted=wanted, backends=list(instances), ports=ports, record=record,
-                          attached=attached, record_problem=record_problem)
+                          attached=attached, record_problem=record_problem, load_balancer=load_balancer)
         return Plan(decision, tuple(instances), {})
     waiting = {i: f"waits to join: {why} (run `fab rollout`, then `pulumi up`)"
                for i, why in missing_backends(env, [i for i in instances if i not in proven], ports, record,
-                                              record_problem).items() if i in instances}
+                                              record_problem, load_balancer).items() if i in instances}
     return Plan(decision, tuple(proven), waiting)
+
+
+def plan_for(s: Settings, *, registered: list[str], attached: list[int], record: ReadinessRecord | None,
+             record_problem: str | None = None) -> Plan:
+    """The plan for an environment: what the Pulumi program, the lab's applier and `fab status`
+    all compute, from the same settings and what AWS has."""
+    return plan(env=s.env, wanted=s.proxy_protocol, instances=list(s.load_balancer.instances), registered=registered,
+                ports=list(s.ports.proxied), record=record, attached=attached, load_balancer=s.load_balancer.name,
+                record_problem=record_problem or (None if record else f"no readiness record at {s.parameter_path}"))

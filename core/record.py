@@ -24,6 +24,7 @@ class RecordError(KitError):
 class ReadinessRecord(Model):
     version: Literal[1] = 1
     env: str
+    load_balancer: str | None = None  # the load balancer whose hosts it proves (absent in older records)
     written_at: datetime
     proxy_protocol_ports: list[Port]  # ports on which every listed instance reads the header
     digests: dict[str, list[InstanceId]] = Field(min_length=1)  # digest -> instances serving it
@@ -43,14 +44,24 @@ class ReadinessRecord(Model):
         except (ValueError, ValidationError) as exc:
             raise RecordError(f"readiness record is not valid: {exc}") from None
 
+    def foreign(self, env: str, load_balancer: str | None) -> str | None:
+        """Why this record is not the given environment's (None: it is)."""
+        if self.env != env:
+            return f"record is for environment {self.env!r}"
+        if load_balancer and self.load_balancer and self.load_balancer != load_balancer:
+            return f"record is for load balancer {self.load_balancer!r}"
+        return None
 
-def build(env: str, ports: list[int], served: dict[str, str], now: datetime | None = None) -> ReadinessRecord:
+
+def build(env: str, ports: list[int], served: dict[str, str], now: datetime | None = None,
+          load_balancer: str | None = None) -> ReadinessRecord:
     """A record from `served` (instance ID -> digest it serves, proven by a probe)."""
     digests: dict[str, list[str]] = {}
     for instance, digest in sorted(served.items()):
         digests.setdefault(digest, []).append(instance)
     return ReadinessRecord(
         env=env,
+        load_balancer=load_balancer,
         written_at=now or datetime.now(timezone.utc),
         proxy_protocol_ports=sorted(ports),
         digests=digests,

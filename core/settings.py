@@ -381,7 +381,36 @@ def load(env: str, directory: Path | str = ".") -> Settings:
         raise SettingsError(path.name, [("file", str(path), f"not valid YAML: {exc}")]) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("config", {}), dict):
         raise SettingsError(path.name, [("config", doc, "expected a mapping under config:")])
-    return from_config(env, doc.get("config", {}), path.name)
+    settings = from_config(env, doc.get("config", {}), path.name)
+    check_neighbours(settings, path.parent, path.name)
+    return settings
+
+
+def check_neighbours(settings: Settings, directory: Path | str, source: str) -> None:
+    """Refuse an environment that shares its readiness record or its load balancer with another
+    environment file beside it (same region): one would read, overwrite or detach the other's."""
+    problems = []
+    for other in sorted(Path(directory).glob("Pulumi.*.yaml")):
+        env = other.name.removeprefix("Pulumi.").rsplit(".", 1)[0]
+        if env == settings.env or not _ENV.match(env):
+            continue
+        try:
+            doc = yaml.load(other.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
+            theirs = from_config(env, doc.get("config") or {}, other.name)
+        except (OSError, yaml.YAMLError, AttributeError, SettingsError):
+            continue  # reported when that environment is used
+        if theirs.aws.region != settings.aws.region:
+            continue
+        if theirs.parameter_path == settings.parameter_path:
+            problems.append((f"{PROJECT}:record.parameterPath", settings.parameter_path,
+                             f"environment {env!r} ({other.name}) uses the same readiness record: each "
+                             "environment needs its own"))
+        if theirs.load_balancer.name == settings.load_balancer.name:
+            problems.append((f"{PROJECT}:loadBalancer.name", settings.load_balancer.name,
+                             f"environment {env!r} ({other.name}) manages a load balancer of the same name in "
+                             f"{settings.aws.region}: each environment needs its own"))
+    if problems:
+        raise SettingsError(source, problems)
 
 
 def _endpoints(value: Any) -> Any:

@@ -16,9 +16,9 @@ import pulumi_aws as aws
 from pulumi.runtime.config import CONFIG
 
 from core.errors import KitError
-from core.gate import Decision, Plan, plan
+from core.gate import Decision, Plan, plan_for
 from core.record import ReadinessRecord, RecordError
-from core.settings import Settings, from_config
+from core.settings import Settings, check_neighbours, from_config
 from infra.elb import LoadBalancerArgs, WsGateLoadBalancer
 
 
@@ -35,7 +35,9 @@ def engine_config() -> dict[str, Any]:
 
 def settings() -> Settings:
     stack = pulumi.get_stack()
-    return from_config(stack, engine_config(), f"Pulumi.{stack}.yaml")
+    s = from_config(stack, engine_config(), f"Pulumi.{stack}.yaml")
+    check_neighbours(s, ".", f"Pulumi.{stack}.yaml")  # the engine runs the program in the project directory
+    return s
 
 
 def parameters(s: Settings) -> dict[str, str]:
@@ -79,9 +81,7 @@ def registered_now(s: Settings) -> list[str]:
 def gate_plan(s: Settings) -> Plan:
     found = parameters(s)
     record, problem = read_record(found, s)
-    return plan(env=s.env, wanted=s.proxy_protocol, instances=list(s.load_balancer.instances),
-                registered=registered_now(s), ports=list(s.ports.proxied), record=record,
-                attached=attached_now(s), record_problem=problem)
+    return plan_for(s, registered=registered_now(s), attached=attached_now(s), record=record, record_problem=problem)
 
 
 def gate(s: Settings) -> Decision:

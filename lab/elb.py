@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from core.elb import health_check, listeners
 from core.errors import KitError
-from core.gate import Decision, plan
+from core.gate import Decision, plan_for
 from core.settings import Settings
 
 
@@ -41,9 +41,7 @@ def apply(settings: Settings) -> Decision:
         "ConnectionDraining": {"Enabled": lb.connection_draining > 0, "Timeout": lb.connection_draining or 300}})
     registered = [i["InstanceId"] for i in (aws.describe(settings) or {}).get("Instances", [])]
     record = aws.read_record(settings)
-    gated = plan(env=s.env, wanted=s.proxy_protocol, instances=list(lb.instances), registered=registered,
-                 ports=list(s.ports.proxied), record=record, attached=aws.proxy_protocol_ports(settings),
-                 record_problem=None if record else f"no readiness record at {s.parameter_path}")
+    gated = plan_for(s, registered=registered, attached=aws.proxy_protocol_ports(settings), record=record)
     decision = gated.decision
     new = [i for i in gated.join if i not in registered]
     if new:

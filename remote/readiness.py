@@ -32,24 +32,35 @@ class ParameterRecord:
         return aws.read_record_text(self.settings)
 
     def load(self) -> None:
-        """Wait for the stored record; raise if it could not be read."""
+        """Wait for the stored record; raise if it could not be read, or if it is another
+        environment's (two environments must never read or overwrite each other's record)."""
         self._stored = self._fetch.result()
+        old = self._parsed()
+        foreign = old.foreign(self.settings.env, self.settings.load_balancer.name) if old else None
+        if foreign:
+            raise RecordError(f"the readiness record at {self.settings.parameter_path} is not this environment's "
+                              f"({foreign}): two environments must not share a record; give this one its own "
+                              "record.parameterPath")
+
+    def _parsed(self) -> records.ReadinessRecord | None:
+        if self._stored is None:
+            return None
+        try:
+            return records.ReadinessRecord.from_json(self._stored)
+        except KitError:
+            return None
 
     def _new(self, outcomes: list[HostOutcome]) -> records.ReadinessRecord:
-        return records.build(self.settings.env, list(self.settings.ports.proxied),
-                             {o.instance: o.after for o in outcomes if o.instance and o.after})
+        served = {o.instance: o.after for o in outcomes if o.instance and o.after}
+        return records.build(self.settings.env, list(self.settings.ports.proxied), served,
+                             load_balancer=self.settings.load_balancer.name)
 
     def needs(self, outcomes: list[HostOutcome]) -> bool:
         """Whether the stored record differs from what these outcomes prove."""
         self.load()
-        new = self._new(outcomes)
-        old = None
-        if self._stored is not None:
-            try:
-                old = records.ReadinessRecord.from_json(self._stored)
-            except KitError:
-                old = None
-        if old and old.digests == new.digests and old.proxy_protocol_ports == new.proxy_protocol_ports:
+        new, old = self._new(outcomes), self._parsed()
+        if old and (old.digests, old.proxy_protocol_ports, old.load_balancer) == (
+                new.digests, new.proxy_protocol_ports, new.load_balancer):
             self.reporter.note(f"readiness record {self.settings.parameter_path} is already current")
             return False
         return True

@@ -129,3 +129,13 @@ def test_scale_out_rules(situation, data):
             assert i in registered or all(proven(situation["record"], [i], port) for port in live)
         for i, why in p.waiting.items():
             assert i not in registered and why.startswith("waits to join")
+
+
+def test_a_record_for_another_load_balancer_proves_nothing():
+    record = build("staging", PORTS, {"i-0123456789abcdef0": "a" * 64}, load_balancer="wsgate-other")
+    d = decide(env="staging", wanted=True, backends=["i-0123456789abcdef0"], ports=PORTS, record=record,
+               attached=[], load_balancer="wsgate-staging")
+    assert d.ports == () and d.missing == {"i-0123456789abcdef0": "record is for load balancer 'wsgate-other'"}
+    same = decide(env="staging", wanted=True, backends=["i-0123456789abcdef0"], ports=PORTS, record=record,
+                  attached=[], load_balancer="wsgate-other")
+    assert same.ports == tuple(PORTS)

@@ -65,6 +65,7 @@ def test_happy_path_then_a_rerun_is_a_no_op(fleet):
     rec = record(fleet)
     assert rec is not None and rec.instances == {h.instance_id: want[h.name] for h in fleet.hosts}
     assert rec.proxy_protocol_ports == sorted([fleet.ports["http"], fleet.ports["tls"]])
+    assert (rec.env, rec.load_balancer) == (settings(fleet).env, settings(fleet).load_balancer.name)
     assert "every host ready" in result.stdout
 
     pids = {h.name: h.nginx.pid() for h in fleet.hosts}
@@ -123,6 +124,22 @@ def driver(fleet, hook=None, only=None, **kwargs):
 
 
 # --- safety properties ----------------------------------------------------------------------
+
+def test_a_record_path_holding_another_environments_record_is_never_overwritten(fleet):
+    """Two environments pointed at one record path: the run stops before any change."""
+    from core import record as records
+
+    before, _ = baseline(fleet)
+    s = settings(fleet)
+    theirs = records.build("prod", [80, 81], {"i-0123456789abcdef9": "e" * 64}, load_balancer="wsgate-prod")
+    remote_aws.write_record(s, theirs)
+    fleet.set("wsgate:nginx", {"workerShutdownTimeout": 7})  # a change to roll out
+    result = fab(fleet, "rollout")
+    assert result.returncode == 1
+    assert f"the readiness record at {s.parameter_path} is not this environment's (record is for environment " \
+           "'prod')" in result.stdout + result.stderr
+    assert_untouched(fleet, before, theirs)
+
 
 def test_nginx_t_failing_on_one_host_changes_no_host(fleet):
     before, rec = baseline(fleet)

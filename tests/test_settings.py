@@ -158,3 +158,37 @@ def test_gateways_and_chains_parse(gateway, hops):
 
     s = settings_from("staging", ssh={"gateway": gateway})
     assert [target(h) for h in s.ssh.gateway.split(",")] == hops
+
+
+def _twin(tmp_path, env: str, edit) -> None:
+    """An environment file beside the lab's, made from it and edited."""
+    import yaml
+
+    doc = yaml.safe_load((REPO / "Pulumi.lab.yaml").read_text())
+    edit(doc["config"])
+    (tmp_path / f"Pulumi.{env}.yaml").write_text(yaml.safe_dump(doc))
+
+
+def test_two_environments_sharing_a_record_or_a_load_balancer_are_refused(tmp_path):
+    """One environment would read, overwrite or detach the other's: refused when either loads."""
+    def same_record(c):
+        c["wsgate:record"] = {"parameterPath": "/shared/readiness"}
+
+    _twin(tmp_path, "blue", lambda c: (same_record(c), c["wsgate:loadBalancer"].update(name="blue")))
+    _twin(tmp_path, "green", same_record)  # and the lab's load balancer name
+    _twin(tmp_path, "lab", lambda c: None)
+    with pytest.raises(SettingsError) as caught:
+        load("green", tmp_path)
+    message = str(caught.value)
+    assert "wsgate:record.parameterPath = '/shared/readiness': environment 'blue' (Pulumi.blue.yaml) uses the same" in message
+    assert "wsgate:loadBalancer.name = 'wsgate-lab': environment 'lab' (Pulumi.lab.yaml) manages a load balancer" in message
+    with pytest.raises(SettingsError, match="environment 'green'"):
+        load("blue", tmp_path)
+
+
+def test_environments_in_other_regions_or_with_their_own_names_load(tmp_path):
+    _twin(tmp_path, "lab", lambda c: None)
+    _twin(tmp_path, "west", lambda c: c.update({"aws:region": "us-west-2"}))  # same names, another region
+    _twin(tmp_path, "own", lambda c: c["wsgate:loadBalancer"].update(name="wsgate-own"))  # default record path
+    for env in ("lab", "west", "own"):
+        assert load(env, tmp_path).env == env
