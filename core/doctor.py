@@ -29,6 +29,22 @@ class HostFacts:
     ports: dict[int, str] = field(default_factory=dict)  # proxied port -> PROXY | PLAIN | NEITHER
 
 
+@dataclass(frozen=True)
+class Ingress:
+    """One inbound rule of a security group on a backend instance."""
+
+    group: str  # sg-... (name)
+    protocol: str  # tcp, udp, -1 (all)
+    from_port: int | None
+    to_port: int | None
+    source: str  # a CIDR, a prefix list, or sg-...
+
+    def opens(self, port: int) -> bool:
+        if self.protocol == "-1":
+            return True
+        return self.protocol == "tcp" and (self.from_port or 0) <= port <= (self.to_port or 65535)
+
+
 @dataclass
 class BalancerFacts:
     exists: bool
@@ -37,6 +53,9 @@ class BalancerFacts:
     registered: list[str] = field(default_factory=list)
     health: dict[str, str] = field(default_factory=dict)  # instance -> InService / OutOfService (why)
     lab_endpoint: bool = False  # the lab's AWS endpoint (moto): keeps no listener instance protocol, knows no health
+    security_groups: list[str] = field(default_factory=list)  # the load balancer's own
+    ingress: dict[str, list[Ingress]] = field(default_factory=dict)  # backend instance -> its inbound rules
+    unknown: list[str] = field(default_factory=list)  # backend instances EC2 does not know
 
 
 def host_problems(s: Settings, h: HostFacts, policy_ports: list[int] | None) -> list[str]:
@@ -103,6 +122,12 @@ def balancer_problems(s: Settings, lb: BalancerFacts | None, record: ReadinessRe
             elif s.proxy_protocol:
                 problems.append(f"listener {protocol}:{port} -> {instance_protocol}:{instance_port}: the instance "
                                 "protocol must be TCP for the PROXY header to reach nginx")
+    problems += exposure_problems(list(s.proxy_ports), lb.security_groups, lb.ingress)
+    for instance in lb.unknown:
+        if lb.lab_endpoint:
+            notes.append(f"{instance}: security groups not checked (this AWS endpoint runs no instances)")
+        else:
+            problems.append(f"{instance}: EC2 does not know this instance (its security groups cannot be checked)")
     for instance in backends:
         if instance in gated.waiting:
             problems.append(f"{instance} {gated.waiting[instance]}")
@@ -113,3 +138,17 @@ def balancer_problems(s: Settings, lb: BalancerFacts | None, record: ReadinessRe
         elif not lb.health.get(instance, "").startswith("InService"):
             problems.append(f"{instance} is {lb.health.get(instance) or 'of unknown health'}")
     return problems, notes, gate
+
+
+def exposure_problems(ports: list[int], lb_groups: list[str], ingress: dict[str, list[Ingress]]) -> list[str]:
+    """Every rule on a backend instance that lets anything but the load balancer reach a port
+    that reads the PROXY header: whoever reaches it can claim any client address."""
+    out = []
+    for instance, rules in sorted(ingress.items()):
+        for rule in rules:
+            opened = [p for p in ports if rule.opens(p)]
+            if opened and rule.source not in lb_groups:
+                out.append(f"{instance}: security group {rule.group} opens port(s) {', '.join(map(str, opened))} to "
+                           f"{rule.source}, beyond the load balancer: anyone there can forge a PROXY header "
+                           "(remove the rule; the kit's instance group admits the load balancer only)")
+    return out

@@ -1,8 +1,10 @@
 """What the load balancer looks like, decided once for the Pulumi program and the lab's
-boto3 stand-in: listeners and health check. Pure."""
+boto3 stand-in: listeners and health check (classic), listeners, target groups, their health
+checks and where each listener forwards (network). Pure."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from core.settings import Settings
@@ -33,3 +35,94 @@ def listeners(s: Settings) -> list[Listener]:
 def health_check(s: Settings) -> HealthCheck:
     """A plain HTTP port: never a PROXY header, healthy before, during and after the cutover."""
     return HealthCheck(target=f"HTTP:{s.ports.health}{HEALTH_PATH}")
+
+
+# --- network load balancer (ELBv2) ---------------------------------------------------------
+
+PLAIN, PROXY = "plain", "proxy"
+TARGET_GROUP_NAME_MAX = 32
+
+
+@dataclass(frozen=True)
+class NetworkHealthCheck:
+    protocol: str  # "HTTP" or "TCP"
+    port: str  # "traffic-port" or an instance port
+    path: str | None = None  # HTTP only
+    matcher: str | None = None  # HTTP only
+    interval: int = 10
+    timeout: int = 5
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 2
+
+
+@dataclass(frozen=True)
+class TargetGroup:
+    """One target group of a network listener: `plain` (no header) or `proxy` (PROXY v2)."""
+
+    key: str  # "http-plain", "http-proxy", "tls-plain", "tls-proxy": stable resource names
+    listener_port: int
+    kind: str  # PLAIN or PROXY
+    port: int  # the instance port
+    proxy_protocol_v2: bool
+    health: NetworkHealthCheck
+    name: str  # the AWS name (32 characters at most)
+
+
+@dataclass(frozen=True)
+class NetworkListener:
+    port: int
+    protocol: str  # "TCP" or "TLS" (TLS ends at the load balancer; the instance side is plain TCP)
+    role: str  # "http" or "tls"
+    plain: TargetGroup
+    proxy: TargetGroup
+
+    def group(self, kind: str) -> TargetGroup:
+        return self.proxy if kind == PROXY else self.plain
+
+
+def target_group_name(lb_name: str, kind: str, port: int) -> str:
+    """`<lb>-<kind>-<port>`, shortened with a digest of the load balancer's name when it would pass
+    32 characters. The port is in the name because it cannot change on a target group: a new port
+    is a new group, created before the old one is deleted, so two names must not collide."""
+    suffix = f"-{kind}-{port}"
+    full = lb_name + suffix
+    if len(full) <= TARGET_GROUP_NAME_MAX:
+        return full
+    digest = hashlib.sha256(lb_name.encode()).hexdigest()[:6]
+    keep = TARGET_GROUP_NAME_MAX - len(suffix) - len(digest) - 1
+    return f"{lb_name[:keep].rstrip('-')}-{digest}{suffix}"
+
+
+def network_health_check(s: Settings, kind: str) -> NetworkHealthCheck:
+    """Plain groups: HTTP `GET /healthz` on `ports.health`, as the Classic ELB's check. Proxy groups:
+    TCP on the group's own traffic port. With `proxy_protocol_v2` on, the load balancer's health
+    checks carry a v2 header (command LOCAL) even on an overridden port, so the plain health port
+    would see a header it does not read and fail; nginx skips LOCAL headers on a `proxy_protocol`
+    port, so a check on the traffic port itself works. It proves that nginx listens there; that it
+    reads the header is proven by `fab rollout` before the gate lets a listener forward there."""
+    if kind == PROXY:
+        return NetworkHealthCheck(protocol="TCP", port="traffic-port")
+    return NetworkHealthCheck(protocol="HTTP", port=str(s.ports.health), path=HEALTH_PATH, matcher="200")
+
+
+def network_listeners(s: Settings) -> list[NetworkListener]:
+    """TCP:80 and TLS:443, each with a plain group (ports.http / ports.tls) and a proxy group
+    (ports.proxyHttp / ports.proxyTls, `proxy_protocol_v2` on)."""
+    out = []
+    for port, protocol, role, plain, proxy in ((80, "TCP", "http", s.ports.http, s.ports.proxy_http),
+                                               (443, "TLS", "tls", s.ports.tls, s.ports.proxy_tls)):
+        groups = {kind: TargetGroup(key=f"{role}-{kind}", listener_port=port, kind=kind, port=instance_port,
+                                    proxy_protocol_v2=kind == PROXY, health=network_health_check(s, kind),
+                                    name=target_group_name(s.load_balancer.name, kind, instance_port))
+                  for kind, instance_port in ((PLAIN, plain), (PROXY, proxy))}
+        out.append(NetworkListener(port, protocol, role, groups[PLAIN], groups[PROXY]))
+    return out
+
+
+def network_forwarding(decision_ports: tuple[int, ...] | list[int], s: Settings) -> dict[int, str]:
+    """Listener port -> PLAIN or PROXY: a listener forwards to its proxy group exactly when the
+    gate's decision covers that group's port. Switching is one listener change; the hosts serve
+    both ports all along. A proxy port the gate keeps that is no longer the configured one (the
+    setting changed) does not keep its listener on proxy: the new group's port is unproven, and
+    the plain group is always safe (client addresses are lost until it is proven, no request)."""
+    return {x.port: PROXY if x.proxy.port in decision_ports else PLAIN for x in network_listeners(s)}

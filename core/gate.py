@@ -121,15 +121,24 @@ def plan(*, env: str, wanted: bool, instances: list[str], registered: list[str],
     """Safe scale-out: while the policy is (or is being) attached, an instance joins the load
     balancer only once the record proves it reads the header on every proxied port (else it
     would pass the plain health check and reject every request); one already registered stays.
-    With the policy off, every instance joins. The gate decides over the instances that join."""
+    While the policy is being detached, a newcomer waits for the next update (Pulumi does not order
+    a registration after a deletion). With no policy anywhere, every instance joins. The gate
+    decides over the instances that join and those still registered that leave."""
     proven = [i for i in instances if i in registered
               or not missing_backends(env, [i], ports, record, record_problem, load_balancer)]
-    decision = decide(env=env, wanted=wanted, backends=proven, ports=ports, record=record, attached=attached,
-                      record_problem=record_problem, load_balancer=load_balancer)
-    if not decision.ports:  # no header anywhere: nobody has to wait
-        decision = decide(env=env, wanted=wanted, backends=list(instances), ports=ports, record=record,
+    # One leaving (registered, no longer configured) gets the header until its deregistration,
+    # which is not ordered before an attach: it must be proven too, or the attach waits for it.
+    leaving = [i for i in registered if i not in instances]
+    decision = decide(env=env, wanted=wanted, backends=proven + leaving, ports=ports, record=record,
+                      attached=attached, record_problem=record_problem, load_balancer=load_balancer)
+    if not decision.ports and not attached:  # no header anywhere, now or while this update runs: nobody waits
+        decision = decide(env=env, wanted=wanted, backends=list(instances) + leaving, ports=ports, record=record,
                           attached=attached, record_problem=record_problem, load_balancer=load_balancer)
         return Plan(decision, tuple(instances), {})
+    if not decision.ports:  # being detached: a registration is not ordered after the detach, so it waits for it
+        waiting = {i: "waits to join until the ProxyProtocol policy is detached: run `pulumi up` again after this "
+                      "update" for i in instances if i not in proven}
+        return Plan(decision, tuple(proven), waiting)
     waiting = {i: f"waits to join: {why} (run `fab rollout`, then `pulumi up`)"
                for i, why in missing_backends(env, [i for i in instances if i not in proven], ports, record,
                                               record_problem, load_balancer).items() if i in instances}
@@ -141,5 +150,5 @@ def plan_for(s: Settings, *, registered: list[str], attached: list[int], record:
     """The plan for an environment: what the Pulumi program, the lab's applier and `fab status`
     all compute, from the same settings and what AWS has."""
     return plan(env=s.env, wanted=s.proxy_protocol, instances=list(s.load_balancer.instances), registered=registered,
-                ports=list(s.ports.proxied), record=record, attached=attached, load_balancer=s.load_balancer.name,
+                ports=list(s.proxy_ports), record=record, attached=attached, load_balancer=s.load_balancer.name,
                 record_problem=record_problem or (None if record else f"no readiness record at {s.parameter_path}"))

@@ -162,3 +162,8 @@ def checks(settings: Settings) -> list[Check]:
         Check("reject redirect", p.http, name, PROBE_PATH, other, "reject"),
         Check("reject app", p.tls, name, "/", other, "reject"),
     ]
+
+
+def proven_ports(settings: Settings) -> list[int]:
+    """The ports the checks prove read the PROXY header: what the readiness record may claim."""
+    return sorted({c.port for c in checks(settings) if c.preface and c.expect != "reject"})

@@ -10,10 +10,19 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from core.errors import SettingsError
@@ -165,19 +174,36 @@ class Model(BaseModel):
 class Ports(Model):
     """Instance ports nginx listens on."""
 
+    PLAIN: ClassVar[tuple[str, ...]] = ("http", "tls", "health")
+    PROXY: ClassVar[tuple[str, ...]] = ("proxy_http", "proxy_tls")  # network load balancer only
+
     http: Port = 80  # behind the TCP:80 listener: redirects to https
     tls: Port = 81  # behind the SSL:443 listener: the app (TLS ends at the load balancer)
     health: Port = 8081  # plain HTTP, never PROXY: the load balancer's health check
+    # Network load balancer only: the same two services with `proxy_protocol`, beside the plain
+    # ports, behind the listeners' proxy target groups (PROXY v2). The gate moves a listener
+    # between its plain and its proxy group; a port never changes its mind about the header.
+    proxy_http: Port = 82
+    proxy_tls: Port = 83
 
     @model_validator(mode="after")
     def _distinct(self) -> Ports:
+        # The proxy ports count here where they are set; their defaults are checked by Settings
+        # for a network load balancer only (a classic environment never uses them).
+        problem = self.clash(self.PLAIN + tuple(n for n in self.PROXY if n in self.model_fields_set))
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    def clash(self, names: tuple[str, ...]) -> str | None:
+        """Why two of these ports are one (None: they are distinct)."""
         seen: dict[int, str] = {}
-        for name in ("http", "tls", "health"):
+        for name in names:
             port = getattr(self, name)
             if port in seen:
-                raise ValueError(f"port {port} is used by both ports.{seen[port]} and ports.{name}")
+                return f"port {port} is used by both ports.{to_camel(seen[port])} and ports.{to_camel(name)}"
             seen[port] = name
-        return self
+        return None
 
     @property
     def proxied(self) -> tuple[int, int]:
@@ -191,10 +217,15 @@ class AccessLogs(Model):
     interval: Literal[5, 60] = 60
 
 
+NLB_TLS_IDLE_TIMEOUT = 350  # a network load balancer's TLS listener: fixed, not configurable
+
+
 class LoadBalancer(Model):
-    """The Classic ELB in front of the hosts (Pulumi owns it)."""
+    """The load balancer in front of the hosts (Pulumi owns it): a Classic ELB, or a Network
+    Load Balancer (ELBv2) with a plain and a proxy target group per listener."""
 
     name: LbName
+    type: Literal["classic", "network"] = "classic"
     certificate_arn: CertificateArn
     subnet_cidrs: list[Cidr] = Field(min_length=1)  # where the ELB connects from: set_real_ip_from
     subnets: list[SubnetId] = []
@@ -204,11 +235,15 @@ class LoadBalancer(Model):
     ssl_policy: Annotated[str, _pattern(r"^[A-Za-z0-9-]+$", "ELB security policy name")] = (
         "ELBSecurityPolicy-TLS-1-2-2017-01"
     )
-    idle_timeout: Annotated[int, Field(ge=1, le=3600)] = 300
+    # classic: 1-3600; network: the TCP listener's, 60-6000 (its TLS listener's is fixed at 350)
+    idle_timeout: Annotated[int, Field(ge=1)] = 300
     allowed_cidrs: list[Cidr] = ["0.0.0.0/0"]  # who may reach the listeners 80/443
     instances: list[InstanceId] = []
     cross_zone: bool = True
-    connection_draining: Annotated[int, Field(ge=0, le=3600)] = 300  # 0: off
+    connection_draining: Annotated[int, Field(ge=0, le=3600)] = 300  # classic; 0: off
+    deregistration_delay: Annotated[int, Field(ge=0, le=3600)] = 30  # network: seconds a leaving target drains
+    # network, TLS listener: never h2 (nginx would get cleartext h2 on a plain HTTP/1.1 port)
+    alpn_policy: Literal["None", "HTTP1Only"] = "HTTP1Only"
     access_logs: AccessLogs | None = None
     tags: dict[str, str] = {}
     # Who applies the stack for `fab rollout --apply`: `pulumi` (the Automation API), or a
@@ -216,8 +251,30 @@ class LoadBalancer(Model):
     applier: Annotated[str, _pattern(r"^(pulumi|[a-z_][a-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*)$",
                                      "applier (pulumi, or module:Class)")] = "pulumi"
 
+    @field_validator("idle_timeout")
+    @classmethod
+    def _idle_range(cls, value: int, info: ValidationInfo) -> int:
+        if info.data.get("type") == "network":
+            if not 60 <= value <= 6000:
+                raise ValueError(f"a network load balancer's TCP listener takes 60-6000 seconds (its TLS listener "
+                                 f"is fixed at {NLB_TLS_IDLE_TIMEOUT})")
+        elif value > 3600:
+            raise ValueError("Input should be less than or equal to 3600")
+        return value
+
     @model_validator(mode="after")
     def _placement(self) -> LoadBalancer:
+        if self.type == "network":
+            problems = []
+            if self.availability_zones:
+                problems.append("a network load balancer is placed by subnets, not availabilityZones")
+            elif not self.subnets:
+                problems.append("a network load balancer needs subnets (one per availability zone)")
+            if not self.vpc_id:
+                problems.append("a network load balancer needs vpcId (the VPC of its target groups and security groups)")
+            if problems:
+                raise ValueError("; ".join(problems))
+            return self
         if bool(self.subnets) == bool(self.availability_zones):
             raise ValueError("set exactly one of subnets (in a VPC) or availabilityZones")
         return self
@@ -306,14 +363,22 @@ class Settings(Model):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        idle = self.load_balancer.idle_timeout
+        idle = self.lb_idle_timeout
+        network = self.load_balancer.type == "network"
         for key in ("proxy_read_timeout", "proxy_send_timeout"):
             value = getattr(self.nginx, key)
             if value is not None and value < idle:
+                limit = (f"the network load balancer's longest idle timeout ({idle}: loadBalancer.idleTimeout for "
+                         f"TCP, {NLB_TLS_IDLE_TIMEOUT} fixed for TLS)" if network
+                         else f"loadBalancer.idleTimeout ({idle})")
                 raise ValueError(
-                    f"nginx.{to_camel(key)} ({value}) must be >= loadBalancer.idleTimeout ({idle}),"
+                    f"nginx.{to_camel(key)} ({value}) must be >= {limit},"
                     " or nginx closes idle WebSockets the load balancer still holds open"
                 )
+        if network:
+            problem = self.ports.clash(Ports.PLAIN + Ports.PROXY)
+            if problem:
+                raise ValueError(f"{problem} (a network load balancer uses ports.proxyHttp and ports.proxyTls too)")
         if self.hosts and self.discover:
             raise ValueError("set hosts or discover: true, not both")
         names = [h.name for h in self.hosts]
@@ -329,12 +394,28 @@ class Settings(Model):
         return host.bind or self.nginx.bind
 
     @property
+    def lb_idle_timeout(self) -> int:
+        """The longest the load balancer keeps an idle connection open (a network load balancer's
+        TLS listener: fixed at 350 s, whatever loadBalancer.idleTimeout says for TCP)."""
+        idle = self.load_balancer.idle_timeout
+        return max(idle, NLB_TLS_IDLE_TIMEOUT) if self.load_balancer.type == "network" else idle
+
+    @property
+    def proxy_ports(self) -> tuple[int, int]:
+        """The instance ports that get the PROXY header once the gate is open: classic, the plain
+        ports themselves (the policy goes on them, `ports.proxied`); network, the proxy ports
+        beside them (the listeners switch to their target groups)."""
+        if self.load_balancer.type == "network":
+            return (self.ports.proxy_http, self.ports.proxy_tls)
+        return self.ports.proxied
+
+    @property
     def read_timeout(self) -> int:
-        return self.nginx.proxy_read_timeout or self.load_balancer.idle_timeout + 60
+        return self.nginx.proxy_read_timeout or self.lb_idle_timeout + 60
 
     @property
     def send_timeout(self) -> int:
-        return self.nginx.proxy_send_timeout or self.load_balancer.idle_timeout + 60
+        return self.nginx.proxy_send_timeout or self.lb_idle_timeout + 60
 
     @property
     def parameter_path(self) -> str:
@@ -389,7 +470,7 @@ def load(env: str, directory: Path | str = ".") -> Settings:
 def check_neighbours(settings: Settings, directory: Path | str, source: str) -> None:
     """Refuse an environment that shares its readiness record or its load balancer with another
     environment file beside it (same region): one would read, overwrite or detach the other's."""
-    problems = []
+    problems: list[tuple[str, object, str]] = []
     for other in sorted(Path(directory).glob("Pulumi.*.yaml")):
         env = other.name.removeprefix("Pulumi.").rsplit(".", 1)[0]
         if env == settings.env or not _ENV.match(env):

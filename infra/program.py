@@ -9,17 +9,23 @@ stores marks the gate: the load balancer itself is the truth.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pulumi
 import pulumi_aws as aws
 from pulumi.runtime.config import CONFIG
 
+from core.elb import network_forwarding
 from core.errors import KitError
 from core.gate import Decision, Plan, plan_for
 from core.record import ReadinessRecord, RecordError
+from core.replacement import refusal, replacing
 from core.settings import Settings, check_neighbours, from_config
 from infra.elb import LoadBalancerArgs, WsGateLoadBalancer
+from infra.nlb import NetworkLoadBalancerArgs, WsGateNetworkLoadBalancer
+
+if TYPE_CHECKING:
+    from remote.aws import NetworkState
 
 
 def engine_config() -> dict[str, Any]:
@@ -78,6 +84,15 @@ def registered_now(s: Settings) -> list[str]:
     return [i["InstanceId"] for i in (edge.describe(s) or {}).get("Instances", [])]
 
 
+def refuse_replacement(s: Settings) -> None:
+    """Stop before anything is declared when the settings would replace the live load balancer."""
+    from remote import aws as edge
+
+    reasons = replacing(s, edge.describe(s))
+    if reasons:
+        raise KitError(refusal(s, reasons))
+
+
 def gate_plan(s: Settings) -> Plan:
     found = parameters(s)
     record, problem = read_record(found, s)
@@ -88,8 +103,11 @@ def gate(s: Settings) -> Decision:
     return gate_plan(s).decision
 
 
-def main() -> WsGateLoadBalancer:
+def main() -> WsGateLoadBalancer | WsGateNetworkLoadBalancer:
     s = settings()
+    if s.load_balancer.type == "network":
+        return network_main(s)
+    refuse_replacement(s)
     gated = gate_plan(s)
     decision = gated.decision
     if decision.warn:
@@ -108,4 +126,55 @@ def main() -> WsGateLoadBalancer:
     pulumi.export("notReady", decision.missing)
     pulumi.export("waiting", gated.waiting)
     pulumi.export("gateMessage", decision.message)
+    return lb
+
+
+# --- network load balancer -------------------------------------------------------------------
+
+def network_now(s: Settings) -> NetworkState | None:
+    """The network load balancer as the ELBv2 API says it is now (None before it exists)."""
+    from remote import aws as edge
+
+    try:
+        return edge.network_state(s)
+    except KitError as exc:
+        raise KitError(f"cannot read where the network load balancer's listeners forward now ({exc}); the gate "
+                       "will not decide blind: the program needs elasticloadbalancing:Describe* on it") from None
+
+
+def network_gate_plan(s: Settings) -> Plan:
+    """The same gate over the proxy ports: `attached` is the proxy ports a listener forwards to now
+    with PROXY v2 on, `registered` the instances in the groups the listeners forward to."""
+    found = parameters(s)
+    record, problem = read_record(found, s)
+    state = network_now(s)
+    return plan_for(s, registered=state.serving if state else [], attached=state.proxy_ports if state else [],
+                    record=record, record_problem=problem)
+
+
+def network_main(s: Settings) -> WsGateNetworkLoadBalancer:
+    gated = network_gate_plan(s)
+    decision = gated.decision
+    forwarding = network_forwarding(decision.ports, s)
+    stranded = sorted(set(decision.ports) - set(s.proxy_ports))
+    if decision.warn:
+        pulumi.log.warn(decision.message)
+    else:
+        pulumi.log.info(decision.message)
+    if stranded:
+        pulumi.log.warn(f"proxy port(s) {', '.join(map(str, stranded))} are no longer ports.proxyHttp/proxyTls: "
+                        "their listeners forward to the plain groups until `fab rollout` proves the new ports")
+    for instance, why in sorted(gated.waiting.items()):
+        pulumi.log.warn(f"{instance} {why}")
+    lb = WsGateNetworkLoadBalancer(s.load_balancer.name, NetworkLoadBalancerArgs(
+        settings=s, forwarding=forwarding, members=gated.join))
+    pulumi.export("dnsName", lb.dns_name)
+    pulumi.export("lbSecurityGroupId", lb.lb_security_group.id)
+    pulumi.export("instanceSecurityGroupId", lb.instance_security_group.id)
+    pulumi.export("proxyProtocolGate", decision.state.value)
+    pulumi.export("proxyProtocolPorts", list(decision.ports))
+    pulumi.export("notReady", decision.missing)
+    pulumi.export("waiting", gated.waiting)
+    pulumi.export("gateMessage", decision.message)
+    pulumi.export("listenerTargets", {str(port): kind for port, kind in forwarding.items()})
     return lb

@@ -7,6 +7,7 @@ them at its loopback endpoint); credentials come from the usual boto3 chain.
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass
 from functools import cache
 from urllib.parse import urlparse
 
@@ -43,10 +44,17 @@ def _loopback(url: str) -> bool:
         return host == "localhost"
 
 
+_SERVICES = ("elb", "elbv2", "ssm", "ec2")  # every AWS API the kit calls
+
+
 def is_lab(settings: Settings) -> bool:
-    """Every AWS endpoint the kit uses is on loopback: the lab, never a real account."""
+    """Every AWS endpoint the kit uses is on loopback: the lab, never a real account. The load
+    balancer's API must be set (elb for classic, elbv2 for network); any other of ours that is set
+    must be on loopback too."""
     endpoints = settings.aws.endpoints
-    return all(s in endpoints and _loopback(endpoints[s]) for s in ("elb", "ssm", "ec2"))
+    needed = ("elbv2" if settings.load_balancer.type == "network" else "elb", "ssm", "ec2")
+    return (all(s in endpoints for s in needed)
+            and all(_loopback(url) for s, url in endpoints.items() if s in _SERVICES))
 
 
 def client(settings: Settings, service: str):
@@ -112,6 +120,40 @@ def registered_instances(settings: Settings) -> dict[str, str]:
     return {i["InstanceId"]: i.get("PrivateIpAddress", "") for r in reservations for i in r["Instances"]}
 
 
+def instance_ingress(settings: Settings, instances: list[str]) -> tuple[dict[str, list], list[str]]:
+    """Each instance's inbound rules (from every security group on it, its interfaces' too) as
+    `core.doctor.Ingress`, and the instances EC2 does not know."""
+    from core.doctor import Ingress
+
+    if not instances:
+        return {}, []
+    ec2 = client(settings, "ec2")
+    # A filter, not InstanceIds: an unknown ID is reported, not an error for all of them.
+    found = _call("ec2 describe-instances", ec2.describe_instances,
+                  Filters=[{"Name": "instance-id", "Values": sorted(instances)}])["Reservations"]
+    groups_of: dict[str, set[str]] = {}
+    for reservation in found:
+        for i in reservation["Instances"]:
+            ids = {g["GroupId"] for g in i.get("SecurityGroups", [])}
+            ids |= {g["GroupId"] for n in i.get("NetworkInterfaces", []) for g in n.get("Groups", [])}
+            groups_of[i["InstanceId"]] = ids
+    wanted = sorted(set().union(*groups_of.values())) if groups_of else []
+    rules: dict[str, list] = {}
+    if wanted:
+        for g in _call("ec2 describe-security-groups", ec2.describe_security_groups,
+                       GroupIds=wanted)["SecurityGroups"]:
+            label = f"{g['GroupId']} ({g.get('GroupName', '')})"
+            rules[g["GroupId"]] = [
+                Ingress(label, str(p.get("IpProtocol", "-1")), p.get("FromPort"), p.get("ToPort"), source)
+                for p in g.get("IpPermissions", [])
+                for source in ([r["CidrIp"] for r in p.get("IpRanges", [])]
+                               + [r["CidrIpv6"] for r in p.get("Ipv6Ranges", [])]
+                               + [r["PrefixListId"] for r in p.get("PrefixListIds", [])]
+                               + [r["GroupId"] for r in p.get("UserIdGroupPairs", [])])]
+    ingress = {i: [r for g in sorted(ids) for r in rules.get(g, [])] for i, ids in groups_of.items()}
+    return ingress, sorted(set(instances) - set(groups_of))
+
+
 def _not_found(exc: ClientError) -> bool:
     return exc.response.get("Error", {}).get("Code") in ("LoadBalancerNotFound", "AccessPointNotFound")
 
@@ -161,3 +203,102 @@ def instance_health(settings: Settings) -> dict[str, str]:
                    LoadBalancerName=settings.load_balancer.name)["InstanceStates"]
     return {s["InstanceId"]: s["State"] + (f" ({s['Description']})" if s.get("Description") not in (None, "N/A")
                                            else "") for s in states}
+
+
+# --- network load balancer (ELBv2) -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class TargetGroupState:
+    arn: str
+    name: str
+    port: int  # the instance port
+    proxy_protocol_v2: bool
+    targets: tuple[str, ...]  # instances registered in it (draining ones are leaving: not counted)
+
+
+@dataclass(frozen=True)
+class NetworkState:
+    """A network load balancer as the ELBv2 API describes it now."""
+
+    arn: str
+    listeners: dict[int, tuple[TargetGroupState, ...]]  # listener port -> the groups it forwards to
+
+    @property
+    def proxy_ports(self) -> list[int]:
+        """Instance ports that get the PROXY header now: those of a `proxy_protocol_v2` group that a
+        listener forwards to."""
+        return sorted({g.port for groups in self.listeners.values() for g in groups if g.proxy_protocol_v2})
+
+    @property
+    def serving(self) -> list[str]:
+        """Instances registered in a group a listener forwards to. A group no listener uses is not
+        the load balancer's (the API does not list it with it) and sends nothing to anyone."""
+        return sorted({i for groups in self.listeners.values() for g in groups for i in g.targets})
+
+
+def network_state(settings: Settings) -> NetworkState | None:
+    """The network load balancer's listeners, the groups each forwards to, their port, PROXY v2
+    attribute and registered instances; None when it does not exist (yet)."""
+    name = settings.load_balancer.name
+    elbv2 = client(settings, "elbv2")
+    try:
+        found = elbv2.describe_load_balancers(Names=[name])["LoadBalancers"]
+    except ClientError as exc:
+        if _not_found(exc):
+            return None
+        raise AwsError(f"elbv2 describe-load-balancers {name}: {exc}") from None
+    except BotoCoreError as exc:
+        raise AwsError(f"elbv2 describe-load-balancers {name}: {exc}") from None
+    if not found:
+        return None
+    if found[0].get("Type") != "network":
+        raise AwsError(f"elbv2 load balancer {name} is of type {found[0].get('Type')!r}, not network")
+    arn = found[0]["LoadBalancerArn"]
+    described = _pages(f"elbv2 describe-listeners {name}", elbv2, "describe_listeners", "Listeners",
+                       LoadBalancerArn=arn)
+    forwards = {int(x["Port"]): _forwarded(x.get("DefaultActions", [])) for x in described}
+    groups = {a: _target_group(settings, a) for a in sorted({a for arns in forwards.values() for a in arns})}
+    return NetworkState(arn, {port: tuple(groups[a] for a in arns) for port, arns in sorted(forwards.items())})
+
+
+def proxy_listener_ports(settings: Settings) -> list[int]:
+    """The instance ports a network load balancer's listeners send the PROXY header to now."""
+    state = network_state(settings)
+    return state.proxy_ports if state else []
+
+
+def _forwarded(actions: list[dict]) -> list[str]:
+    """The target groups a listener's default actions forward to (weight 0 sends nothing)."""
+    arns: list[str] = []
+    for action in actions:
+        if action.get("Type") != "forward":
+            continue
+        weighted = (action.get("ForwardConfig") or {}).get("TargetGroups")
+        if weighted:
+            arns += [g["TargetGroupArn"] for g in weighted if g.get("Weight", 1) != 0]
+        elif action.get("TargetGroupArn"):
+            arns.append(action["TargetGroupArn"])
+    return sorted(set(arns))
+
+
+def _target_group(settings: Settings, arn: str) -> TargetGroupState:
+    elbv2 = client(settings, "elbv2")
+    (group,) = _call(f"elbv2 describe-target-groups {arn}", elbv2.describe_target_groups,
+                     TargetGroupArns=[arn])["TargetGroups"]
+    attributes = _call(f"elbv2 describe-target-group-attributes {arn}", elbv2.describe_target_group_attributes,
+                       TargetGroupArn=arn)["Attributes"]
+    health = _call(f"elbv2 describe-target-health {arn}", elbv2.describe_target_health,
+                   TargetGroupArn=arn)["TargetHealthDescriptions"]
+    return TargetGroupState(
+        arn=arn, name=group["TargetGroupName"], port=int(group["Port"]),
+        proxy_protocol_v2=any(a["Key"] == "proxy_protocol_v2.enabled" and a["Value"].lower() == "true"
+                              for a in attributes),
+        targets=tuple(sorted({t["Target"]["Id"] for t in health
+                              if t.get("TargetHealth", {}).get("State") != "draining"})))
+
+
+def _pages(what: str, api, operation: str, key: str, **kwargs) -> list[dict]:
+    try:
+        return [item for page in api.get_paginator(operation).paginate(**kwargs) for item in page[key]]
+    except (ClientError, BotoCoreError) as exc:
+        raise AwsError(f"{what}: {exc}") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 from core import record as records
 from core.errors import KitError
 from core.plan import HostOutcome
+from core.probe import proven_ports
 from core.record import RecordError
 from core.settings import Settings
 from remote.background import Background
@@ -52,7 +53,7 @@ class ParameterRecord:
 
     def _new(self, outcomes: list[HostOutcome]) -> records.ReadinessRecord:
         served = {o.instance: o.after for o in outcomes if o.instance and o.after}
-        return records.build(self.settings.env, list(self.settings.ports.proxied), served,
+        return records.build(self.settings.env, proven_ports(self.settings), served,
                              load_balancer=self.settings.load_balancer.name)
 
     def needs(self, outcomes: list[HostOutcome]) -> bool:

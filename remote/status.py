@@ -62,14 +62,19 @@ def _balancer(settings: Settings) -> BalancerFacts:
     d = aws.describe(settings)
     if d is None:
         return BalancerFacts(exists=False)
+    registered = [i["InstanceId"] for i in d.get("Instances", [])]
+    ingress, unknown = aws.instance_ingress(settings, sorted(set(registered) | set(settings.load_balancer.instances)))
     return BalancerFacts(
         exists=True,
         listeners=[(x["Listener"]["Protocol"], x["Listener"]["LoadBalancerPort"], x["Listener"]["InstanceProtocol"],
                     x["Listener"]["InstancePort"]) for x in d.get("ListenerDescriptions", [])],
         policy_ports=aws.proxy_protocol_ports(settings),
-        registered=[i["InstanceId"] for i in d.get("Instances", [])],
+        registered=registered,
         health=aws.instance_health(settings),
         lab_endpoint=aws.is_lab(settings),
+        security_groups=list(d.get("SecurityGroups", [])),
+        ingress=ingress,
+        unknown=unknown,
     )
 
 

@@ -121,11 +121,11 @@ def test_scale_out_rules(situation, data):
     p = plan(env="staging", wanted=situation["wanted"], instances=instances, registered=registered, ports=PORTS,
              record=situation["record"], attached=situation["attached"])
     assert set(p.join) | set(p.waiting) == set(instances) and not set(p.join) & set(p.waiting)
-    if not p.decision.ports:  # no header anywhere: every instance joins
+    if not p.decision.ports and not situation["attached"]:  # no header anywhere: every instance joins
         assert set(p.join) == set(instances)
-    else:  # the header is (being) sent: an instance joins only registered already, or proven where it is sent
+    else:  # the header is (being) sent or detached: an instance joins only registered already, or proven
         for i in p.join:
-            live = set(p.decision.ports) & set(PORTS)  # a port the config left has no listener: inert
+            live = set(p.decision.ports or situation["attached"]) & set(PORTS)  # a port the config left: inert
             assert i in registered or all(proven(situation["record"], [i], port) for port in live)
         for i, why in p.waiting.items():
             assert i not in registered and why.startswith("waits to join")

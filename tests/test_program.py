@@ -78,6 +78,7 @@ def run(env: str, aws_url: str, **changes):
     config["aws:endpoints"] = [{s: aws_url for s in ("ec2", "elb", "ssm", "sts")}]
     for key, value in changes.items():
         config[key] = value
+    _live_placement(config, aws_url)
     ssm = boto3.client("ssm", region_name=config["aws:region"], endpoint_url=aws_url)
     mocks = Recorder(ssm)
     asyncio.set_event_loop(asyncio.new_event_loop())  # Pulumi's runtime wants a current loop
@@ -99,6 +100,21 @@ def run(env: str, aws_url: str, **changes):
 
     program()
     return mocks, exports, warnings.messages
+
+
+def _live_placement(config: dict, aws_url: str) -> None:
+    """Where a test made the live load balancer in the endpoint (its subnets are the endpoint's
+    own), the shipped placement stands for it: the settings describe that load balancer."""
+    lb = config.get("wsgate:loadBalancer") or {}
+    shipped = stack_config("staging")["wsgate:loadBalancer"]
+    if lb.get("subnets") != shipped["subnets"] or lb.get("vpcId") != shipped["vpcId"]:
+        return
+    elb = boto3.client("elb", region_name=config["aws:region"], endpoint_url=aws_url)
+    try:
+        live = elb.describe_load_balancers(LoadBalancerNames=[lb["name"]])["LoadBalancerDescriptions"][0]
+    except elb.exceptions.AccessPointNotFoundException:
+        return
+    config["wsgate:loadBalancer"] = {**lb, "subnets": live["Subnets"], "vpcId": live["VPCId"]}
 
 
 def settings_for(env, aws_url):
@@ -346,7 +362,73 @@ def test_a_new_instance_waits_to_join_while_the_policy_is_on_and_joins_once_prov
     assert sorted(a.inputs["instance"] for a in mocks.of(ATTACHMENT)) == sorted([*running, new])
 
 
+def test_a_new_instance_waits_while_the_policy_is_being_detached_and_joins_after(aws):
+    """Pulumi does not order a registration after a deletion: had the newcomer (plain nginx) been
+    registered in the update that detaches, a cut-short detach would send it the header."""
+    first, new = STAGING_INSTANCES
+    mark_attached("staging", aws.url, registered=[first])
+    write_record("staging", aws.url, [first])
+    off = {"wsgate:proxyProtocol": "false"}
+    mocks, exports, warnings = run("staging", aws.url, **off)
+    assert exports["state"] == "off" and proxy_ports(mocks) == []
+    assert [a.inputs["instance"] for a in mocks.of(ATTACHMENT)] == [first]
+    assert f"{new} waits to join until the ProxyProtocol policy is detached: run `pulumi up` again after this " \
+           "update" in warnings
+    elb = boto3.client("elb", region_name="eu-west-1", endpoint_url=aws.url)
+    for port in (80, 81):  # the update detached it
+        elb.set_load_balancer_policies_for_backend_server(LoadBalancerName="wsgate-staging", InstancePort=port,
+                                                          PolicyNames=[])
+    mocks, _, _ = run("staging", aws.url, **off)
+    assert sorted(a.inputs["instance"] for a in mocks.of(ATTACHMENT)) == STAGING_INSTANCES
+
+
 def test_with_the_policy_off_every_instance_joins(aws):
     mocks, exports, _ = run("staging", aws.url)  # no record, nothing attached
     assert exports["state"] == "closed"
     assert sorted(a.inputs["instance"] for a in mocks.of(ATTACHMENT)) == STAGING_INSTANCES
+
+
+def _elb_in_subnets(aws_url, internal=False):
+    """The live load balancer of `staging` in two real (moto) subnets; returns (vpc, [subnets], spare)."""
+    s = settings_for("staging", aws_url)
+    ec2 = boto3.client("ec2", region_name=s.aws.region, endpoint_url=aws_url)
+    vpc = ec2.create_vpc(CidrBlock="10.8.0.0/16")["Vpc"]["VpcId"]
+    subnets = [ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.8.{i}.0/24", AvailabilityZone=f"{s.aws.region}{z}")
+               ["Subnet"]["SubnetId"] for i, z in ((1, "a"), (2, "b"), (3, "c"))]
+    elb = boto3.client("elb", region_name=s.aws.region, endpoint_url=aws_url)
+    elb.create_load_balancer(LoadBalancerName=s.load_balancer.name, Subnets=subnets[:2],
+                             Scheme="internal" if internal else "internet-facing", Listeners=[
+                                 {"Protocol": "TCP", "LoadBalancerPort": 80, "InstanceProtocol": "TCP",
+                                  "InstancePort": s.ports.http}])
+    return vpc, subnets[:2], subnets[2]
+
+
+def _placed(vpc, subnets, **extra):
+    return {"wsgate:loadBalancer": {**stack_config("staging")["wsgate:loadBalancer"], "vpcId": vpc,
+                                    "subnets": subnets, **extra}}
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda vpc, live, spare: _placed(vpc, live, internal=True),
+     "loadBalancer.internal: true, the live load balancer is internet-facing"),
+    (lambda vpc, live, spare: _placed(vpc, [spare]), "loadBalancer.subnets: none of "),
+    (lambda vpc, live, spare: _placed("vpc-0123456789abcdef0", live), "loadBalancer.vpcId: vpc-0123456789abcdef0"),
+])
+def test_a_change_that_would_replace_the_live_load_balancer_is_refused_before_anything_is_declared(aws, change,
+                                                                                                    reason):
+    from core.errors import KitError
+
+    vpc, live, spare = _elb_in_subnets(aws.url)
+    with pytest.raises(KitError) as caught:
+        run("staging", aws.url, **change(vpc, live, spare))
+    message = str(caught.value)
+    assert "would replace the live load balancer wsgate-staging" in message and reason in message
+    assert "Nothing was changed" in message and "keep one live subnet" in message
+
+
+def test_subnets_changed_in_steps_and_a_new_load_balancer_are_not_replacements(aws):
+    mocks, _, _ = run("staging", aws.url)  # nothing live yet: any placement
+    assert len(mocks.of(LB)) == 1
+    vpc, live, spare = _elb_in_subnets(aws.url)
+    mocks, _, _ = run("staging", aws.url, **_placed(vpc, [live[0], spare]))  # one live subnet kept
+    assert mocks.of(LB)[0].inputs["subnets"] == [live[0], spare]

@@ -1,0 +1,154 @@
+"""The Network Load Balancer (ELBv2) in front of the WebSocket hosts, as one Pulumi component.
+
+Listeners TCP:80 and TLS:443. Each has two target groups: plain (instance port ports.http /
+ports.tls, no header) and proxy (ports.proxyHttp / ports.proxyTls, `proxy_protocol_v2` on). The
+hosts serve both ports all along, so the cutover is a switch of the listener's default action,
+never the PROXY attribute flipped on a group in use (which AWS does not apply atomically across
+its nodes). Which group each listener forwards to is the gate's: core.elb.network_forwarding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_aws as aws
+
+from core.elb import TargetGroup, network_listeners
+from core.settings import Settings
+
+
+@dataclass(frozen=True)
+class NetworkLoadBalancerArgs:
+    settings: Settings
+    forwarding: dict[int, str]  # listener port -> "plain" or "proxy" (core.elb.network_forwarding)
+    members: tuple[str, ...]  # the instances registered (new ones only once proven: core.gate.plan)
+
+
+class WsGateNetworkLoadBalancer(pulumi.ComponentResource):
+    """NLB, security groups, four target groups with their attachments, two listeners."""
+
+    def __init__(self, name: str, args: NetworkLoadBalancerArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("wsgate:index:NetworkLoadBalancer", name, None, opts)
+        s, lb = args.settings, args.settings.load_balancer
+        child = pulumi.ResourceOptions(parent=self)
+        tags = {"wsgate:env": s.env, **lb.tags}
+        listeners = network_listeners(s)
+
+        # An NLB takes security groups only if it is created with one: it always gets this one.
+        self.lb_security_group = aws.ec2.SecurityGroup(
+            f"{name}-lb", description=f"wsgate {s.env}: load balancer listeners",
+            vpc_id=lb.vpc_id, tags={**tags, "Name": f"{lb.name}-lb"}, opts=child,
+        )
+        self.instance_security_group = aws.ec2.SecurityGroup(
+            f"{name}-instances", description=f"wsgate {s.env}: instance ports, from the load balancer only",
+            vpc_id=lb.vpc_id, tags={**tags, "Name": f"{lb.name}-instances"}, opts=child,
+        )
+        for family, everywhere in (("ipv4", "0.0.0.0/0"), ("ipv6", "::/0")):
+            # Outbound as a default group allows it (the app's upstreams, packages, AWS APIs).
+            aws.vpc.SecurityGroupEgressRule(
+                f"{name}-instances-out-{family}", security_group_id=self.instance_security_group.id,
+                ip_protocol="-1", cidr_ipv4=everywhere if family == "ipv4" else None,
+                cidr_ipv6=everywhere if family == "ipv6" else None, description="outbound", opts=child,
+            )
+        for listener in listeners:
+            for i, cidr in enumerate(lb.allowed_cidrs):
+                aws.vpc.SecurityGroupIngressRule(
+                    f"{name}-lb-{listener.port}-{i}", security_group_id=self.lb_security_group.id,
+                    ip_protocol="tcp", from_port=listener.port, to_port=listener.port,
+                    cidr_ipv4=cidr if ":" not in cidr else None, cidr_ipv6=cidr if ":" in cidr else None,
+                    description=f"listener {listener.port}", opts=child,
+                )
+        roles = (("http", s.ports.http), ("tls", s.ports.tls), ("proxy-http", s.ports.proxy_http),
+                 ("proxy-tls", s.ports.proxy_tls), ("health", s.ports.health))
+        for role, port in roles:
+            # Only the load balancer may reach these: anyone else could forge a PROXY header. That
+            # holds because client IP preservation is off on every group (see _target_group).
+            aws.vpc.SecurityGroupIngressRule(
+                f"{name}-instances-{role}", security_group_id=self.instance_security_group.id,
+                ip_protocol="tcp", from_port=port, to_port=port,
+                referenced_security_group_id=self.lb_security_group.id,
+                description=f"{role} from the load balancer", opts=child,
+            )
+            aws.vpc.SecurityGroupEgressRule(
+                f"{name}-lb-to-{role}", security_group_id=self.lb_security_group.id,
+                ip_protocol="tcp", from_port=port, to_port=port,
+                referenced_security_group_id=self.instance_security_group.id,
+                description=f"to instance {role} port", opts=child,
+            )
+
+        self.nlb = aws.lb.LoadBalancer(
+            f"{name}-nlb",
+            name=lb.name,
+            load_balancer_type="network",
+            subnets=lb.subnets,
+            internal=lb.internal,
+            security_groups=[self.lb_security_group.id],
+            enable_cross_zone_load_balancing=lb.cross_zone,
+            access_logs=aws.lb.LoadBalancerAccessLogsArgs(
+                bucket=lb.access_logs.bucket, prefix=lb.access_logs.prefix, enabled=True) if lb.access_logs else None,
+            tags=tags,
+            opts=child,
+        )
+
+        self.target_groups: dict[str, aws.lb.TargetGroup] = {}
+        for listener in listeners:
+            for group in (listener.plain, listener.proxy):
+                tg = self._target_group(name, s, group, tags, child)
+                self.target_groups[group.key] = tg
+                for instance in args.members:  # every member in every group: a switch needs no registration
+                    aws.lb.TargetGroupAttachment(
+                        f"{name}-{group.key}-{instance}", target_group_arn=tg.arn, target_id=instance,
+                        port=group.port, opts=child,
+                    )
+
+        self.listeners: dict[int, aws.lb.Listener] = {}
+        for listener in listeners:
+            target = listener.group(args.forwarding[listener.port])
+            tls = listener.protocol == "TLS"
+            self.listeners[listener.port] = aws.lb.Listener(
+                f"{name}-{listener.port}",
+                load_balancer_arn=self.nlb.arn,
+                port=listener.port,
+                protocol=listener.protocol,
+                certificate_arn=lb.certificate_arn if tls else None,
+                ssl_policy=lb.ssl_policy if tls else None,
+                alpn_policy=lb.alpn_policy if tls else None,
+                tcp_idle_timeout_seconds=None if tls else lb.idle_timeout,  # TLS listeners: fixed at 350 s
+                default_actions=[aws.lb.ListenerDefaultActionArgs(
+                    type="forward", target_group_arn=self.target_groups[target.key].arn)],
+                tags=tags,
+                opts=child,
+            )
+
+        self.dns_name = self.nlb.dns_name
+        self.register_outputs({
+            "dnsName": self.nlb.dns_name,
+            "lbSecurityGroupId": self.lb_security_group.id,
+            "instanceSecurityGroupId": self.instance_security_group.id,
+        })
+
+    def _target_group(self, name: str, s: Settings, group: TargetGroup, tags: dict[str, str],
+                      opts: pulumi.ResourceOptions) -> aws.lb.TargetGroup:
+        check = group.health
+        return aws.lb.TargetGroup(
+            f"{name}-{group.key}",
+            name=group.name,
+            port=group.port,
+            protocol="TCP",
+            target_type="instance",
+            vpc_id=s.load_balancer.vpc_id,
+            proxy_protocol_v2=group.proxy_protocol_v2,
+            # On by default for instance targets: the instance would see the client as the TCP
+            # source, so its security group would have to admit the world, and then anyone could
+            # reach a proxy_protocol port directly and forge a header (and set_real_ip_from, the
+            # load balancer's subnets, would not match). Off: only the load balancer connects.
+            preserve_client_ip="false",
+            deregistration_delay=s.load_balancer.deregistration_delay,
+            health_check=aws.lb.TargetGroupHealthCheckArgs(
+                enabled=True, protocol=check.protocol, port=check.port, path=check.path, matcher=check.matcher,
+                interval=check.interval, timeout=check.timeout, healthy_threshold=check.healthy_threshold,
+                unhealthy_threshold=check.unhealthy_threshold),
+            tags={**tags, "wsgate:listener": str(group.listener_port), "wsgate:kind": group.kind},
+            opts=opts,
+        )
