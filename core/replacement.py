@@ -1,31 +1,58 @@
 """Settings changes that would make Pulumi replace the live load balancer. Pure.
 
 The load balancer's name is fixed, so a replacement fails as a duplicate name after the
-fixed-name ProxyProtocol policy was deleted first: the live load balancer would stop sending
-the header its hosts expect. Such a change is refused, with the safe way to make it.
+fixed-name policies (Classic: the ProxyProtocol policy) were deleted first: the live load
+balancer would stop sending the header its hosts expect. Such a change is refused, with the
+safe way to make it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from core.settings import Settings
 
 
-def replacing(s: Settings, described: dict | None) -> list[str]:
-    """What in the settings forces a new load balancer, given the live one's description
-    (the Classic ELB API's shape; None: there is none yet, so nothing is replaced)."""
-    if not described:
+@dataclass(frozen=True)
+class Live:
+    """What decides replacement, of the live load balancer as its API describes it."""
+
+    internal: bool
+    subnets: frozenset[str]
+    vpc_id: str | None
+    security_groups: bool = True  # an NLB created without one can never get one
+
+    @classmethod
+    def classic(cls, described: dict) -> Live:
+        return cls(described.get("Scheme") == "internal", frozenset(described.get("Subnets") or []),
+                   described.get("VPCId"))
+
+    @classmethod
+    def network(cls, described: dict) -> Live:
+        return cls(described.get("Scheme") == "internal",
+                   frozenset(z["SubnetId"] for z in described.get("AvailabilityZones", []) if z.get("SubnetId")),
+                   described.get("VpcId"), bool(described.get("SecurityGroups")))
+
+
+def replacing(s: Settings, live: Live | None) -> list[str]:
+    """What in the settings forces a new load balancer (None: there is none yet)."""
+    if live is None:
         return []
     lb, out = s.load_balancer, []
-    live_internal = described.get("Scheme") == "internal"
-    if live_internal != lb.internal:
+    if live.internal != lb.internal:
         out.append(f"loadBalancer.internal: {str(lb.internal).lower()}, the live load balancer is "
-                   f"{'internal' if live_internal else 'internet-facing'}")
-    live_subnets = set(described.get("Subnets") or [])
-    if live_subnets and lb.subnets and not live_subnets & set(lb.subnets):
-        out.append(f"loadBalancer.subnets: none of {', '.join(sorted(lb.subnets))} is one of the live load "
-                   f"balancer's ({', '.join(sorted(live_subnets))})")
-    if described.get("VPCId") and lb.vpc_id and described["VPCId"] != lb.vpc_id:
-        out.append(f"loadBalancer.vpcId: {lb.vpc_id}, the live load balancer is in {described['VPCId']}")
+                   f"{'internal' if live.internal else 'internet-facing'}")
+    wanted = set(lb.subnets)
+    if lb.type == "network" and live.subnets - wanted:  # a network load balancer's subnets can only be added
+        out.append(f"loadBalancer.subnets: {', '.join(sorted(live.subnets - wanted))} would be removed (a network "
+                   "load balancer's subnets can only be added)")
+    elif live.subnets and wanted and not live.subnets & wanted:
+        out.append(f"loadBalancer.subnets: none of {', '.join(sorted(wanted))} is one of the live load "
+                   f"balancer's ({', '.join(sorted(live.subnets))})")
+    if live.vpc_id and lb.vpc_id and live.vpc_id != lb.vpc_id:
+        out.append(f"loadBalancer.vpcId: {lb.vpc_id}, the live load balancer is in {live.vpc_id}")
+    if lb.type == "network" and not live.security_groups:
+        out.append("the live network load balancer has no security group, and one can only be given at creation")
     return out
 
 
@@ -33,10 +60,12 @@ def refusal(s: Settings, reasons: list[str]) -> str:
     """The error an operator reads, with the safe procedure (README: "Changes that replace the
     load balancer")."""
     name = s.load_balancer.name
+    steps = ("Subnets: add new ones only (`pulumi up`); " if s.load_balancer.type == "network" else
+             "Subnets: change them in steps that keep one live subnet each time (add the new ones, `pulumi up`, "
+             "then remove the old ones). ")
     return (f"these settings would replace the live load balancer {name}: {'; '.join(reasons)}. Replacing it "
-            "deletes the live one's ProxyProtocol policy first and then fails on the duplicate name, leaving "
-            "hosts that read the header without it. Nothing was changed. Subnets: change them in steps that "
-            "keep one live subnet each time (add the new ones, `pulumi up`, then remove the old ones). "
+            "deletes the live one's fixed-name parts first and then fails on the duplicate name, leaving "
+            f"hosts that read the header without it. Nothing was changed. {steps}"
             "Otherwise: put the new load balancer in a new environment (its own loadBalancer.name, the same "
             "hosts), `fab rollout` and `pulumi up` it, move DNS to its dnsName, then `pulumi destroy` this one "
             "(README: Changes that replace the load balancer)")

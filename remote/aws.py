@@ -236,9 +236,8 @@ class NetworkState:
         return sorted({i for groups in self.listeners.values() for g in groups for i in g.targets})
 
 
-def network_state(settings: Settings) -> NetworkState | None:
-    """The network load balancer's listeners, the groups each forwards to, their port, PROXY v2
-    attribute and registered instances; None when it does not exist (yet)."""
+def describe_network(settings: Settings) -> dict | None:
+    """The network load balancer's description (ELBv2 API), or None when it does not exist."""
     name = settings.load_balancer.name
     elbv2 = client(settings, "elbv2")
     try:
@@ -253,7 +252,18 @@ def network_state(settings: Settings) -> NetworkState | None:
         return None
     if found[0].get("Type") != "network":
         raise AwsError(f"elbv2 load balancer {name} is of type {found[0].get('Type')!r}, not network")
-    arn = found[0]["LoadBalancerArn"]
+    return found[0]
+
+
+def network_state(settings: Settings) -> NetworkState | None:
+    """The network load balancer's listeners, the groups each forwards to, their port, PROXY v2
+    attribute and registered instances; None when it does not exist (yet)."""
+    name = settings.load_balancer.name
+    elbv2 = client(settings, "elbv2")
+    found = describe_network(settings)
+    if found is None:
+        return None
+    arn = found["LoadBalancerArn"]
     described = _pages(f"elbv2 describe-listeners {name}", elbv2, "describe_listeners", "Listeners",
                        LoadBalancerArn=arn)
     forwards = {int(x["Port"]): _forwarded(x.get("DefaultActions", [])) for x in described}

@@ -86,6 +86,7 @@ def run(aws_url: str, monkeypatch, lb: dict | None = None, **changes):
     config["aws:endpoints"] = endpoints(aws_url)
     config["wsgate:loadBalancer"] = network_lb(**(lb or {}))
     config.update(changes)
+    _live_placement(config, aws_url)
     mocks = NetworkRecorder(boto3.client("ssm", region_name=REGION, endpoint_url=aws_url))
     asyncio.set_event_loop(asyncio.new_event_loop())  # Pulumi's runtime wants a current loop
     warnings = Warnings()
@@ -105,6 +106,21 @@ def run(aws_url: str, monkeypatch, lb: dict | None = None, **changes):
 
     program()
     return mocks, exports, warnings.messages
+
+
+def _live_placement(config: dict, aws_url: str) -> None:
+    """Where a test made the live load balancer in the endpoint (in the endpoint's own VPC and
+    subnets), the shipped placement stands for it: the settings describe that load balancer."""
+    lb, shipped = config["wsgate:loadBalancer"], stack_config("staging")["wsgate:loadBalancer"]
+    if (lb.get("subnets"), lb.get("vpcId")) != (shipped["subnets"], shipped["vpcId"]):
+        return
+    elbv2 = boto3.client("elbv2", region_name=REGION, endpoint_url=aws_url)
+    try:
+        (live,) = elbv2.describe_load_balancers(Names=[lb["name"]])["LoadBalancers"]
+    except elbv2.exceptions.LoadBalancerNotFoundException:
+        return
+    config["wsgate:loadBalancer"] = {**lb, "vpcId": live["VpcId"],
+                                     "subnets": [z["SubnetId"] for z in live["AvailabilityZones"]]}
 
 
 def write_record(aws_url: str, instances: list[str], ports: list[int] | None = None) -> None:
@@ -127,7 +143,9 @@ def nlb_in_aws(aws_url: str, forwarding: dict[int, str], registered: dict[str, l
     vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
     subnets = [ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.0.{i}.0/24", AvailabilityZone=f"{REGION}{z}")
                ["Subnet"]["SubnetId"] for i, z in ((1, "a"), (2, "b"))]
-    lb = elbv2.create_load_balancer(Name=s.load_balancer.name, Subnets=subnets, Type="network")["LoadBalancers"][0]
+    group = ec2.create_security_group(GroupName="lb", Description="lb", VpcId=vpc)["GroupId"]
+    lb = elbv2.create_load_balancer(Name=s.load_balancer.name, Subnets=subnets, Type="network",
+                                    SecurityGroups=[group])["LoadBalancers"][0]
     certificate = acm.request_certificate(DomainName=s.server_name)["CertificateArn"]
     for listener in network_listeners(s):
         arns = {}
@@ -462,3 +480,22 @@ def test_classic_environments_still_build_a_classic_elb(aws, monkeypatch):
     assert len(mocks.of("aws:elb/loadBalancer:LoadBalancer")) == 1
     assert mocks.of(NLB) == mocks.of(TARGET_GROUP) == mocks.of(LISTENER) == []
     assert "listenerTargets" not in exports
+
+
+@pytest.mark.parametrize("lb, reason", [
+    ({"internal": True}, "loadBalancer.internal: true, the live load balancer is internet-facing"),
+    ("one subnet", "would be removed (a network load balancer's subnets can only be added)"),
+])
+def test_a_change_that_would_replace_the_live_network_load_balancer_is_refused(aws, monkeypatch, lb, reason):
+    from core.errors import KitError
+
+    nlb_in_aws(aws.url, {80: PLAIN, 443: PLAIN})
+    elbv2 = boto3.client("elbv2", region_name=REGION, endpoint_url=aws.url)
+    (live,) = elbv2.describe_load_balancers(Names=["wsgate-staging"])["LoadBalancers"]
+    subnets = [z["SubnetId"] for z in live["AvailabilityZones"]]
+    placed = {"vpcId": live["VpcId"], "subnets": subnets[:1] if lb == "one subnet" else subnets,
+              **(lb if isinstance(lb, dict) else {})}
+    with pytest.raises(KitError) as caught:
+        run(aws.url, monkeypatch, lb=placed)
+    assert "would replace the live load balancer wsgate-staging" in str(caught.value) and reason in str(caught.value)
+    assert "Subnets: add new ones only" in str(caught.value)
