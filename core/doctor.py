@@ -12,6 +12,9 @@ from core.record import ReadinessRecord
 from core.settings import Settings
 
 PROXY, PLAIN, NEITHER = "proxy", "plain", "neither"  # how a port answers: with the header, without, or not at all
+CLOSED = "closed"  # nothing listens on the port (read on a network load balancer's hosts only)
+_ANSWERS = {PROXY: "reads the PROXY header", PLAIN: "does not read the PROXY header",
+            NEITHER: "answers neither with nor without a PROXY header", CLOSED: "is not served"}
 
 
 @dataclass
@@ -26,7 +29,7 @@ class HostFacts:
     current: str = ""  # the `current` link (releases/<digest>)
     live: str | None = None  # the digest nginx answers with
     locked_by: str | None = None  # the run holding the rollout lock, if any
-    ports: dict[int, str] = field(default_factory=dict)  # proxied port -> PROXY | PLAIN | NEITHER
+    ports: dict[int, str] = field(default_factory=dict)  # port -> PROXY | PLAIN | NEITHER | CLOSED (probed_ports)
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,9 @@ class Ingress:
 class BalancerFacts:
     exists: bool
     listeners: list[tuple[str, int, str, int]] = field(default_factory=list)  # protocol, port, instance protocol, port
-    policy_ports: list[int] = field(default_factory=list)  # backend ports with the ProxyProtocol policy
+    # backend ports that get the header now: classic, those with the ProxyProtocol policy; network,
+    # the proxy ports whose target group (PROXY v2) a listener forwards to
+    policy_ports: list[int] = field(default_factory=list)
     registered: list[str] = field(default_factory=list)
     health: dict[str, str] = field(default_factory=dict)  # instance -> InService / OutOfService (why)
     lab_endpoint: bool = False  # the lab's AWS endpoint (moto): keeps no listener instance protocol, knows no health
@@ -77,8 +82,25 @@ def host_problems(s: Settings, h: HostFacts, policy_ports: list[int] | None) -> 
         out.append("the health port does not answer")
     if h.locked_by:
         out.append(f"a run holds the rollout lock ({h.locked_by})")
+    port_problems = network_port_problems if s.load_balancer.type == "network" else classic_port_problems
+    return out + port_problems(s, h.ports, policy_ports)
+
+
+def probed_ports(s: Settings) -> dict[int, str]:
+    """The ports `fab status` asks how they answer, each with what it serves (`redirect` or `app`):
+    classic, the proxied ports; network, the plain ports and the proxy ports beside them."""
+    p = s.ports
+    if s.load_balancer.type == "network":
+        return {p.http: "redirect", p.tls: "app", p.proxy_http: "redirect", p.proxy_tls: "app"}
+    return {p.http: "redirect", p.tls: "app"}
+
+
+def classic_port_problems(s: Settings, modes: dict[int, str], policy_ports: list[int] | None) -> list[str]:
+    """Classic: a port must read the header exactly where the policy is on (or, the load balancer
+    unknown, where the settings ask for it)."""
+    out = []
     want = PROXY if s.proxy_protocol else PLAIN
-    for port, mode in sorted(h.ports.items()):
+    for port, mode in sorted(modes.items()):
         if mode == NEITHER:
             out.append(f"port {port} answers neither with nor without a PROXY header")
         elif policy_ports is not None and (mode == PROXY) != (port in policy_ports):
@@ -91,6 +113,40 @@ def host_problems(s: Settings, h: HostFacts, policy_ports: list[int] | None) -> 
             out.append(f"port {port} {'reads' if mode == PROXY else 'does not read'} the PROXY header; the "
                        f"settings ask for {'it' if s.proxy_protocol else 'none'}: run `fab rollout`")
     return out
+
+
+def network_port_problems(s: Settings, modes: dict[int, str], sent: list[int] | None) -> list[str]:
+    """Network: the plain ports answer plain requests, always (their target groups send no header);
+    a proxy port reads the header whenever a listener forwards to its group (`sent`: those ports
+    now; None: unknown), and once proxy protocol is on. A proxy port nothing forwards to while
+    proxy protocol is off may be served or not: nothing reaches it."""
+    found = (_network_port_problem(s, port, mode, sent) for port, mode in sorted(modes.items()))
+    return [problem for problem in found if problem]
+
+
+def _network_port_problem(s: Settings, port: int, mode: str, sent: list[int] | None) -> str | None:
+    p = s.ports
+    plain = port in (p.http, p.tls)
+    forwarded = sent is not None and port in sent  # a listener forwards to this proxy port's group
+    if mode == NEITHER:
+        return f"port {port} {_ANSWERS[mode]}" if plain or forwarded or s.proxy_protocol else None
+    if plain:
+        if mode == PLAIN:
+            return None
+        partner = p.proxy_http if port == p.http else p.proxy_tls  # its listener's proxy group's port
+        why = " but its plain target group sends none" if mode == PROXY else ""
+        fails = sent is not None and partner not in sent  # the listener forwards to this plain port
+        return (f"port {port} {_ANSWERS[mode]}{why}"
+                + (": every request through it fails (run `fab rollout`)" if fails else " (run `fab rollout`)"))
+    if mode == PROXY:
+        return None
+    if forwarded:
+        return (f"port {port} {_ANSWERS[mode]} but the load balancer sends it: every request through it fails "
+                "(run `fab rollout` with proxyProtocol: true)")
+    if s.proxy_protocol:
+        return (f"port {port} {_ANSWERS[mode]}; the settings ask for the PROXY header there: run `fab rollout` "
+                "(the gate keeps its listener on the plain target group until then)")
+    return None
 
 
 def balancer_problems(s: Settings, lb: BalancerFacts | None, record: ReadinessRecord | None,
@@ -110,10 +166,14 @@ def balancer_problems(s: Settings, lb: BalancerFacts | None, record: ReadinessRe
         return [f"load balancer {s.load_balancer.name} does not exist: run `pulumi up`"], notes, gate
     if decision.warn or (not s.proxy_protocol and attached):
         problems.append(f"gate {decision.state.value}: {decision.message}")
-    want_ports = list(decision.ports)
+    if s.load_balancer.type == "network":
+        # a listener forwards to its proxy group when the decision covers that group's port (core.elb)
+        want_ports = sorted(set(decision.ports) & set(s.proxy_ports))
+        now = "the listeners send PROXY v2 to ports"
+    else:
+        want_ports, now = list(decision.ports), "the ProxyProtocol policy is on ports"
     if sorted(lb.policy_ports) != want_ports:
-        problems.append(f"the ProxyProtocol policy is on ports {lb.policy_ports or 'none'}, the gate wants "
-                        f"{want_ports or 'none'}: run `pulumi up`")
+        problems.append(f"{now} {lb.policy_ports or 'none'}, the gate wants {want_ports or 'none'}: run `pulumi up`")
     for protocol, port, instance_protocol, instance_port in lb.listeners:
         if instance_protocol.upper() != "TCP":
             if lb.lab_endpoint:

@@ -7,6 +7,8 @@ carries them over the SSH connection to the host's own ports.
 
 from __future__ import annotations
 
+import ipaddress
+import struct
 from dataclasses import dataclass
 
 import h11
@@ -16,7 +18,14 @@ from core.elb import HEALTH_PATH
 from core.settings import Settings
 
 PROBE_CLIENT = "192.0.2.10"  # a documentation address: what the probe's PROXY header claims
-PROBE_HEADER = proxyproto.v1(PROBE_CLIENT, "192.0.2.1", 40000, 443)
+PROBE_HEADER = proxyproto.v1(PROBE_CLIENT, "192.0.2.1", 40000, 443)  # a Classic ELB's (v1)
+# A network load balancer's (v2, TCP4): signature, version 2 + PROXY (0x21), TCP over IPv4 (0x11),
+# 12 bytes of addresses and ports.
+PROBE_HEADER_V2 = (proxyproto.V2_SIGNATURE + struct.pack("!BBH", 0x21, 0x11, 12)
+                   + ipaddress.IPv4Address(PROBE_CLIENT).packed + ipaddress.IPv4Address("192.0.2.1").packed
+                   + struct.pack("!HH", 40000, 443))
+# What a network load balancer's health check sends to a PROXY v2 group: LOCAL (0x20), no address.
+PROBE_LOCAL_V2 = proxyproto.V2_SIGNATURE + struct.pack("!BBH", 0x20, 0x00, 0)
 PROBE_PATH = "/wsgate-probe"
 UPSTREAM_HEADER = "x-upstream-status"  # set by the app location only: the app answered, not nginx
 
@@ -127,9 +136,23 @@ class Check:
     def exchange(self) -> Exchange:
         return Exchange(self.host, self.path, self.preface)
 
+    @property
+    def framing(self) -> str:
+        """How the request is framed, in words."""
+        if self.preface == PROBE_LOCAL_V2:
+            return "a request after a PROXY v2 LOCAL header (as a health check sends it)"
+        if self.preface.startswith(proxyproto.V2_SIGNATURE):
+            return "a request with a PROXY v2 header"
+        return f"a request {'with' if self.preface else 'without'} a PROXY header"
+
+    @property
+    def proves_header(self) -> bool:
+        """An answer proves the port reads the client's address from the header."""
+        return bool(self.preface) and self.preface != PROBE_LOCAL_V2 and self.expect != "reject"
+
     def judge(self, reply: Reply, settings: Settings, digest: str | None) -> str | None:
         """The problem with this answer, or None. `digest`: the config that must answer (None: any)."""
-        framing = f"port {self.port}: a request {'with' if self.preface else 'without'} a PROXY header"
+        framing = f"port {self.port}: {self.framing}"
         if self.expect == "reject":
             if reply.status is None or (reply.status == 400 and not reply.from_app):
                 return None
@@ -150,9 +173,23 @@ class Check:
 
 
 def checks(settings: Settings) -> list[Check]:
-    """The port checks after a reload (the health port's digest is checked first, by polling):
-    on each proxied port, a request framed as the load balancer will frame it reaches its place
-    (the redirect, or the app), and one framed the other way is rejected."""
+    """The port checks after a reload (the health port's digest is checked first, by polling)."""
+    if settings.load_balancer.type == "network":
+        return network_checks(settings)
+    return classic_checks(settings)
+
+
+def _pair(port: int, expect: str, settings: Settings, framed: bytes, other: bytes, prefix: str = "") -> list[Check]:
+    """A request framed as the load balancer sends it to `port` reaches its place (`expect`: the
+    redirect or the app), and one framed the other way is rejected."""
+    path = PROBE_PATH if expect == "redirect" else "/"
+    return [Check(f"{prefix}{expect}", port, settings.server_name, path, framed, expect),
+            Check(f"reject {prefix}{expect}", port, settings.server_name, path, other, "reject")]
+
+
+def classic_checks(settings: Settings) -> list[Check]:
+    """On each proxied port, a request framed as the load balancer will frame it (with the v1 header
+    once proxy protocol is on) reaches its place, and one framed the other way is rejected."""
     p, name = settings.ports, settings.server_name
     lb = PROBE_HEADER if settings.proxy_protocol else b""  # what the load balancer will send
     other = b"" if settings.proxy_protocol else PROBE_HEADER
@@ -164,6 +201,22 @@ def checks(settings: Settings) -> list[Check]:
     ]
 
 
+def network_checks(settings: Settings) -> list[Check]:
+    """The plain ports answer plain requests and reject a PROXY header, always (the plain target
+    groups send none). With proxy protocol on, the proxy ports answer a request behind a PROXY v2
+    header and reject a plain one (the proxy groups send v2), and the proxy app port answers after
+    a v2 LOCAL header, as the proxy groups' health checks send it."""
+    p = settings.ports
+    out: list[Check] = []
+    for port, expect in ((p.http, "redirect"), (p.tls, "app")):
+        out += _pair(port, expect, settings, b"", PROBE_HEADER_V2)
+    if settings.proxy_protocol:
+        for port, expect in ((p.proxy_http, "redirect"), (p.proxy_tls, "app")):
+            out += _pair(port, expect, settings, PROBE_HEADER_V2, b"", "proxy ")
+        out.append(Check("health check", p.proxy_tls, settings.server_name, "/", PROBE_LOCAL_V2, "app"))
+    return out
+
+
 def proven_ports(settings: Settings) -> list[int]:
     """The ports the checks prove read the PROXY header: what the readiness record may claim."""
-    return sorted({c.port for c in checks(settings) if c.preface and c.expect != "reject"})
+    return sorted({c.port for c in checks(settings) if c.proves_header})

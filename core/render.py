@@ -62,16 +62,30 @@ def digest_of(files: dict[str, str]) -> str:
     return h.hexdigest()
 
 
+def sockets(settings: Settings, service: str) -> list[int]:
+    """The instance ports one service listens on (`http`: the redirect, `tls`: the app): its plain
+    port, and for a network load balancer with proxy protocol on, its proxy port beside it."""
+    ports = [getattr(settings.ports, service)]
+    if settings.load_balancer.type == "network" and settings.proxy_protocol:
+        ports.append(getattr(settings.ports, f"proxy_{service}"))
+    return ports
+
+
 def render(settings: Settings, bind: str | None = None) -> Tree:
     """Render the tree for hosts that listen on `bind` (None: every address)."""
 
-    def listen(port: int, proxied: bool = True) -> str:
+    def listen(port: int) -> str:
+        """`listen` arguments for `port`: `proxy_protocol` on the ports that get the header once the
+        gate is open (classic: ports.http and ports.tls; network: the proxy ports), never elsewhere
+        (the plain ports of a network load balancer's hosts, the health port)."""
         address = f"[{bind}]:{port}" if bind and ":" in bind else f"{bind}:{port}" if bind else str(port)
-        return f"{address} proxy_protocol" if proxied and settings.proxy_protocol else address
+        reads = settings.proxy_protocol and port in settings.proxy_ports
+        return f"{address} proxy_protocol" if reads else address
 
     env = _environment()
     names = sorted(n for n in env.list_templates() if n.endswith(".j2"))
-    context = {"s": settings, "listen": listen, "health_path": HEALTH_PATH, "bind": bind}
+    context = {"s": settings, "listen": listen, "sockets": lambda service: sockets(settings, service),
+               "health_path": HEALTH_PATH, "bind": bind}
     try:
         files = {n[:-3]: env.get_template(n).render(context) for n in names if n[:-3] != DIGEST_FILE}
         digest = digest_of(files)

@@ -7,7 +7,7 @@ them at its loopback endpoint); credentials come from the usual boto3 chain.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from urllib.parse import urlparse
 
@@ -15,6 +15,7 @@ import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from core.elb import NetworkHealthCheck
 from core.errors import KitError
 from core.record import ReadinessRecord
 from core.settings import Settings
@@ -214,6 +215,7 @@ class TargetGroupState:
     port: int  # the instance port
     proxy_protocol_v2: bool
     targets: tuple[str, ...]  # instances registered in it (draining ones are leaving: not counted)
+    health: NetworkHealthCheck | None = None  # its health check (None: off)
 
 
 @dataclass(frozen=True)
@@ -222,6 +224,7 @@ class NetworkState:
 
     arn: str
     listeners: dict[int, tuple[TargetGroupState, ...]]  # listener port -> the groups it forwards to
+    protocols: dict[int, str] = field(default_factory=dict)  # listener port -> "TCP" or "TLS"
 
     @property
     def proxy_ports(self) -> list[int]:
@@ -268,13 +271,36 @@ def network_state(settings: Settings) -> NetworkState | None:
                        LoadBalancerArn=arn)
     forwards = {int(x["Port"]): _forwarded(x.get("DefaultActions", [])) for x in described}
     groups = {a: _target_group(settings, a) for a in sorted({a for arns in forwards.values() for a in arns})}
-    return NetworkState(arn, {port: tuple(groups[a] for a in arns) for port, arns in sorted(forwards.items())})
+    return NetworkState(arn, {port: tuple(groups[a] for a in arns) for port, arns in sorted(forwards.items())},
+                        {int(x["Port"]): x["Protocol"] for x in described})
 
 
 def proxy_listener_ports(settings: Settings) -> list[int]:
     """The instance ports a network load balancer's listeners send the PROXY header to now."""
     state = network_state(settings)
     return state.proxy_ports if state else []
+
+
+def target_health(settings: Settings, state: NetworkState) -> dict[str, str]:
+    """Instance ID -> InService, or OutOfService (why), over the target groups the listeners forward
+    to now (healthy in every one of them): what `instance_health` says of a Classic ELB."""
+    elbv2 = client(settings, "elbv2")
+    out: dict[str, str] = {}
+    groups = {g.arn: g for forwarded in state.listeners.values() for g in forwarded}
+    for _, group in sorted(groups.items()):
+        found = _call(f"elbv2 describe-target-health {group.name}", elbv2.describe_target_health,
+                      TargetGroupArn=group.arn)["TargetHealthDescriptions"]
+        for t in found:
+            health = t.get("TargetHealth", {})
+            instance, word = t["Target"]["Id"], health.get("State", "unknown")
+            if word == "draining":  # leaving this group: not counted, as in TargetGroupState.targets
+                continue
+            if word == "healthy":
+                out.setdefault(instance, "InService")
+            elif not out.get(instance, "").startswith("OutOfService"):
+                why = ": ".join(x for x in (word, health.get("Description")) if x)
+                out[instance] = f"OutOfService ({group.name}: {why})"
+    return out
 
 
 def _forwarded(actions: list[dict]) -> list[str]:
@@ -304,7 +330,23 @@ def _target_group(settings: Settings, arn: str) -> TargetGroupState:
         proxy_protocol_v2=any(a["Key"] == "proxy_protocol_v2.enabled" and a["Value"].lower() == "true"
                               for a in attributes),
         targets=tuple(sorted({t["Target"]["Id"] for t in health
-                              if t.get("TargetHealth", {}).get("State") != "draining"})))
+                              if t.get("TargetHealth", {}).get("State") != "draining"})),
+        health=_health_check(group))
+
+
+def _health_check(group: dict) -> NetworkHealthCheck | None:
+    """A target group's health check as described (None: disabled)."""
+    if not group.get("HealthCheckEnabled", True):
+        return None
+    protocol = group.get("HealthCheckProtocol", "TCP")
+    http = protocol in ("HTTP", "HTTPS")
+    timing = {name: int(group[key]) for name, key in (
+        ("interval", "HealthCheckIntervalSeconds"), ("timeout", "HealthCheckTimeoutSeconds"),
+        ("healthy_threshold", "HealthyThresholdCount"), ("unhealthy_threshold", "UnhealthyThresholdCount"))
+        if key in group}
+    return NetworkHealthCheck(protocol=protocol, port=str(group.get("HealthCheckPort", "traffic-port")),
+                              path=group.get("HealthCheckPath") if http else None,
+                              matcher=(group.get("Matcher") or {}).get("HttpCode") if http else None, **timing)
 
 
 def _pages(what: str, api, operation: str, key: str, **kwargs) -> list[dict]:

@@ -9,22 +9,41 @@ from dataclasses import asdict
 from rich.markup import escape
 from rich.table import Table
 
-from core.doctor import NEITHER, PLAIN, PROXY, BalancerFacts, HostFacts, balancer_problems, host_problems
+from core.doctor import (
+    CLOSED,
+    NEITHER,
+    PLAIN,
+    PROXY,
+    BalancerFacts,
+    HostFacts,
+    balancer_problems,
+    host_problems,
+    probed_ports,
+)
 from core.errors import KitError
 from core.plan import Remote, parse_state
-from core.probe import PROBE_HEADER, PROBE_PATH, Check
+from core.probe import PROBE_HEADER, PROBE_HEADER_V2, PROBE_PATH, Check
 from core.render import Tree
 from core.settings import Host, Settings
 from remote.probe import exchange, live
-from remote.ssh import Ssh
+from remote.ssh import Ssh, SshError
 
 
-def _port_mode(ssh: Ssh, conn, settings: Settings, address: str, port: int) -> str:
-    """How a proxied port answers: with the PROXY header (PROXY), without it (PLAIN), or neither."""
-    expect, path = ("redirect", PROBE_PATH) if port == settings.ports.http else ("app", "/")
-    for mode, preface in ((PROXY, PROBE_HEADER), (PLAIN, b"")):
+def _port_mode(ssh: Ssh, conn, settings: Settings, address: str, port: int, expect: str) -> str:
+    """How a port answers: with the PROXY header (PROXY), without it (PLAIN), or neither. On a
+    network load balancer's hosts, CLOSED when nothing listens there (a proxy port is served only
+    while proxy protocol is on); the header is then the v2 one that load balancer sends."""
+    network = settings.load_balancer.type == "network"
+    path = PROBE_PATH if expect == "redirect" else "/"
+    for mode, preface in ((PROXY, PROBE_HEADER_V2 if network else PROBE_HEADER), (PLAIN, b"")):
         check = Check(mode, port, settings.server_name, path, preface, expect)
-        if check.judge(exchange(ssh, conn, address, port, check.exchange()), settings, None) is None:
+        try:
+            reply = exchange(ssh, conn, address, port, check.exchange())
+        except SshError:
+            if not network:
+                raise
+            return CLOSED
+        if check.judge(reply, settings, None) is None:
             return mode
     return NEITHER
 
@@ -48,7 +67,8 @@ def _host(settings: Settings, host: Host, tree: Tree, ssh: Ssh) -> HostFacts:
         seen = live(ssh, conn, address, settings.ports.health)
         facts.live = seen.digest if seen else None
         if facts.nginx != "no":
-            facts.ports = {p: _port_mode(ssh, conn, settings, address, p) for p in settings.ports.proxied}
+            facts.ports = {p: _port_mode(ssh, conn, settings, address, p, expect)
+                           for p, expect in probed_ports(settings).items()}
     except KitError as exc:
         facts.error = str(exc)
     finally:
@@ -59,6 +79,8 @@ def _host(settings: Settings, host: Host, tree: Tree, ssh: Ssh) -> HostFacts:
 def _balancer(settings: Settings) -> BalancerFacts:
     from remote import aws
 
+    if settings.load_balancer.type == "network":
+        return _network_balancer(settings)
     d = aws.describe(settings)
     if d is None:
         return BalancerFacts(exists=False)
@@ -71,6 +93,32 @@ def _balancer(settings: Settings) -> BalancerFacts:
         policy_ports=aws.proxy_protocol_ports(settings),
         registered=registered,
         health=aws.instance_health(settings),
+        lab_endpoint=aws.is_lab(settings),
+        security_groups=list(d.get("SecurityGroups", [])),
+        ingress=ingress,
+        unknown=unknown,
+    )
+
+
+def _network_balancer(settings: Settings) -> BalancerFacts:
+    """A network load balancer's facts: each listener with the target groups it forwards to now, the
+    proxy ports among them (`policy_ports`: they get PROXY v2), the instances in those groups and
+    their health there."""
+    from remote import aws
+
+    d = aws.describe_network(settings)
+    state = aws.network_state(settings) if d else None
+    if d is None or state is None:
+        return BalancerFacts(exists=False)
+    ingress, unknown = aws.instance_ingress(settings, sorted(set(state.serving) | set(settings.load_balancer.instances)))
+    return BalancerFacts(
+        exists=True,
+        # the instance side: the kit's target groups are TCP (a TLS one would hide the header in TLS)
+        listeners=[(state.protocols.get(port, "?"), port, "TCP", g.port) for port, groups in state.listeners.items()
+                   for g in groups],
+        policy_ports=state.proxy_ports,
+        registered=state.serving,
+        health=aws.target_health(settings, state),
         lab_endpoint=aws.is_lab(settings),
         security_groups=list(d.get("SecurityGroups", [])),
         ingress=ingress,
@@ -95,7 +143,7 @@ def gather(settings: Settings, hosts: list[Host], trees: dict[str, Tree], ssh: S
         except KitError as exc:
             record_problem = str(exc)
         problems, notes, gate = balancer_problems(settings, lb, record, record_problem)
-        view["loadBalancer"] = {**asdict(lb), "problems": problems, "notes": notes}
+        view["loadBalancer"] = {**asdict(lb), "type": settings.load_balancer.type, "problems": problems, "notes": notes}
         view["gate"] = {**gate, "record": None if record is None else {
             "writtenAt": record.written_at.isoformat(), "ports": record.proxy_protocol_ports,
             "instances": record.instances}}
@@ -121,7 +169,8 @@ def show(reporter, view: dict) -> None:
     lb = view["loadBalancer"]
     if lb.get("exists"):
         reporter.message(f"load balancer: listeners {', '.join(f'{a}:{b} -> {c}:{d}' for a, b, c, d in lb['listeners'])}; "
-                         f"ProxyProtocol policy on ports {lb['policy_ports'] or 'none'}")
+                         + (f"PROXY v2 to ports {lb['policy_ports'] or 'none'}" if lb["type"] == "network" else
+                            f"ProxyProtocol policy on ports {lb['policy_ports'] or 'none'}"))
         for instance, state in sorted(lb["health"].items()):
             reporter.message(f"  {instance}: {state}")
     for note in lb.get("notes", []):

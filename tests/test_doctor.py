@@ -79,3 +79,101 @@ def test_security_groups_of_real_instances_are_read_and_judged(aws):
     judged, _, _ = balancer_problems(s, lb, None, None)
     assert problems[0] in judged
     assert "i-0000000000000dead: EC2 does not know this instance (its security groups cannot be checked)" in judged
+
+
+# --- a network load balancer's hosts: plain ports and proxy ports -----------------------------
+
+def network(**changes):
+    return settings_from("staging", load_balancer={"type": "network"}, **changes)
+
+
+def ports(http="plain", tls="plain", proxy_http="proxy", proxy_tls="proxy") -> HostFacts:
+    d = "d" * 64
+    return HostFacts("web-1", "i-0123456789abcdef0", d, nginx="ours", live=d, current=f"releases/{d}",
+                     ports={80: http, 81: tls, 82: proxy_http, 83: proxy_tls})
+
+
+def test_network_hosts_that_serve_both_sets_agree_whatever_the_listeners_forward_to():
+    for sent in ([], [82], [82, 83], None):
+        assert host_problems(network(), ports(), sent) == [], sent
+
+
+def test_a_proxy_port_that_does_not_read_the_header_while_its_listener_forwards_there_fails_every_request():
+    problems = host_problems(network(), ports(proxy_tls="plain"), [82, 83])
+    assert problems == ["port 83 does not read the PROXY header but the load balancer sends it: every request "
+                        "through it fails (run `fab rollout` with proxyProtocol: true)"]
+    closed = host_problems(network(proxy_protocol=False), ports(proxy_http="closed", proxy_tls="closed"), [82])
+    assert closed == ["port 82 is not served but the load balancer sends it: every request through it fails "
+                      "(run `fab rollout` with proxyProtocol: true)"]
+
+
+def test_a_proxy_port_nothing_forwards_to_is_judged_by_the_settings():
+    asked = host_problems(network(), ports(proxy_http="closed", proxy_tls="plain"), [])
+    assert asked == [
+        "port 82 is not served; the settings ask for the PROXY header there: run `fab rollout` (the gate keeps "
+        "its listener on the plain target group until then)",
+        "port 83 does not read the PROXY header; the settings ask for the PROXY header there: run `fab rollout` "
+        "(the gate keeps its listener on the plain target group until then)",
+    ]
+    off = network(proxy_protocol=False)
+    for mode in ("closed", "proxy", "plain"):  # off and not forwarded to: nothing reaches it
+        assert host_problems(off, ports(proxy_http=mode, proxy_tls=mode), []) == [], mode
+    assert host_problems(off, ports(proxy_http="closed", proxy_tls="closed"), None) == []
+
+
+def test_a_plain_port_must_answer_plain_requests_always():
+    on_plain = host_problems(network(), ports(http="proxy"), [83])  # the TCP:80 listener is on its plain group
+    assert on_plain == ["port 80 reads the PROXY header but its plain target group sends none: every request "
+                        "through it fails (run `fab rollout`)"]
+    on_proxy = host_problems(network(), ports(http="proxy"), [82, 83])
+    assert on_proxy == ["port 80 reads the PROXY header but its plain target group sends none (run `fab rollout`)"]
+    assert host_problems(network(), ports(tls="neither", proxy_tls="neither"), [83]) == [
+        "port 81 answers neither with nor without a PROXY header",
+        "port 83 answers neither with nor without a PROXY header"]
+    assert host_problems(network(proxy_protocol=False), ports(tls="closed", proxy_tls="closed"), []) == [
+        "port 81 is not served: every request through it fails (run `fab rollout`)"]
+
+
+def test_the_network_gate_is_compared_with_the_proxy_ports_the_listeners_forward_to():
+    s = network()
+    instances = list(s.load_balancer.instances)
+    lb = BalancerFacts(exists=True, listeners=[("TCP", 80, "TCP", 80), ("TLS", 443, "TCP", 81)],
+                       policy_ports=[], registered=instances, health={i: "InService" for i in instances})
+    problems, _, gate = balancer_problems(s, lb, None, None)
+    assert gate["state"] == "closed"
+    assert not any("the listeners send PROXY v2" in p for p in problems)  # closed: plain is what it wants
+    stuck = BalancerFacts(**{**lb.__dict__, "policy_ports": [83]})
+    problems, _, gate = balancer_problems(s, stuck, None, None)
+    assert gate["state"] == "sticky" and gate["ports"] == [83]
+    assert not any("the listeners send PROXY v2" in p for p in problems)
+    off = network(proxy_protocol=False)
+    problems, _, _ = balancer_problems(off, stuck, None, None)
+    assert "the listeners send PROXY v2 to ports [83], the gate wants none: run `pulumi up`" in problems
+    # a proxy port the gate keeps that is no longer ports.proxyTls: its listener goes back to plain
+    moved = network(ports={"proxyTls": 84})
+    problems, _, gate = balancer_problems(moved, stuck, None, None)
+    assert gate["ports"] == [83]
+    assert "the listeners send PROXY v2 to ports [83], the gate wants none: run `pulumi up`" in problems
+
+
+def test_fab_status_reads_a_network_load_balancer_through_the_elbv2_api(aws):
+    """The facts `fab status` gathers for a network load balancer (a loopback ELBv2 endpoint): each
+    listener with the group it forwards to, the proxy ports among them, members and their health."""
+    from core.elb import PLAIN, PROXY
+    from remote.status import _balancer
+    from tests.test_program_network import INSTANCES, nlb_in_aws, settings_for
+
+    s = settings_for(aws.url)
+    assert _balancer(s) == BalancerFacts(exists=False)
+    nlb_in_aws(aws.url, {80: PLAIN, 443: PROXY})
+    lb = _balancer(s)
+    assert lb.exists and lb.listeners == [("TCP", 80, "TCP", 80), ("TLS", 443, "TCP", 83)]
+    assert lb.policy_ports == [83] and lb.registered == INSTANCES
+    assert lb.health == {i: "InService" for i in INSTANCES} and len(lb.security_groups) == 1
+    # a host that serves the proxy app port plain while the TLS:443 listener forwards there
+    assert host_problems(s, ports(proxy_tls="plain"), lb.policy_ports) == [
+        "port 83 does not read the PROXY header but the load balancer sends it: every request through it fails "
+        "(run `fab rollout` with proxyProtocol: true)"]
+    problems, _, gate = balancer_problems(s, lb, None, None)
+    assert gate["state"] == "sticky"  # no record, and 83 gets the header now: kept
+    assert not any("the listeners send PROXY v2" in p for p in problems)

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 
 from core import proxyproto
+from core.probe import Check, checks
 from core.render import render
 from lab.client import dial, http_get, raw_exchange, ws_hello
 from tests.conftest import settings_from
 from tests.support.haproxy import HAProxy
 from tests.support.nginx import Nginx
-from tests.support.procs import free_port, wait_port
+from tests.support.procs import free_port, free_ports, wait_port
 
 pytestmark = pytest.mark.integration
 
@@ -169,3 +171,147 @@ def test_health_port_ignores_proxy_headers(edge):
     reply = raw_exchange(dial(BIND, edge["ports"]["health"]),
                          header("v1") + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 400")
+
+
+# --- a network load balancer's hosts: plain ports and proxy ports, served at once ------------
+
+CHECK_INTERVAL = "inter 100ms fall 1 rise 1"
+HTTP_CHECK = ("option httpchk", f"http-check send meth GET uri / ver HTTP/1.1 hdr Host {NAME}",
+              "http-check expect status 200")
+
+
+@pytest.fixture(scope="module")
+def nlb(app, tmp_path_factory):
+    """nginx rendered for a network load balancer with proxy protocol on, HAProxy in front as its
+    target groups: plain routes to the plain ports, `send-proxy-v2` routes to the proxy ports; the
+    proxy app route health-checked as the proxy group is (the header on checks: v2 LOCAL), and one
+    route health-checking the proxy app port without the header."""
+    root = tmp_path_factory.mktemp("nginx-network")
+    ports = dict(zip(("http", "tls", "health", "proxyHttp", "proxyTls"), free_ports(5, [BIND]), strict=True))
+    settings = settings_from(
+        "lab", ports=ports, app={"upstreams": [f"{app[0]}:{app[1]}"]},
+        nginx={"root": str(root), "workerShutdownTimeout": 5},
+        load_balancer={"type": "network", "availabilityZones": [], "subnets": ["subnet-0123456789abcdef0"],
+                       "vpcId": "vpc-0123456789abcdef0"},
+    )
+    tree = render(settings, BIND)
+    nginx = Nginx(root)
+    nginx.install(tree)
+    check = nginx.test()
+    assert check.returncode == 0, check.stderr
+    nginx.start()
+    for port in ports.values():
+        wait_port(BIND, port)
+    lb = {name: free_port() for name in ("http", "tls", "proxyHttp", "proxyTls", "unframed check")}
+    haproxy = HAProxy(tmp_path_factory.mktemp("haproxy-network"), [
+        (lb["http"], BIND, ports["http"], ""),
+        (lb["tls"], BIND, ports["tls"], ""),
+        (lb["proxyHttp"], BIND, ports["proxyHttp"], "send-proxy-v2"),
+        (lb["proxyTls"], BIND, ports["proxyTls"], f"send-proxy-v2 check check-send-proxy {CHECK_INTERVAL}",
+         HTTP_CHECK),
+        (lb["unframed check"], BIND, ports["proxyTls"], f"check {CHECK_INTERVAL}", HTTP_CHECK),
+    ], stats=True)
+    haproxy.start()
+    yield {"nginx": nginx, "ports": ports, "lb": lb, "digest": tree.digest, "settings": settings,
+           "haproxy": haproxy}
+    haproxy.stop()
+    nginx.stop()
+
+
+def test_network_proxy_ports_through_haproxy_v2_see_the_clients_own_address(nlb):
+    hello, echo = ws_hello(dial("127.0.0.1", nlb["lb"]["proxyTls"], source=CLIENT), NAME, {"X-Forwarded-For": "6.6.6.6"})
+    assert (hello["client_ip"], hello["x_forwarded_for"], echo) == (CLIENT, CLIENT, "ping-echo")
+    status, headers, _ = http_get(dial("127.0.0.1", nlb["lb"]["proxyHttp"], source=CLIENT), NAME, "/x")
+    assert (status, headers["location"], headers["x-config-digest"]) == (301, f"https://{NAME}/x", nlb["digest"])
+    assert wait_for_log(nlb["nginx"], "lab-app.access.log", "GET /ws HTTP/1.1", CLIENT)
+
+
+def wait_for_log(nginx: Nginx, name: str, request: str, client: str, timeout: float = 5.0) -> bool:
+    """An elb_log line for `request` whose first field is `client` (a WebSocket is logged once closed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [m for m in map(ELB_LOG.match, nginx.log(name).splitlines()) if m and m["request"] == request]
+        if any(m["client"] == client for m in found) or time.monotonic() > deadline:
+            return any(m["client"] == client for m in found)
+        time.sleep(0.05)
+
+
+def test_network_plain_ports_serve_plain_requests_at_the_same_time(nlb):
+    """The same nginx, the plain target group's way: no header, so the peer (the load balancer) is
+    all there is; nothing is rejected, so a listener can switch groups either way."""
+    held = dial("127.0.0.1", nlb["lb"]["proxyTls"], source=CLIENT)  # a proxy-side connection stays open
+    try:
+        hello, echo = ws_hello(dial("127.0.0.1", nlb["lb"]["tls"], source=CLIENT), NAME)
+        assert (hello["client_ip"], echo) == ("127.0.0.1", "ping-echo")
+        status, headers, _ = http_get(dial("127.0.0.1", nlb["lb"]["http"], source=CLIENT), NAME, "/y")
+        assert (status, headers["location"]) == (301, f"https://{NAME}/y")
+        status, _, body = http_get(held, NAME)
+        assert status == 200 and json.loads(body)["client_ip"] == CLIENT
+    finally:
+        held.close()
+
+
+def test_proxy_group_health_checks_with_a_v2_local_header_keep_the_server_up(nlb):
+    """HAProxy's checks on a send-proxy-v2 server carry a v2 LOCAL header, as an NLB's on a PROXY v2
+    group do: nginx skips it and answers. The same check without the header fails on that port."""
+    deadline, seen = time.monotonic() + 10, {}
+    while time.monotonic() < deadline:
+        seen = nlb["haproxy"].servers()
+        if seen[nlb["lb"]["proxyTls"]] == ("UP", "L7OK") and seen[nlb["lb"]["unframed check"]][0] == "DOWN":
+            break
+        time.sleep(0.1)
+    assert seen[nlb["lb"]["proxyTls"]] == ("UP", "L7OK"), seen
+    assert seen[nlb["lb"]["unframed check"]][0] == "DOWN", seen
+
+
+def run_check(check: Check, address: str = BIND):
+    """One probe check over a plain socket (as `fab rollout` sends it over SSH): the reply."""
+    sock, ex = dial(address, check.port), check.exchange()
+    try:
+        sock.sendall(ex.request)
+        while not ex.feed(sock.recv(65536)):
+            pass
+    except OSError:
+        pass
+    finally:
+        sock.close()
+    return ex.reply()
+
+
+def test_the_network_probe_checks_pass_on_the_network_tree_and_fail_on_a_classic_one(nlb, edge):
+    s = nlb["settings"]
+    assert [c.name for c in checks(s) if c.judge(run_check(c), s, nlb["digest"])] == []
+    # the classic tree reads the header on its plain ports: the network checks of those ports fail
+    classic = settings_from("lab", ports={**edge["ports"], "proxyHttp": nlb["ports"]["proxyHttp"],
+                                          "proxyTls": nlb["ports"]["proxyTls"]},
+                            load_balancer={"type": "network", "availabilityZones": [],
+                                           "subnets": ["subnet-0123456789abcdef0"], "vpcId": "vpc-0123456789abcdef0"})
+    failed = [c.name for c in checks(classic) if c.judge(run_check(c), classic, None)]
+    assert failed == ["redirect", "reject redirect", "app", "reject app"]
+
+
+class LoopbackChannels:
+    """Stands in for the SSH session of `fab status`: a "channel" to a port is a plain socket."""
+
+    def channel(self, conn, address: str, port: int, timeout: float = 5.0):
+        from remote.ssh import SshError
+
+        try:
+            return dial(address, port)
+        except OSError as exc:
+            raise SshError(f"cannot reach {address}:{port} from the host: {exc}") from None
+
+
+def test_fab_status_reads_how_every_port_answers(nlb, edge):
+    from core.doctor import probed_ports
+    from remote.status import _port_mode
+
+    s = nlb["settings"]
+    modes = {p: _port_mode(LoopbackChannels(), None, s, BIND, p, expect) for p, expect in probed_ports(s).items()}
+    p = nlb["ports"]
+    assert modes == {p["http"]: "plain", p["tls"]: "plain", p["proxyHttp"]: "proxy", p["proxyTls"]: "proxy"}
+    unserved = s.model_copy(update={"ports": s.ports.model_copy(update={"proxy_tls": free_port(BIND)})})
+    assert _port_mode(LoopbackChannels(), None, unserved, BIND, unserved.ports.proxy_tls, "app") == "closed"
+    classic = edge["settings"]
+    assert {p: _port_mode(LoopbackChannels(), None, classic, BIND, p, expect)
+            for p, expect in probed_ports(classic).items()} == {port: "proxy" for port in classic.ports.proxied}

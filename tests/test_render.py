@@ -140,3 +140,88 @@ def test_rendered_tree_is_clean_under_gixy(tmp_path, env):
                             cwd=root, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads(result.stdout) == []
+
+
+# --- classic renders stay as they were; the network load balancer's hosts serve both sets ----
+
+# The staging trees as every classic host serves them. A change here reloads every classic host
+# at its next rollout: make it only on purpose.
+CLASSIC_DIGESTS = {
+    True: "62c00d4a471d4dde1f743874db9d68606bff36238d600f542ba5534351ae7903",
+    False: "591387627deb450ea5729a61d0914a52b16cb7ca777c2a716876745e1dc0cee8",
+}
+
+
+def network(env: str = "staging", **changes):
+    lb = {"type": "network"}
+    if env == "lab":  # placed by subnets, in a VPC
+        lb |= {"availabilityZones": [], "subnets": ["subnet-0123456789abcdef0"], "vpcId": "vpc-0123456789abcdef0"}
+    return settings_from(env, load_balancer=lb, **changes)
+
+
+@pytest.mark.parametrize("proxy_protocol", [True, False])
+def test_classic_trees_keep_their_digests_and_never_mention_the_proxy_ports(proxy_protocol):
+    assert render(settings_from("staging", proxy_protocol=proxy_protocol)).digest == CLASSIC_DIGESTS[proxy_protocol]
+    lab = settings_from("lab", proxy_protocol=proxy_protocol)
+    for tree in render_hosts(lab).values():
+        text = "".join(tree.files.values())
+        assert str(lab.ports.proxy_http) not in text and str(lab.ports.proxy_tls) not in text
+        assert "target group" not in text and "PROXY v2" not in text
+
+
+def sockets_of(directives) -> dict[str, list[set[str]]]:
+    """listen address -> the flags of each server block on it."""
+    out = defaultdict(list)
+    for args in (d[2] for d in directives if d[1] == "listen"):
+        out[args[0]].append(set(args[1:]))
+    return out
+
+
+def named_servers(tree, tmp_path) -> dict[str, set[str]]:
+    """listen port -> what the named server (not the default one) on it does: `return`, `proxy_pass`."""
+    payload = crossplane.parse(str(tree.write(tmp_path / "servers") / "nginx.conf"))
+    out: dict[str, set[str]] = defaultdict(set)
+
+    def inside(block):
+        for d in block:
+            yield d
+            yield from inside(d.get("block", []))
+
+    for config in payload["config"]:
+        for server in (d for d in inside(config["parsed"]) if d["directive"] == "server" and "block" in d):
+            found = list(inside(server["block"]))
+            if any(d["directive"] == "server_name" and d["args"] != ["_"] for d in found):
+                for listen in (d for d in server["block"] if d["directive"] == "listen"):
+                    out[listen["args"][0]] |= {d["directive"] for d in found if d["directive"] in ("return", "proxy_pass")}
+    return out
+
+
+def test_network_hosts_serve_plain_ports_always_and_proxy_ports_beside_them(tmp_path):
+    tree = render(network())
+    directives = parsed(tree, tmp_path)
+    sockets = sockets_of(directives)
+    assert set(sockets) == {"80", "81", "82", "83", "8081"}
+    for port, flag_sets in sockets.items():
+        assert sum("default_server" in f for f in flag_sets) == 1, port
+        assert all(("proxy_protocol" in f) == (port in ("82", "83")) for f in flag_sets), port
+    servers = named_servers(tree, tmp_path)
+    assert servers["80"] == servers["82"] == {"return"} and servers["81"] == servers["83"] == {"proxy_pass"}
+    assert [a for _, n, a, _ in directives if n == "set_real_ip_from"] == [["198.51.100.0/26"], ["198.51.100.64/26"]]
+    assert [a for _, n, a, _ in directives if n == "real_ip_header"] == [["proxy_protocol"]]
+
+
+def test_network_hosts_without_proxy_protocol_serve_the_plain_ports_only(tmp_path):
+    tree = render(network(proxy_protocol=False))
+    assert set(sockets_of(parsed(tree, tmp_path))) == {"80", "81", "8081"}
+    assert "proxy_protocol" not in "".join(tree.files.values())
+    assert json.loads(tree.files["release.json"])["ports"] == {"http": 80, "tls": 81, "health": 8081}
+
+
+def test_network_release_manifest_names_the_proxy_ports_and_the_tree_is_clean_under_gixy(tmp_path):
+    tree = render(network())
+    assert json.loads(tree.files["release.json"])["ports"] == {
+        "http": 80, "tls": 81, "health": 8081, "proxyHttp": 82, "proxyTls": 83}
+    root = tree.write(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "gixy", "-f", "json", "nginx.conf"],
+                            cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0 and json.loads(result.stdout) == [], result.stdout + result.stderr
