@@ -1,7 +1,9 @@
-# make test: everything the suite needs, then the suite. make lab: the whole system on loopback.
+# make test: everything the suite needs, then the suite. make lab: the whole system on loopback
+# (make lab LB=network: the same with a network load balancer).
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
+LB ?= classic
 
 .PHONY: test lab lab-down bench deps system-deps venv clean
 
@@ -11,7 +13,7 @@ test: deps
 	$(PY) -m pytest
 
 lab: deps
-	$(PY) -m lab up
+	$(PY) -m lab up --lb $(LB)
 
 bench: deps
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-bench.txt

@@ -126,3 +126,12 @@ def network_forwarding(decision_ports: tuple[int, ...] | list[int], s: Settings)
     setting changed) does not keep its listener on proxy: the new group's port is unproven, and
     the plain group is always safe (client addresses are lost until it is proven, no request)."""
     return {x.port: PROXY if x.proxy.port in decision_ports else PLAIN for x in network_listeners(s)}
+
+
+def drain_seconds(s: Settings) -> int:
+    """How long, once the load balancer stopped sending the PROXY header, the hosts keep reading it
+    before a turn-off takes it away. Network: `loadBalancer.deregistrationDelay`, as for a target
+    leaving a group: a listener change reaches the load balancer's nodes over time (AWS states no
+    bound), and until it has, new connections still go to the proxy groups' ports. Classic: none,
+    the policy goes off in place (the cutover window the README measures)."""
+    return s.load_balancer.deregistration_delay if s.load_balancer.type == "network" else 0

@@ -19,7 +19,6 @@ from core.elb import network_forwarding
 from core.errors import KitError
 from core.gate import Decision, Plan, plan_for
 from core.record import ReadinessRecord, RecordError
-from core.replacement import Live, refusal, replacing
 from core.settings import Settings, check_neighbours, from_config
 from infra.elb import LoadBalancerArgs, WsGateLoadBalancer
 from infra.nlb import NetworkLoadBalancerArgs, WsGateNetworkLoadBalancer
@@ -88,15 +87,7 @@ def refuse_replacement(s: Settings) -> None:
     """Stop before anything is declared when the settings would replace the live load balancer."""
     from remote import aws as edge
 
-    if s.load_balancer.type == "network":
-        described = edge.describe_network(s)
-        live = Live.network(described) if described else None
-    else:
-        described = edge.describe(s)
-        live = Live.classic(described) if described else None
-    reasons = replacing(s, live)
-    if reasons:
-        raise KitError(refusal(s, reasons))
+    edge.refuse_replacement(s)
 
 
 def gate_plan(s: Settings) -> Plan:

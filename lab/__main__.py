@@ -4,6 +4,8 @@ up:    backend hosts (sshd + nginx each, on 127.0.1.x), the lab AWS endpoint (mo
        app, the load balancer (Pulumi where the CLI exists, else the same calls with boto3),
        the HAProxy stand-in following it, then the real `fab rollout --env lab --apply`, and
        the proof: a WebSocket through the stand-in's SSL listener from 127.0.0.77.
+       `--lb network`: the same with a network load balancer (the environment is written into
+       the lab directory, placed in the lab endpoint's VPC).
 down:  stops everything `up` started (it is safe to run twice, and `up` runs it first).
 """
 
@@ -19,6 +21,8 @@ import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
+
+import yaml
 
 from core.elb import HEALTH_PATH
 from core.errors import KitError
@@ -37,12 +41,16 @@ def say(text: str) -> None:
 
 
 class Lab:
-    def __init__(self, env: str = "lab", directory: Path | None = None, listen: dict[int, int] | None = None):
+    def __init__(self, env: str = "lab", directory: Path | None = None, listen: dict[int, int] | None = None,
+                 kind: str = "classic"):
         self.env = env  # a name (Pulumi.<env>.yaml here) or a path to an environment file
         self.settings: Settings = load(env, REPO)
         self.env_file = Path(env) if env.endswith((".yaml", ".yml")) else REPO / f"Pulumi.{env}.yaml"
         self.dir = Path(directory or Path(self.settings.ssh.known_hosts).parent.parent)
         self.listen = listen or LISTEN
+        self.kind = kind  # "classic", or "network": `up` writes the environment with a network load balancer
+        self.base_env_file = self.env_file
+        self.network_env_file = self.dir / f"Pulumi.{self.settings.env}-network.yaml"
         self.state_file = self.dir / "state.json"
         self.hosts = [lab_hosts.SshHost(h.name, h.address, h.ssh_port or 22, self.dir / h.name)
                       for h in self.settings.hosts]
@@ -107,6 +115,7 @@ class Lab:
     def up(self, rollout: bool = True) -> dict:
         self.down()
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.network_env_file.unlink(missing_ok=True)  # it names a VPC of an endpoint that is gone
         s = self.settings
         say(f"state in {self.dir}")
         client_pub = lab_hosts.keygen(self.dir / "client" / "id_ed25519")
@@ -126,13 +135,16 @@ class Lab:
                     wait=(app_host, int(app_port)))
         say(f"demo WebSocket app on {s.app.upstreams[0]}")
         tls.make(self.dir / "tls", s.server_name)
+        if self.kind == "network":
+            self._write_network_env()
 
         self._bootstrap_plain()
         self.apply_load_balancer()
         self._spawn("stand-in", [sys.executable, "-m", "lab", "follow", "--env", self.env, "--dir", str(self.dir),
                                  "--listen", json.dumps(self.listen)],
                     wait=("127.0.0.1", self.listen[443]))
-        say(f"load balancer stand-in (HAProxy): TCP 127.0.0.1:{self.listen[80]}, SSL 127.0.0.1:{self.listen[443]}")
+        say(f"load balancer stand-in (HAProxy): TCP 127.0.0.1:{self.listen[80]}, {self.tls_word} "
+            f"127.0.0.1:{self.listen[443]}")
         self._save(endpoints=self.endpoints())
         if rollout:
             say(f"fab rollout --env {self.settings.env} --apply")
@@ -145,6 +157,25 @@ class Lab:
         say(f"running; endpoints in {self.state_file}; stop with: make lab-down")
         return self.endpoints()
 
+    @property
+    def tls_word(self) -> str:
+        """What the load balancer calls its listener that ends TLS."""
+        return "TLS" if self.settings.load_balancer.type == "network" else "SSL"
+
+    def _write_network_env(self) -> None:
+        """The environment with a network load balancer, in the lab endpoint's VPC and subnet (whose
+        IDs exist only once the endpoint runs), written beside the lab's state; the lab uses it."""
+        from lab.elb import lab_network, network_config
+
+        vpc, subnets = lab_network(self.settings)
+        config = yaml.safe_load(self.base_env_file.read_text())["config"]
+        path = self.network_env_file
+        path.write_text(f"# Written by `python -m lab up --lb network` from {self.base_env_file.name}: the lab with a "
+                        "network load balancer in the lab endpoint's VPC.\n"
+                        + yaml.safe_dump({"config": network_config(config, vpc, subnets)}, sort_keys=False))
+        self.env, self.env_file, self.settings = str(path), path, load(str(path))
+        say(f"network load balancer environment: {path} (VPC {vpc}, subnets {', '.join(subnets)})")
+
     def endpoints(self) -> dict:
         s = self.settings
         return {
@@ -152,7 +183,8 @@ class Lab:
             "ssl_listener": f"127.0.0.1:{self.listen[443]}",
             "server_name": s.server_name,
             "ca": str(self.dir / "tls" / "ca.pem"),
-            "aws_endpoint": s.aws.endpoints["elb"],
+            "aws_endpoint": s.aws.endpoints["elbv2" if s.load_balancer.type == "network" else "elb"],
+            "load_balancer": s.load_balancer.type,
             "app": s.app.upstreams[0],
             "hosts": {h.name: {"ssh": f"{h.address}:{h.ssh_port or 22}", "instance": h.instance_id,
                                "health": f"http://{s.bind_of(h) or h.address}:{s.ports.health}{HEALTH_PATH}"}
@@ -178,22 +210,28 @@ class Lab:
     def apply_load_balancer(self) -> None:
         """`pulumi up` where the CLI exists; otherwise the same calls with boto3 and the same gate."""
         from infra import automation
+        from lab.elb import apply, pulumi_stack
 
-        if automation.cli_available():
+        kind = "network load balancer" if self.settings.load_balancer.type == "network" else "load balancer"
+        if pulumi_stack(self.settings):
             automation.up(self.settings.env, on_output=lambda line: None)
-            say("load balancer: pulumi up")
+            say(f"{kind}: pulumi up")
         else:
-            from lab.elb import apply
+            out = apply(self.settings)
+            say(f"{kind}: made with boto3 (no pulumi CLI, or not a stack of this project; "
+                f"gate {out['proxyProtocolGate']})")
 
-            decision = apply(self.settings)
-            say(f"load balancer: pulumi CLI not installed, made with boto3 (gate {decision.state.value})")
+    def stand_in(self) -> StandIn:
+        return stand_in(self.settings, self.dir, self.listen)
 
     def wait_for_header(self, on: bool, timeout: float = 15.0) -> None:
-        """Until the stand-in sends (or stops sending) the PROXY header, as the ELB state says."""
-        cfg = self.dir / "haproxy.cfg"
+        """Until the stand-in runs what the load balancer has now, and that sends (or does not send)
+        the PROXY header on every listener."""
+        stand_in = self.stand_in()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if cfg.exists() and ("send-proxy" in cfg.read_text()) == on:
+            state = stand_in.follows()
+            if state and state.header == on:
                 time.sleep(0.3)  # the reload itself
                 return
             time.sleep(0.1)
@@ -207,29 +245,35 @@ class Lab:
         s = self.settings
         hello, echo = ws_hello(dial("127.0.0.1", self.listen[443], source=CLIENT_SOURCE), s.server_name,
                                tls=self.tls_context())
-        say(f"WebSocket via SSL listener from {CLIENT_SOURCE}: the app saw client_ip={hello['client_ip']} "
+        say(f"WebSocket via {self.tls_word} listener from {CLIENT_SOURCE}: the app saw client_ip={hello['client_ip']} "
             f"(X-Forwarded-For {hello['x_forwarded_for']}, proto {hello['x_forwarded_proto']}), echo {echo!r}")
         status, headers, _ = http_get(dial("127.0.0.1", self.listen[80], source=CLIENT_SOURCE), s.server_name, "/")
         say(f"plain request to the TCP listener: {status} -> {headers.get('location')}")
         return {"hello": hello, "echo": echo, "redirect": (status, headers.get("location"))}
 
 
+def stand_in(settings: Settings, directory: Path, listen: dict[int, int]) -> StandIn:
+    """The lab's stand-in: its files in the lab directory, TLS with the lab certificate."""
+    return StandIn(settings, directory, directory / "tls" / "server.pem", listen)
+
+
 def follow(env: str, directory: Path, listen: dict[int, int]) -> None:
     """The stand-in's loop: runs until SIGTERM, then stops HAProxy."""
-    settings = load(env, REPO)
-    stand_in = StandIn(settings, directory, directory / "tls" / "server.pem", listen)
+    running = stand_in(load(env, REPO), directory, listen)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        stand_in.follow(stop)
+        running.follow(stop)
     finally:
-        stand_in.stop()
+        running.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lab", description="the wsgate lab on one machine")
     parser.add_argument("command", choices=["up", "down", "prove", "follow"])
     parser.add_argument("--env", default="lab")
+    parser.add_argument("--lb", choices=["classic", "network"], default="classic",
+                        help="up: the load balancer kind (network: written as <env>-network in the lab directory)")
     parser.add_argument("--dir", type=Path)
     parser.add_argument("--listen", type=json.loads, help=argparse.SUPPRESS)
     parser.add_argument("--no-rollout", action="store_true", help="stop before the rollout (plain fleet)")
@@ -239,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "follow":
             follow(args.env, args.dir, listen or LISTEN)
             return 0
-        lab = Lab(args.env, args.dir, listen)
+        lab = Lab(args.env, args.dir, listen, kind=args.lb)
         if args.command == "up":
             lab.up(rollout=not args.no_rollout)
         elif args.command == "down":

@@ -1,25 +1,73 @@
 """The lab's load balancer, made with boto3 where the `pulumi` CLI is not installed.
 
 The same calls the Pulumi program's resources make, against the lab's own AWS endpoint only,
-deciding the ProxyProtocol policy with the same gate code (core.gate). Never used for a real
-AWS account: `apply` refuses any environment whose endpoints are not on loopback.
+with the same gate code deciding (core.gate.plan_for from what the endpoint has now): the
+ProxyProtocol policy on a Classic ELB; on a network load balancer, which target group each
+listener forwards to (core.elb.network_forwarding). Never used for a real AWS account: `apply`
+refuses any environment whose endpoints are not on loopback.
 """
 
 from __future__ import annotations
 
-from core.elb import health_check, listeners
+import copy
+from collections.abc import Callable
+from typing import Any
+
+from core.elb import (
+    NetworkHealthCheck,
+    NetworkListener,
+    TargetGroup,
+    health_check,
+    listeners,
+    network_forwarding,
+    network_listeners,
+)
 from core.errors import KitError
-from core.gate import Decision, plan_for
-from core.settings import Settings
+from core.gate import Plan, plan_for
+from core.record import ReadinessRecord, RecordError
+from core.settings import Settings, stack_file
+
+LAB_VPC_CIDR, LAB_SUBNET_CIDR, LAB_ZONE = "10.99.0.0/16", "10.99.1.0/24", "a"  # the lab account's network
 
 
-def apply(settings: Settings) -> Decision:
-    """Create or update the lab's ELB and apply the gate's decision; returns the decision."""
+def apply(settings: Settings) -> dict[str, Any]:
+    """Create or update the lab's load balancer and apply the gate's decision; returns the outputs
+    the Pulumi program exports."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
     from remote import aws  # botocore: only when applying (a rollout starts without it)
 
     if not aws.is_lab(settings):
         raise KitError(f"{settings.env}: the boto3 fallback only runs against a loopback AWS endpoint (the lab); "
                        "install the pulumi CLI for a real account")
+    try:
+        aws.refuse_replacement(settings)  # as the program, before anything is decided
+        return apply_network(settings) if settings.load_balancer.type == "network" else apply_classic(settings)
+    except (ClientError, BotoCoreError) as exc:
+        raise KitError(f"the lab's load balancer: {exc}") from None
+
+
+def outputs(gated: Plan) -> dict[str, Any]:
+    d = gated.decision
+    return {"proxyProtocolGate": d.state.value, "proxyProtocolPorts": list(d.ports), "notReady": d.missing,
+            "waiting": gated.waiting, "gateMessage": d.message}
+
+
+def read_record(settings: Settings) -> tuple[ReadinessRecord | None, str | None]:
+    """The readiness record, or None and why (a record that does not parse proves nothing)."""
+    from remote import aws
+
+    try:
+        return aws.read_record(settings), None
+    except RecordError as exc:
+        return None, str(exc)
+
+
+# --- Classic ELB ---------------------------------------------------------------------------------
+
+def apply_classic(settings: Settings) -> dict[str, Any]:
+    from remote import aws
+
     lb, s = settings.load_balancer, settings
     elb = aws.client(settings, "elb")
     name = lb.name
@@ -40,8 +88,9 @@ def apply(settings: Settings) -> Decision:
         "CrossZoneLoadBalancing": {"Enabled": lb.cross_zone},
         "ConnectionDraining": {"Enabled": lb.connection_draining > 0, "Timeout": lb.connection_draining or 300}})
     registered = [i["InstanceId"] for i in (aws.describe(settings) or {}).get("Instances", [])]
-    record = aws.read_record(settings)
-    gated = plan_for(s, registered=registered, attached=aws.proxy_protocol_ports(settings), record=record)
+    record, problem = read_record(settings)
+    gated = plan_for(s, registered=registered, attached=aws.proxy_protocol_ports(settings), record=record,
+                     record_problem=problem)
     decision = gated.decision
     new = [i for i in gated.join if i not in registered]
     if new:
@@ -57,27 +106,184 @@ def apply(settings: Settings) -> Decision:
     for port in sorted(set(s.ports.proxied) | set(aws.proxy_protocol_ports(settings))):
         elb.set_load_balancer_policies_for_backend_server(
             LoadBalancerName=name, InstancePort=port, PolicyNames=[policy] if port in decision.ports else [])
-    return decision
+    return outputs(gated)
+
+
+# --- network load balancer -----------------------------------------------------------------------
+
+def apply_network(settings: Settings) -> dict[str, Any]:
+    """As infra/program.py's network path: the gate over what the load balancer does now (the proxy
+    ports a listener forwards to, the instances in the groups it forwards to), then the load
+    balancer, its four target groups with every member registered, and the listeners forwarding to
+    the group the gate chose."""
+    from remote import aws
+
+    s = settings
+    state = aws.network_state(s)  # before any change, as the program reads it
+    record, problem = read_record(s)
+    gated = plan_for(s, registered=state.serving if state else [], attached=state.proxy_ports if state else [],
+                     record=record, record_problem=problem)
+    forwarding = network_forwarding(gated.decision.ports, s)
+    arn = state.arn if state else _create_network_lb(s)
+    nlb_listeners = network_listeners(s)
+    groups = {g.key: _target_group(s, g) for x in nlb_listeners for g in (x.plain, x.proxy)}
+    for x in nlb_listeners:
+        for g in (x.plain, x.proxy):
+            _members(s, groups[g.key], g.port, gated.join)
+    for x in nlb_listeners:
+        _listener(s, arn, x, groups[x.group(forwarding[x.port]).key])
+    return {**outputs(gated), "listenerTargets": {str(port): kind for port, kind in forwarding.items()}}
+
+
+def _create_network_lb(s: Settings) -> str:
+    """The NLB, created with its security group (an NLB gets one only at creation)."""
+    from remote import aws
+
+    lb = s.load_balancer
+    ec2, elbv2 = aws.client(s, "ec2"), aws.client(s, "elbv2")
+    group = ec2.create_security_group(GroupName=f"{lb.name}-lb", VpcId=lb.vpc_id,
+                                      Description=f"wsgate {s.env}: load balancer listeners")["GroupId"]
+    created = elbv2.create_load_balancer(
+        Name=lb.name, Type="network", Subnets=lb.subnets, SecurityGroups=[group],
+        Scheme="internal" if lb.internal else "internet-facing", Tags=[{"Key": "wsgate:env", "Value": s.env}])
+    arn = created["LoadBalancers"][0]["LoadBalancerArn"]
+    elbv2.modify_load_balancer_attributes(LoadBalancerArn=arn, Attributes=[
+        {"Key": "load_balancing.cross_zone.enabled", "Value": str(lb.cross_zone).lower()}])
+    return arn
+
+
+def _target_group(s: Settings, g: TargetGroup) -> str:
+    """The group's ARN, created if missing, with its attributes: PROXY v2 as its kind says (a group
+    never changes its mind), client IP preservation off, the deregistration delay."""
+    from remote import aws
+
+    elbv2 = aws.client(s, "elbv2")
+    try:
+        arn = elbv2.describe_target_groups(Names=[g.name])["TargetGroups"][0]["TargetGroupArn"]
+    except elbv2.exceptions.TargetGroupNotFoundException:
+        arn = elbv2.create_target_group(
+            Name=g.name, Protocol="TCP", Port=g.port, VpcId=s.load_balancer.vpc_id, TargetType="instance",
+            Tags=[{"Key": "wsgate:env", "Value": s.env}, {"Key": "wsgate:listener", "Value": str(g.listener_port)},
+                  {"Key": "wsgate:kind", "Value": g.kind}], **_health_args(g.health))["TargetGroups"][0]["TargetGroupArn"]
+    elbv2.modify_target_group_attributes(TargetGroupArn=arn, Attributes=[
+        {"Key": "proxy_protocol_v2.enabled", "Value": str(g.proxy_protocol_v2).lower()},
+        {"Key": "preserve_client_ip.enabled", "Value": "false"},
+        {"Key": "deregistration_delay.timeout_seconds", "Value": str(s.load_balancer.deregistration_delay)}])
+    return arn
+
+
+def _health_args(h: NetworkHealthCheck) -> dict[str, Any]:
+    """CreateTargetGroup's health check arguments for `h`."""
+    return {"HealthCheckProtocol": h.protocol, "HealthCheckPort": h.port, "HealthCheckEnabled": True,
+            "HealthCheckIntervalSeconds": h.interval, "HealthCheckTimeoutSeconds": h.timeout,
+            "HealthyThresholdCount": h.healthy_threshold, "UnhealthyThresholdCount": h.unhealthy_threshold,
+            **({"HealthCheckPath": h.path} if h.path else {}),
+            **({"Matcher": {"HttpCode": h.matcher}} if h.matcher else {})}
+
+
+def _members(s: Settings, arn: str, port: int, members: tuple[str, ...]) -> None:
+    """Exactly `members` registered in the group, on its port (one port per group: moto keeps one
+    registration per instance and group)."""
+    from remote import aws
+
+    elbv2 = aws.client(s, "elbv2")
+    now = {t["Target"]["Id"] for t in elbv2.describe_target_health(TargetGroupArn=arn)["TargetHealthDescriptions"]
+           if t.get("TargetHealth", {}).get("State") != "draining"}
+    joining, leaving = sorted(set(members) - now), sorted(now - set(members))
+    if joining:
+        elbv2.register_targets(TargetGroupArn=arn, Targets=[{"Id": i, "Port": port} for i in joining])
+    if leaving:
+        elbv2.deregister_targets(TargetGroupArn=arn, Targets=[{"Id": i, "Port": port} for i in leaving])
+
+
+def _listener(s: Settings, lb_arn: str, x: NetworkListener, target: str) -> None:
+    """The listener, created if missing, forwarding to `target`. A switch sends only the default
+    action (the other fields are unchanged; moto's modify_listener also refuses Protocol=TLS)."""
+    from remote import aws
+
+    lb, elbv2 = s.load_balancer, aws.client(s, "elbv2")
+    forward = [{"Type": "forward", "TargetGroupArn": target}]
+    found = [ln for ln in elbv2.describe_listeners(LoadBalancerArn=lb_arn)["Listeners"] if ln["Port"] == x.port]
+    if not found:
+        tls = {"Certificates": [{"CertificateArn": lb.certificate_arn}], "SslPolicy": lb.ssl_policy,
+               "AlpnPolicy": [lb.alpn_policy]} if x.protocol == "TLS" else {}
+        arn = elbv2.create_listener(LoadBalancerArn=lb_arn, Protocol=x.protocol, Port=x.port, DefaultActions=forward,
+                                    Tags=[{"Key": "wsgate:env", "Value": s.env}], **tls)["Listeners"][0]["ListenerArn"]
+    else:
+        arn = found[0]["ListenerArn"]
+        if [a.get("TargetGroupArn") for a in found[0].get("DefaultActions", [])] != [target]:
+            elbv2.modify_listener(ListenerArn=arn, DefaultActions=forward)
+    if x.protocol == "TCP":  # a TLS listener's idle timeout is fixed
+        elbv2.modify_listener_attributes(ListenerArn=arn, Attributes=[
+            {"Key": "tcp.idle_timeout.seconds", "Value": str(lb.idle_timeout)}])
+
+
+# --- the lab's environments ----------------------------------------------------------------------
+
+def lab_network(settings: Settings) -> tuple[str, list[str]]:
+    """The lab account's VPC and its subnet in the lab endpoint (found by tag, else created), as
+    an account has them before a network load balancer is placed there: (VPC ID, subnet IDs)."""
+    from remote import aws
+
+    ec2 = aws.client(settings, "ec2")
+    tag = {"Name": "tag:wsgate:lab", "Values": ["network"]}
+    vpcs = ec2.describe_vpcs(Filters=[tag])["Vpcs"]
+    if vpcs:
+        vpc = vpcs[0]["VpcId"]
+    else:
+        vpc = ec2.create_vpc(CidrBlock=LAB_VPC_CIDR, TagSpecifications=[
+            {"ResourceType": "vpc", "Tags": [{"Key": "wsgate:lab", "Value": "network"}]}])["Vpc"]["VpcId"]
+    subnets = [x["SubnetId"] for x in ec2.describe_subnets(
+        Filters=[{"Name": "vpc-id", "Values": [vpc]}])["Subnets"]]
+    if not subnets:
+        subnets = [ec2.create_subnet(VpcId=vpc, CidrBlock=LAB_SUBNET_CIDR,
+                                     AvailabilityZone=settings.aws.region + LAB_ZONE)["Subnet"]["SubnetId"]]
+    return vpc, sorted(subnets)
+
+
+def network_config(config: dict[str, Any], vpc: str, subnets: list[str]) -> dict[str, Any]:
+    """A lab environment's stack config with a network load balancer in place of its Classic ELB:
+    its own name (so its own target group names), placed in `subnets` of `vpc`, draining as the
+    Classic ELB drained. Pure."""
+    out = copy.deepcopy(config)
+    classic = out["wsgate:loadBalancer"]
+    out["wsgate:loadBalancer"] = {
+        **{k: v for k, v in classic.items() if k not in ("availabilityZones", "connectionDraining")},
+        "type": "network", "name": f"{classic['name']}-nlb", "subnets": subnets, "vpcId": vpc,
+        "idleTimeout": max(classic.get("idleTimeout", 300), 60),  # a network TCP listener takes 60-6000
+        "deregistrationDelay": classic.get("connectionDraining", 30)}
+    return out
 
 
 class LabBalancer:
     """The lab's load balancer side (remote.balancer.Balancer): `pulumi up` where the CLI is
-    installed, else the boto3 calls above. Named by Pulumi.lab.yaml (`loadBalancer.applier`)."""
+    installed and the environment is one of the project's stacks, else the boto3 calls above.
+    Named by Pulumi.lab.yaml (`loadBalancer.applier`)."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
 
     def proxy_ports(self) -> list[int]:
-        from remote import aws
+        from remote.balancer import header_ports
 
-        return aws.proxy_protocol_ports(self.settings)
+        return header_ports(self.settings)
 
-    def apply(self, note) -> dict:
-        from infra import automation
+    def apply(self, note: Callable[[str], None]) -> dict[str, Any]:
         from remote.balancer import PulumiStack
 
-        if automation.cli_available():
+        if pulumi_stack(self.settings):
             return PulumiStack(self.settings).apply(note)
-        note("pulumi CLI not installed: applying the lab's load balancer with boto3 (same gate code)")
-        decision = apply(self.settings)
-        return {"proxyProtocolGate": decision.state.value, "gateMessage": decision.message}
+        note("pulumi CLI not installed (or not a stack of this project): applying the lab's load balancer with "
+             "boto3 (same gate code)")
+        out = apply(self.settings)
+        if "listenerTargets" in out:
+            note("listeners: " + ", ".join(f"{port} -> {kind}" for port, kind in out["listenerTargets"].items()))
+        return out
+
+
+def pulumi_stack(settings: Settings) -> bool:
+    """Whether `pulumi up` can apply this environment: the CLI is installed and the environment is a
+    stack file of this project (a lab environment written elsewhere is applied with boto3)."""
+    from infra import automation
+
+    return automation.cli_available() and stack_file(settings.env, automation.PROJECT_DIR).exists()

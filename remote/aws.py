@@ -258,6 +258,22 @@ def describe_network(settings: Settings) -> dict | None:
     return found[0]
 
 
+def refuse_replacement(settings: Settings) -> None:
+    """Stop before any change when the settings would replace the live load balancer (the Pulumi
+    program and the lab's applier both ask, before they decide anything)."""
+    from core.replacement import Live, refusal, replacing
+
+    if settings.load_balancer.type == "network":
+        described = describe_network(settings)
+        live = Live.network(described) if described else None
+    else:
+        described = describe(settings)
+        live = Live.classic(described) if described else None
+    reasons = replacing(settings, live)
+    if reasons:
+        raise KitError(refusal(settings, reasons))
+
+
 def network_state(settings: Settings) -> NetworkState | None:
     """The network load balancer's listeners, the groups each forwards to, their port, PROXY v2
     attribute and registered instances; None when it does not exist (yet)."""

@@ -1,9 +1,10 @@
 """The load balancer side of a cutover, behind one small interface.
 
-`remote/cutover.py` asks a `Balancer` two things: which backend ports carry the PROXY header
-now (read from AWS, never from a marker of ours), and to apply the stack (`pulumi up`). The
-task layer chooses the implementation: `PulumiStack` for real stacks (the Automation API);
-the lab brings its own.
+`remote/cutover.py` asks a `Balancer` two things: which instance ports get the PROXY header now
+(read from AWS, never from a marker of ours: the ports with the ProxyProtocol policy on a Classic
+ELB, the proxy target groups' ports a network load balancer's listeners forward to), and to
+apply the stack (`pulumi up`). The task layer chooses the implementation: `PulumiStack` for real
+stacks (the Automation API); the lab brings its own.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from core.settings import Settings
 
 class Balancer(Protocol):
     def proxy_ports(self) -> list[int]:
-        """Backend ports on which the load balancer sends the PROXY header now (AWS API)."""
+        """Instance ports the load balancer sends the PROXY header to now (AWS API)."""
         ...
 
     def apply(self, note: Callable[[str], None]) -> dict[str, Any]:
@@ -33,15 +34,24 @@ class PulumiStack:
         self.settings = settings
 
     def proxy_ports(self) -> list[int]:
-        from remote import aws
-
-        return aws.proxy_protocol_ports(self.settings)
+        return header_ports(self.settings)
 
     def apply(self, note: Callable[[str], None]) -> dict[str, Any]:
         from infra import automation
 
         note(f"pulumi up -s {self.settings.env} (Automation API)")
         return automation.up(self.settings.env, on_output=lambda line: note(line.rstrip()))
+
+
+def header_ports(settings: Settings) -> list[int]:
+    """The instance ports the load balancer sends the PROXY header to now, as AWS says: classic, the
+    ports with the ProxyProtocol policy; network, the ports of the `proxy_protocol_v2` target groups
+    a listener forwards to."""
+    from remote import aws
+
+    if settings.load_balancer.type == "network":
+        return aws.proxy_listener_ports(settings)
+    return aws.proxy_protocol_ports(settings)
 
 
 def chosen(settings: Settings) -> Balancer:

@@ -3,7 +3,7 @@
 Turning the PROXY protocol on (or changing config while it is on):
   1. connect, lock and inspect every host; nothing changes;
   2. every AWS read the run depends on: the stored record, and (turning off, or with --apply)
-     the ports with the policy;
+     the ports the load balancer sends the PROXY header to;
   3. upload and `nginx -t` every host; a failure discards every stage: nothing changed;
   4. go live, batch by batch (swap, reload, probe);
   5. lock the hosts that had nothing to do and prove them under the lock;
@@ -11,20 +11,25 @@ Turning the PROXY protocol on (or changing config while it is on):
      any failure (or Ctrl-C) from 4 to 6: every host this run may have changed goes back to
      exactly what it had, and the record is put back as it was (read back to prove it);
   7. with --apply, after the locks are released: `pulumi up`, then check through the AWS API
-     that the policy is on exactly the proxied ports (none, with the protocol off).
+     that the header goes to exactly `settings.proxy_ports` (none, with the protocol off): a
+     Classic ELB's ProxyProtocol policy on the plain ports, or a network load balancer's
+     listeners forwarding to the proxy target groups.
 
 Turning it off runs 1-3 the same, then the load balancer stops sending the header before any
-host stops reading it: with --apply, `pulumi up` detaches the policy (checked through the AWS
-API); without it, a policy still attached refuses the run. The record is deleted, then the
-hosts go live. Once this run detached the policy the hosts are not rolled back on a failure:
-the old config would reject every request the load balancer now sends. The failed hosts are
-named and the exit code says a person is needed.
+host stops reading it: with --apply, `pulumi up` detaches the policy or moves the listeners back
+to the plain groups (checked through the AWS API; a network load balancer's then get
+`deregistrationDelay` seconds to move, while the hosts still read it); without it, a header
+still sent refuses the run. The record is deleted, then the hosts go live. Once this run stopped
+the header the hosts are not rolled back on a failure: the old config would reject every
+request the load balancer now sends. The failed hosts are named and the exit code says a
+person is needed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from core.elb import drain_seconds
 from core.errors import KitError
 from core.plan import HostOutcome
 from remote.background import Background
@@ -58,8 +63,8 @@ def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balan
     """One rollout (or rollback, with trees None) in the order above."""
     verdict = Verdict()
     turning_off = not run.settings.proxy_protocol
-    # The ports with the policy matter when turning off (refuse, or detach) and for --apply (its
-    # check at the end needs the same read): read them then, overlapping step 1.
+    # The ports that get the header matter when turning off (refuse, or stop it) and for --apply
+    # (its check at the end needs the same read): read them then, overlapping step 1.
     attached_read = Background(balancer.proxy_ports if balancer and (turning_off or apply) else list)
     with run.guarded():
         if not run.prepare():                                                 # 1
@@ -72,9 +77,9 @@ def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balan
             verdict.fail(f"before any change: {exc}")
             return _stopped(run, verdict)
         if turning_off and attached and not apply:
-            verdict.fail(f"the ProxyProtocol policy is still attached on ports {attached}: nginx must keep reading "
-                         "the header until it is detached. Run `pulumi up` with proxyProtocol: false first, or "
-                         "`fab rollout --apply`; nothing was changed")
+            verdict.fail(f"the load balancer still sends the PROXY header to ports {attached}: nginx must keep "
+                         "reading it until the load balancer stops. Run `pulumi up` with proxyProtocol: false "
+                         "first, or `fab rollout --apply`; nothing was changed")
             return _stopped(run, verdict)
         if not run.stage():                                                   # 3
             return _stopped(run, verdict)
@@ -84,9 +89,11 @@ def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balan
             try:
                 _apply(run, balancer, want=[])
             except KitError as exc:
-                verdict.fail(f"detaching the policy: {exc}; no host was changed", code=ATTENTION)
+                verdict.fail(f"stopping the PROXY header at the load balancer: {exc}; no host was changed",
+                             code=ATTENTION)
                 return _stopped(run, verdict)
             detached = True
+            _drain(run)
         try:
             if turning_off and record:
                 record.delete()
@@ -100,8 +107,8 @@ def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balan
             verdict.fail(str(exc) if isinstance(exc, KitError) else f"{type(exc).__name__}: {exc}")
         if not ready:
             if detached:
-                verdict.fail("the policy was detached, so no host was put back on a config that reads the header; "
-                             "fix the failed hosts and run `fab rollout` again", code=ATTENTION)
+                verdict.fail("the load balancer no longer sends the PROXY header, so no host was put back on a "
+                             "config that reads it; fix the failed hosts and run `fab rollout` again", code=ATTENTION)
             else:
                 _roll_back(run, record, verdict)
             return _stopped(run, verdict)
@@ -111,7 +118,7 @@ def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balan
         return verdict
     if apply and balancer and not detached:                                   # 7
         try:
-            _apply(run, balancer, want=[] if turning_off else sorted(run.settings.ports.proxied))
+            _apply(run, balancer, want=[] if turning_off else sorted(run.settings.proxy_ports))
         except KitError as exc:
             verdict.fail(f"every host is ready and recorded, but {exc}")
         except KeyboardInterrupt:
@@ -133,6 +140,16 @@ def _roll_back(run: Rollout, record: ParameterRecord | None, verdict: Verdict) -
             verdict.fail(str(exc) if isinstance(exc, KitError) else f"{type(exc).__name__}: {exc}", code=ATTENTION)
 
 
+def _drain(run: Rollout) -> None:
+    """The hosts keep reading the header while the load balancer moves off the ports it sent it to
+    (core.elb.drain_seconds); an interrupt ends the wait."""
+    seconds = drain_seconds(run.settings)
+    if seconds:
+        run.reporter.note(f"the hosts keep reading the PROXY header for {seconds}s while the load balancer "
+                          "moves off the proxy ports (loadBalancer.deregistrationDelay)")
+        run.interrupted.wait(seconds)
+
+
 def _stopped(run: Rollout, verdict: Verdict) -> Verdict:
     run.stopped()
     verdict.fail(None, INTERRUPTED if run.interrupted.is_set() else FAILED)
@@ -140,13 +157,14 @@ def _stopped(run: Rollout, verdict: Verdict) -> Verdict:
 
 
 def _apply(run: Rollout, balancer: Balancer, want: list[int]) -> None:
-    """`pulumi up`, then prove through the AWS API that the policy is on exactly `want`."""
+    """`pulumi up`, then prove through the AWS API that the header goes to exactly the ports `want`."""
     outputs = balancer.apply(run.reporter.note)
     have = balancer.proxy_ports()
     if have != want:
-        raise KitError(f"after pulumi up the ProxyProtocol policy is on ports {have or 'none'}, expected "
-                       f"{want or 'none'}; gate: {outputs.get('proxyProtocolGate')}: {outputs.get('gateMessage')}")
-    run.reporter.note(f"verified: ProxyProtocol policy on ports {have or 'none'}")
+        raise KitError(f"after pulumi up the load balancer sends the PROXY header to ports {have or 'none'}, "
+                       f"expected {want or 'none'}; gate: {outputs.get('proxyProtocolGate')}: "
+                       f"{outputs.get('gateMessage')}")
+    run.reporter.note(f"verified: the load balancer sends the PROXY header to ports {have or 'none'}")
 
 
 def failed_hosts(outcomes: list[HostOutcome]) -> list[HostOutcome]:

@@ -344,7 +344,7 @@ def test_turning_off_without_apply_while_the_policy_is_on_refuses_before_any_cha
     fleet.set("wsgate:proxyProtocol", False)
     result = fab(fleet, "rollout")
     assert result.returncode == 1
-    assert "the ProxyProtocol policy is still attached" in result.stderr
+    assert "the load balancer still sends the PROXY header to ports" in result.stderr
     assert_back(fleet, before)
 
 

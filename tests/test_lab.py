@@ -1,7 +1,7 @@
 """End to end: the lab flow on one machine, asserted (real sshd, nginx, HAProxy, moto).
 
 Each test builds a lab of its own (own addresses, ports, directory) with the real `lab` code
-and drives it with the real `fab` commands.
+and drives it with the real `fab` commands: with a Classic ELB, and with a network load balancer.
 """
 
 from __future__ import annotations
@@ -14,26 +14,42 @@ import time
 
 import pytest
 
-from core.settings import load
+import tests.test_program_network as program
+from core.elb import PLAIN, PROXY, NetworkHealthCheck, network_listeners
+from core.settings import from_config, load
 from lab.__main__ import Lab
 from lab.client import dial, ws_hello
+from lab.elb import apply
+from lab.lb import LbState, Route, Server, config, elb_check, group_check
 from remote import aws as remote_aws
-from tests.conftest import REPO
+from remote.balancer import header_ports
+from tests.conftest import REPO, stack_config
 from tests.support.labenv import lab_env
-from tests.support.load import Load
+from tests.support.load import KINDS, Held, Load
 
 pytestmark = pytest.mark.integration
 _nets = itertools.count(60)
 ELB_LOG = re.compile(r'^127\.0\.0\.77 - - \[[^\]]+\] "GET /ws HTTP/1\.1" 101 \d+ "-" "[^"]*"$')
 
 
+def _lab(tmp_path, kind: str):
+    env_file, listen = lab_env(tmp_path / "lab", next(_nets))
+    the_lab = Lab(str(env_file), tmp_path / "lab", listen, kind=kind)
+    try:
+        the_lab.up(rollout=False)
+        yield the_lab
+    finally:
+        the_lab.down()
+
+
 @pytest.fixture
 def lab(tmp_path):
-    env_file, listen = lab_env(tmp_path / "lab", next(_nets))
-    the_lab = Lab(str(env_file), tmp_path / "lab", listen)
-    the_lab.up(rollout=False)
-    yield the_lab
-    the_lab.down()
+    yield from _lab(tmp_path, "classic")
+
+
+@pytest.fixture
+def network_lab(tmp_path):
+    yield from _lab(tmp_path, "network")
 
 
 def fab(lab, *args):
@@ -128,18 +144,174 @@ def test_cutover_under_load(lab, capsys):
     """Plain fleet -> proxy protocol while a client keeps connecting; failures counted per phase."""
     load = Load(lab).start()
     time.sleep(2)
+    held = Held(lab).open()
     load.mark("rollout + apply (fab)")
     result = fab(lab, "rollout", "--apply")
     load.mark("until the stand-in sends")
     lab.wait_for_header(True)
     load.mark("after")
     time.sleep(2)
+    held.close()
     load.stop()
     table = load.table()
+    made, failed = load.made(["rollout + apply (fab)", "until the stand-in sends", "after"])
     with capsys.disabled():
-        print("\ncutover under load (requests through the stand-in's SSL listener):\n" + table)
+        print("\ncutover under load (requests through the stand-in's SSL listener):\n" + table +
+              f"\non: {made} requests, {failed} failed; {len(held.dropped)} of {held.count} held WebSockets dropped "
+              f"({held.echoes} echoes)")
     assert result.returncode == 0, result.stdout + result.stderr
+    assert held.dropped == []
     assert load.failed["before"] == 0 and load.ok["before"] > 0
     assert load.failed["after"] == 0 and load.ok["after"] > 0
     assert set(load.client_ips["before"]) == {"127.0.0.1"}
     assert set(load.client_ips["after"]) == {"127.0.0.77"}
+
+
+# --- a network load balancer ---------------------------------------------------------------------
+
+DIRECTIONS = (("on", True), ("off", False), ("on again", True))
+
+
+def set_proxy_protocol(lab, on: bool) -> None:
+    text = lab.env_file.read_text()
+    lab.env_file.write_text(re.sub(r"wsgate:proxyProtocol: \w+", f"wsgate:proxyProtocol: {str(on).lower()}", text))
+
+
+def listener_kinds(lab) -> dict[int, str]:
+    """Listener port -> the kind of target group it forwards to now, as the ELBv2 API says."""
+    state = remote_aws.network_state(lab.settings)
+    assert state is not None
+    return {port: PROXY if all(g.proxy_protocol_v2 for g in groups) else PLAIN
+            for port, groups in state.listeners.items()}
+
+
+def http_logs(lab) -> list:
+    s = lab.settings
+    return [lab.dir / h.name / "nginx" / s.nginx.log_dir / f"{s.env}-http.access.log" for h in s.hosts]
+
+
+def test_network_listener_switch_under_load(network_lab, capsys):
+    """Plain fleet -> PROXY v2 -> plain -> PROXY v2, each by `fab rollout --apply`, while clients keep
+    making HTTPS requests and WebSockets through the TLS listener and HTTP requests through the TCP
+    one from 127.0.0.77, and WebSockets opened before each rollout echo all through it."""
+    lab = network_lab
+    s = lab.settings
+    assert s.load_balancer.type == "network" and lab.env_file.parent == lab.dir
+    assert header_ports(s) == [] and listener_kinds(lab) == {80: PLAIN, 443: PLAIN}
+    load = Load(lab, kinds=KINDS).start()
+    time.sleep(1.5)
+    figures, dropped = [], {}
+    for direction, on in DIRECTIONS:
+        set_proxy_protocol(lab, on)
+        held = Held(lab).open()
+        phases = [f"{direction}: {p}" for p in ("fab rollout --apply", "until the stand-in follows", "after")]
+        load.mark(phases[0])
+        result = fab(lab, "rollout", "--apply")
+        load.mark(phases[1])
+        lab.wait_for_header(on)
+        load.mark(phases[2])
+        time.sleep(1.5)
+        held.close()
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert header_ports(s) == (sorted(s.proxy_ports) if on else [])
+        assert listener_kinds(lab) == ({80: PROXY, 443: PROXY} if on else {80: PLAIN, 443: PLAIN})
+        made, failed = load.made(phases)
+        figures.append(f"{direction}: {made} requests, {failed} failed; {len(held.dropped)} of {held.count} held "
+                       f"WebSockets dropped ({held.echoes} echoes)")
+        dropped[direction] = held.dropped
+    load.stop()
+    load.read_logs(http_logs(lab))
+    with capsys.disabled():
+        print("\nnetwork load balancer, listener switches under load (HTTPS + WebSocket via TLS, HTTP via TCP):\n"
+              + load.table() + "\n" + "\n".join(figures))
+    assert sum(load.failed.values()) == 0, load.table()
+    assert dropped == {direction: [] for direction, _ in DIRECTIONS}
+    assert set(load.client_ips["before"]) == {"127.0.0.1"}
+    for direction, on in DIRECTIONS:
+        assert set(load.client_ips[f"{direction}: after"]) == {"127.0.0.77" if on else "127.0.0.1"}, direction
+    cfg = (lab.dir / "haproxy.cfg").read_text()
+    assert cfg.count(" send-proxy-v2 check inter 1s fall 2 rise 2 check-send-proxy") == 2 * len(s.hosts)
+
+
+def test_the_stand_in_sends_and_checks_as_each_kind_of_load_balancer():
+    """Pure: a Classic ELB's route (v1 on the policy's ports, HTTP check on the health port) and a
+    network load balancer's (v2 exactly on a PROXY v2 group, whose every check carries the header,
+    on the traffic port or, where it was overridden, on that port)."""
+    classic = Route(443, True, 60, "port_81", (Server("i-1", "127.0.1.1", 81, "send-proxy"),),
+                    elb_check("HTTP:8081/healthz"))
+    assert "    server i-1 127.0.1.1:81 send-proxy check port 8081 inter 1s fall 2 rise 2" in \
+        config(LbState((classic,)), REPO / "cert.pem").splitlines()
+    tcp = NetworkHealthCheck("TCP", "traffic-port")
+    http = NetworkHealthCheck("HTTP", "8081", "/healthz", "200")
+    group = remote_aws.TargetGroupState("arn", "lb-proxy-83", 83, True, ("i-1",), tcp)
+    route = Route(443, True, 350, group.name, (Server("i-1", "127.0.1.1", 83, "send-proxy-v2"),), group_check(group))
+    lines = config(LbState((route,)), REPO / "cert.pem").splitlines()
+    assert "    server i-1 127.0.1.1:83 send-proxy-v2 check inter 1s fall 2 rise 2 check-send-proxy" in lines
+    assert "    option httpchk GET /healthz" not in lines and LbState((route,)).header is True
+    overridden = group_check(remote_aws.TargetGroupState("arn", "lb-proxy-83", 83, True, ("i-1",), http))
+    assert (overridden.path, overridden.port, overridden.send_proxy) == ("/healthz", 8081, True)  # fails, as on AWS
+    plain = group_check(remote_aws.TargetGroupState("arn", "lb-plain-81", 81, False, ("i-1",), http))
+    assert (plain.path, plain.port, plain.send_proxy) == ("/healthz", 8081, False)
+
+
+# --- the lab's applier decides as the Pulumi program ----------------------------------------------
+
+NEW = "i-0123456789abcdef9"
+SCENARIOS = {  # what the load balancer does now, the record, the settings
+    "plain, no record": ({80: PLAIN, 443: PLAIN}, None, {}, True, True),
+    "plain, every instance proven": ({80: PLAIN, 443: PLAIN}, ([0, 1], None), {}, True, True),
+    "plain, one port proven": ({80: PLAIN, 443: PLAIN}, ([0, 1], [83]), {}, True, True),
+    "proxy, no record (sticky)": ({80: PROXY, 443: PROXY}, None, {}, True, True),
+    "proxy, stale record (sticky)": ({80: PROXY, 443: PROXY}, ([0], None), {}, True, True),
+    "cut short: one listener on proxy": ({80: PROXY, 443: PLAIN}, None, {}, True, True),
+    "proxy groups without PROXY v2": ({80: PROXY, 443: PROXY}, None, {}, True, False),
+    "turned off": ({80: PROXY, 443: PROXY}, ([0, 1], None), {}, False, True),
+    "a new instance while on proxy": ({80: PROXY, 443: PROXY}, ([0, 1], None), {"new": True}, True, True),
+    "a new instance while on plain": ({80: PLAIN, 443: PLAIN}, None, {"new": True}, True, True),
+}
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_the_lab_applier_decides_as_the_program(aws, monkeypatch, scenario):
+    """From the same load balancer and record, the boto3 applier leaves each listener on the group the
+    program declares, the same members in every group, and the same outputs."""
+    forwarding, record, options, on, proxy_v2 = SCENARIOS[scenario]
+    program.nlb_in_aws(aws.url, forwarding, proxy_v2=proxy_v2)
+    if record:
+        program.write_record(aws.url, [program.INSTANCES[i] for i in record[0]], record[1])
+    lb = {"instances": [*program.INSTANCES, NEW]} if options.get("new") else {}
+    changes = {} if on else {"wsgate:proxyProtocol": "false"}
+    mocks, exports, _ = program.run(aws.url, monkeypatch, lb=lb, **changes)
+    config = {**stack_config("staging"), "aws:endpoints": program.endpoints(aws.url),
+              "wsgate:loadBalancer": program.network_lb(**lb), "wsgate:proxyProtocol": on}
+    program._live_placement(config, aws.url)  # the settings the program ran with: placed where the live one is
+    s = from_config("staging", config, "Pulumi.staging.yaml")
+
+    out = apply(s)
+
+    assert applied_kinds(s) == {80: mocks.forwards_to(80), 443: mocks.forwards_to(443)}
+    assert registered(s) == mocks.attached()
+    keys = ("proxyProtocolGate", "proxyProtocolPorts", "notReady", "waiting", "gateMessage", "listenerTargets")
+    assert {k: out[k] for k in keys} == {k: exports[k] for k in keys}
+
+
+def applied_kinds(s) -> dict[int, str]:
+    """Listener port -> the kind of group (by its name) it forwards to in the lab endpoint."""
+    state = remote_aws.network_state(s)
+    assert state is not None
+    proxy_names = {x.proxy.name for x in network_listeners(s)}
+    return {port: PROXY if [g.name for g in groups] and all(g.name in proxy_names for g in groups) else PLAIN
+            for port, groups in state.listeners.items()}
+
+
+def registered(s) -> dict[int, list[str]]:
+    """Instance port -> the instances registered in the group of that port, in the lab endpoint."""
+    elbv2 = remote_aws.client(s, "elbv2")
+    out = {}
+    for g in (g for x in network_listeners(s) for g in (x.plain, x.proxy)):
+        arn = elbv2.describe_target_groups(Names=[g.name])["TargetGroups"][0]["TargetGroupArn"]
+        ids = sorted(t["Target"]["Id"] for t in elbv2.describe_target_health(TargetGroupArn=arn)
+                     ["TargetHealthDescriptions"])
+        if ids:
+            out[g.port] = ids
+    return dict(sorted(out.items()))

@@ -16,16 +16,17 @@ def lab_env(directory: Path, net: int) -> tuple[Path, dict[int, int]]:
     """Write `directory/Pulumi.labtest.yaml`; return it and the stand-in's listen ports."""
     config = copy.deepcopy(stack_config("lab"))
     moto = free_port()
-    config["aws:endpoints"] = [{s: f"http://127.0.0.1:{moto}" for s in ("ec2", "elb", "ssm", "sts")}]
+    config["aws:endpoints"] = [{s: f"http://127.0.0.1:{moto}" for s in ("ec2", "elb", "elbv2", "ssm", "sts")}]
     addresses = [f"127.0.{net}.{i}" for i in (1, 2, 3)]
-    ports = free_ports(6, addresses)  # nginx's three, then one sshd per host: all distinct
-    config["wsgate:ports"] = dict(zip(("http", "tls", "health"), ports, strict=False))
+    names = ("http", "tls", "health", "proxyHttp", "proxyTls")
+    ports = free_ports(len(names) + 3, addresses)  # nginx's, then one sshd per host: all distinct
+    config["wsgate:ports"] = dict(zip(names, ports, strict=False))
     config["wsgate:app"] = {"upstreams": [f"127.0.0.1:{free_port()}"]}
     config["wsgate:loadBalancer"] = {**config["wsgate:loadBalancer"], "name": f"wsgate-labtest-{net}"}
     config["wsgate:nginx"] = {**config["wsgate:nginx"], "root": str(directory / "nginx")}
     config["wsgate:ssh"] = {**config["wsgate:ssh"], "identityFile": str(directory / "client" / "id_ed25519"),
                             "knownHosts": str(directory / "client" / "known_hosts")}
-    for host, address, ssh_port in zip(config["wsgate:hosts"], addresses, ports[3:], strict=False):
+    for host, address, ssh_port in zip(config["wsgate:hosts"], addresses, ports[len(names):], strict=False):
         host.update(address=address, bind=address, sshPort=ssh_port,
                     root=str(directory / host["name"] / "nginx"))
     directory.mkdir(parents=True, exist_ok=True)
