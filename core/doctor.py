@@ -61,6 +61,7 @@ class BalancerFacts:
     security_groups: list[str] = field(default_factory=list)  # the load balancer's own
     ingress: dict[str, list[Ingress]] = field(default_factory=dict)  # backend instance -> its inbound rules
     unknown: list[str] = field(default_factory=list)  # backend instances EC2 does not know
+    present: list[str] | None = None  # network: instances in any of the kit's groups (None: `registered`)
 
 
 def host_problems(s: Settings, h: HostFacts, policy_ports: list[int] | None) -> list[str]:
@@ -156,7 +157,7 @@ def balancer_problems(s: Settings, lb: BalancerFacts | None, record: ReadinessRe
     backends = list(s.load_balancer.instances)
     attached = list(lb.policy_ports) if lb else []
     gated = plan_for(s, registered=lb.registered if lb else [], attached=attached, record=record,
-                     record_problem=record_problem)
+                     record_problem=record_problem, present=lb.present if lb else None)
     decision = gated.decision
     gate = {"state": decision.state.value, "ports": list(decision.ports), "missing": decision.missing,
             "waiting": gated.waiting, "message": decision.message}

@@ -117,7 +117,7 @@ class Plan:
 
 def plan(*, env: str, wanted: bool, instances: list[str], registered: list[str], ports: list[int],
          record: ReadinessRecord | None, attached: list[int], record_problem: str | None = None,
-         load_balancer: str | None = None) -> Plan:
+         load_balancer: str | None = None, present: list[str] | None = None) -> Plan:
     """Safe scale-out: while the policy is (or is being) attached, an instance joins the load
     balancer only once the record proves it reads the header on every proxied port (else it
     would pass the plain health check and reject every request); one already registered stays.
@@ -128,7 +128,9 @@ def plan(*, env: str, wanted: bool, instances: list[str], registered: list[str],
               or not missing_backends(env, [i], ports, record, record_problem, load_balancer)]
     # One leaving (registered, no longer configured) gets the header until its deregistration,
     # which is not ordered before an attach: it must be proven too, or the attach waits for it.
-    leaving = [i for i in registered if i not in instances]
+    # `present`: wherever the load balancer may send once the gate opens (a network load balancer's
+    # proxy groups hold instances before any listener forwards there); default: `registered`.
+    leaving = [i for i in (registered if present is None else present) if i not in instances]
     decision = decide(env=env, wanted=wanted, backends=proven + leaving, ports=ports, record=record,
                       attached=attached, record_problem=record_problem, load_balancer=load_balancer)
     if not decision.ports and not attached:  # no header anywhere, now or while this update runs: nobody waits
@@ -146,9 +148,10 @@ def plan(*, env: str, wanted: bool, instances: list[str], registered: list[str],
 
 
 def plan_for(s: Settings, *, registered: list[str], attached: list[int], record: ReadinessRecord | None,
-             record_problem: str | None = None) -> Plan:
+             record_problem: str | None = None, present: list[str] | None = None) -> Plan:
     """The plan for an environment: what the Pulumi program, the lab's applier and `fab status`
     all compute, from the same settings and what AWS has."""
     return plan(env=s.env, wanted=s.proxy_protocol, instances=list(s.load_balancer.instances), registered=registered,
                 ports=list(s.proxy_ports), record=record, attached=attached, load_balancer=s.load_balancer.name,
+                present=present,
                 record_problem=record_problem or (None if record else f"no readiness record at {s.parameter_path}"))

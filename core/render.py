@@ -71,6 +71,11 @@ def sockets(settings: Settings, service: str) -> list[int]:
     return ports
 
 
+def served_ports(settings: Settings) -> set[int]:
+    """Every port a host listens on with this environment's config."""
+    return {*sockets(settings, "http"), *sockets(settings, "tls"), settings.ports.health}
+
+
 def render(settings: Settings, bind: str | None = None) -> Tree:
     """Render the tree for hosts that listen on `bind` (None: every address)."""
 

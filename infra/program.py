@@ -141,12 +141,13 @@ def network_now(s: Settings) -> NetworkState | None:
 
 def network_gate_plan(s: Settings) -> Plan:
     """The same gate over the proxy ports: `attached` is the proxy ports a listener forwards to now
-    with PROXY v2 on, `registered` the instances in the groups the listeners forward to."""
+    with PROXY v2 on, `registered` the instances in the groups the listeners forward to, and every
+    instance in any of the kit's groups must be proven before a listener moves to its proxy group."""
     found = parameters(s)
     record, problem = read_record(found, s)
-    state = network_now(s)
-    return plan_for(s, registered=state.serving if state else [], attached=state.proxy_ports if state else [],
-                    record=record, record_problem=problem)
+    from remote import aws as edge
+
+    return edge.network_plan(s, network_now(s), record, problem)
 
 
 def network_main(s: Settings) -> WsGateNetworkLoadBalancer:

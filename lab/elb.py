@@ -121,8 +121,7 @@ def apply_network(settings: Settings) -> dict[str, Any]:
     s = settings
     state = aws.network_state(s)  # before any change, as the program reads it
     record, problem = read_record(s)
-    gated = plan_for(s, registered=state.serving if state else [], attached=state.proxy_ports if state else [],
-                     record=record, record_problem=problem)
+    gated = aws.network_plan(s, state, record, problem)
     forwarding = network_forwarding(gated.decision.ports, s)
     arn = state.arn if state else _create_network_lb(s)
     nlb_listeners = network_listeners(s)

@@ -17,6 +17,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from core.elb import NetworkHealthCheck
 from core.errors import KitError
+from core.gate import Plan, plan_for
 from core.record import ReadinessRecord
 from core.settings import Settings
 
@@ -108,11 +109,31 @@ def delete_record(settings: Settings) -> None:
         raise AwsError(f"ssm delete-parameter {settings.parameter_path}: {exc}") from None
 
 
+def other_kind(settings: Settings) -> str | None:
+    """Why a load balancer of the other kind under this name stands in the way (None: none does).
+    Switching `loadBalancer.type` would delete it while its hosts may read (or not read) the header
+    it sends; it is refused. Asked only where that API has an endpoint (the lab may have none)."""
+    network = settings.load_balancer.type == "network"
+    service = "elb" if network else "elbv2"
+    if settings.aws.endpoints and service not in settings.aws.endpoints:
+        return None
+    if (describe(settings) if network else describe_network(settings)) is None:
+        return None
+    other = "a Classic ELB" if network else "a network load balancer"
+    return (f"{other} named {settings.load_balancer.name} exists, and loadBalancer.type is "
+            f"{settings.load_balancer.type}: changing the kind would delete the live load balancer; create the new "
+            "kind as a new environment (its own loadBalancer.name), move DNS to it, then destroy the old one")
+
+
 def registered_instances(settings: Settings) -> dict[str, str]:
     """The load balancer's instances: those registered, and those configured that wait to join
     (they must be rolled out to be proven): instance ID -> private IP address."""
-    d = describe(settings)
-    registered = [i["InstanceId"] for i in d.get("Instances", [])] if d else []
+    if settings.load_balancer.type == "network":
+        state = network_state(settings)
+        registered = list(state.present) if state else []
+    else:
+        d = describe(settings)
+        registered = [i["InstanceId"] for i in d.get("Instances", [])] if d else []
     ids = sorted(set(registered) | set(settings.load_balancer.instances))
     if not ids:
         return {}
@@ -225,6 +246,7 @@ class NetworkState:
     arn: str
     listeners: dict[int, tuple[TargetGroupState, ...]]  # listener port -> the groups it forwards to
     protocols: dict[int, str] = field(default_factory=dict)  # listener port -> "TCP" or "TLS"
+    present: tuple[str, ...] = ()  # instances in any of the kit's groups, forwarded to or not
 
     @property
     def proxy_ports(self) -> list[int]:
@@ -263,6 +285,9 @@ def refuse_replacement(settings: Settings) -> None:
     program and the lab's applier both ask, before they decide anything)."""
     from core.replacement import Live, refusal, replacing
 
+    conflict = other_kind(settings)
+    if conflict:
+        raise KitError(conflict)
     if settings.load_balancer.type == "network":
         described = describe_network(settings)
         live = Live.network(described) if described else None
@@ -287,8 +312,34 @@ def network_state(settings: Settings) -> NetworkState | None:
                        LoadBalancerArn=arn)
     forwards = {int(x["Port"]): _forwarded(x.get("DefaultActions", [])) for x in described}
     groups = {a: _target_group(settings, a) for a in sorted({a for arns in forwards.values() for a in arns})}
+    kit = [_target_group(settings, a) for a in _kit_group_arns(settings) if a not in groups]
+    present = {i for g in [*groups.values(), *kit] for i in g.targets}
     return NetworkState(arn, {port: tuple(groups[a] for a in arns) for port, arns in sorted(forwards.items())},
-                        {int(x["Port"]): x["Protocol"] for x in described})
+                        {int(x["Port"]): x["Protocol"] for x in described}, tuple(sorted(present)))
+
+
+def _kit_group_arns(settings: Settings) -> list[str]:
+    """The ARNs of the kit's four target groups that exist (by their names: core.elb)."""
+    from core.elb import network_listeners
+
+    elbv2 = client(settings, "elbv2")
+    arns = []
+    for group in (g for x in network_listeners(settings) for g in (x.plain, x.proxy)):
+        try:
+            arns += [g["TargetGroupArn"] for g in elbv2.describe_target_groups(Names=[group.name])["TargetGroups"]]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "TargetGroupNotFound":
+                raise AwsError(f"elbv2 describe-target-groups {group.name}: {exc}") from None
+        except BotoCoreError as exc:
+            raise AwsError(f"elbv2 describe-target-groups {group.name}: {exc}") from None
+    return arns
+
+
+def network_plan(settings: Settings, state: NetworkState | None, record: ReadinessRecord | None,
+                 record_problem: str | None) -> Plan:
+    """The gate for a network load balancer as it is now: the Pulumi program's and the lab's."""
+    return plan_for(settings, registered=state.serving if state else [], attached=state.proxy_ports if state else [],
+                    present=list(state.present) if state else [], record=record, record_problem=record_problem)
 
 
 def proxy_listener_ports(settings: Settings) -> list[int]:

@@ -49,6 +49,9 @@ def header_ports(settings: Settings) -> list[int]:
     a listener forwards to."""
     from remote import aws
 
+    conflict = aws.other_kind(settings)
+    if conflict:
+        raise KitError(conflict)
     if settings.load_balancer.type == "network":
         return aws.proxy_listener_ports(settings)
     return aws.proxy_protocol_ports(settings)

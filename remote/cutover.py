@@ -64,8 +64,9 @@ def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balan
     verdict = Verdict()
     turning_off = not run.settings.proxy_protocol
     # The ports that get the header matter when turning off (refuse, or stop it) and for --apply
-    # (its check at the end needs the same read): read them then, overlapping step 1.
-    attached_read = Background(balancer.proxy_ports if balancer and (turning_off or apply) else list)
+    # (its check at the end needs the same read), overlapping step 1.
+    # Read on every run: it also refuses a load balancer of the other kind under this name.
+    attached_read = Background(balancer.proxy_ports if balancer else list)
     with run.guarded():
         if not run.prepare():                                                 # 1
             return _stopped(run, verdict)
@@ -93,7 +94,8 @@ def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balan
                              code=ATTENTION)
                 return _stopped(run, verdict)
             detached = True
-            _drain(run)
+        if turning_off and (detached or run.dropped_ports()):
+            _drain(run)  # whoever moved the load balancer off those ports, and whenever: it may still send there
         try:
             if turning_off and record:
                 record.delete()

@@ -122,6 +122,15 @@ class Rollout:
     def touched(self) -> bool:
         return any(h.touched for h in self.hosts)
 
+    def dropped_ports(self) -> set[int]:
+        """The ports some host serves now (its live release's manifest) that its new config does not."""
+        from core.render import served_ports
+
+        keep = served_ports(self.settings)
+        live = {int(p) for h in self.hosts if h.reload and h.before
+                for p in (h.before.manifest.get("ports") or {}).values() if str(p).isdigit()}
+        return live - keep
+
     # -- the run's frame: interrupts, heartbeat, closing ---------------------------------------
 
     @contextlib.contextmanager

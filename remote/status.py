@@ -118,6 +118,7 @@ def _network_balancer(settings: Settings) -> BalancerFacts:
                    for g in groups],
         policy_ports=state.proxy_ports,
         registered=state.serving,
+        present=list(state.present),
         health=aws.target_health(settings, state),
         lab_endpoint=aws.is_lab(settings),
         security_groups=list(d.get("SecurityGroups", [])),

@@ -499,3 +499,32 @@ def test_a_change_that_would_replace_the_live_network_load_balancer_is_refused(a
         run(aws.url, monkeypatch, lb=placed)
     assert "would replace the live load balancer wsgate-staging" in str(caught.value) and reason in str(caught.value)
     assert "Subnets: add new ones only" in str(caught.value)
+
+
+def test_an_instance_left_in_a_proxy_group_holds_the_switch_back_until_it_is_gone(aws, monkeypatch):
+    """A cut-short update left an unconfigured instance in the proxy groups (its deregistration is
+    not ordered before the listener switch): the listeners stay plain until it has left."""
+    left = "i-0123456789abcdef9"
+    everyone = {key: INSTANCES for key in ("http-plain", "tls-plain", "http-proxy", "tls-proxy")}
+    nlb_in_aws(aws.url, {80: PLAIN, 443: PLAIN},
+               registered={**everyone, "http-proxy": [*INSTANCES, left], "tls-proxy": [*INSTANCES, left]})
+    write_record(aws.url, INSTANCES)
+    mocks, exports, warnings = run(aws.url, monkeypatch)
+    assert exports["listenerTargets"] == BOTH_PLAIN and exports["proxyProtocolGate"] == "closed"
+    assert exports["notReady"] == {left: "not in the readiness record"}
+    assert mocks.attached() == {port: INSTANCES for port in (80, 81, 82, 83)}  # and it is taken out
+
+
+def test_switching_the_kind_of_a_live_load_balancer_is_refused(aws, monkeypatch):
+    """A Classic ELB of this name would be deleted (and its hosts' header ports misread): refused
+    by the program and by the read every `fab rollout` makes."""
+    from core.errors import KitError
+    from remote.balancer import header_ports
+
+    elb = boto3.client("elb", region_name=REGION, endpoint_url=aws.url)
+    elb.create_load_balancer(LoadBalancerName="wsgate-staging", AvailabilityZones=[f"{REGION}a"], Listeners=[
+        {"Protocol": "TCP", "LoadBalancerPort": 80, "InstanceProtocol": "TCP", "InstancePort": 80}])
+    with pytest.raises(KitError, match="a Classic ELB named wsgate-staging exists, and loadBalancer.type is network"):
+        run(aws.url, monkeypatch)
+    with pytest.raises(KitError, match="changing the kind would delete the live load balancer"):
+        header_ports(settings_for(aws.url))
