@@ -92,15 +92,16 @@ class WsGateNetworkLoadBalancer(pulumi.ComponentResource):
         )
 
         self.target_groups: dict[str, aws.lb.TargetGroup] = {}
+        self.members: dict[str, list[aws.lb.TargetGroupAttachment]] = {}
         for listener in listeners:
             for group in (listener.plain, listener.proxy):
                 tg = self._target_group(name, s, group, tags, child)
                 self.target_groups[group.key] = tg
-                for instance in args.members:  # every member in every group: a switch needs no registration
-                    aws.lb.TargetGroupAttachment(
-                        f"{name}-{group.key}-{instance}", target_group_arn=tg.arn, target_id=instance,
-                        port=group.port, opts=child,
-                    )
+                # every member in every group: a switch needs no registration
+                self.members[group.key] = [aws.lb.TargetGroupAttachment(
+                    f"{name}-{group.key}-{instance}", target_group_arn=tg.arn, target_id=instance,
+                    port=group.port, opts=child,
+                ) for instance in args.members]
 
         self.listeners: dict[int, aws.lb.Listener] = {}
         for listener in listeners:
@@ -118,7 +119,8 @@ class WsGateNetworkLoadBalancer(pulumi.ComponentResource):
                 default_actions=[aws.lb.ListenerDefaultActionArgs(
                     type="forward", target_group_arn=self.target_groups[target.key].arn)],
                 tags=tags,
-                opts=child,
+                # never forward to a group before its members are registered (a new group after a port change)
+                opts=pulumi.ResourceOptions(parent=self, depends_on=list(self.members[target.key])),
             )
 
         self.dns_name = self.nlb.dns_name

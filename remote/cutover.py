@@ -27,6 +27,7 @@ person is needed.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from core.elb import drain_seconds
@@ -167,6 +168,28 @@ def _apply(run: Rollout, balancer: Balancer, want: list[int]) -> None:
                        f"expected {want or 'none'}; gate: {outputs.get('proxyProtocolGate')}: "
                        f"{outputs.get('gateMessage')}")
     run.reporter.note(f"verified: the load balancer sends the PROXY header to ports {have or 'none'}")
+    if run.settings.load_balancer.type == "network":
+        _healthy(run)
+
+
+def _healthy(run: Rollout, timeout: float = 180, every: float = 5) -> None:
+    """A network load balancer does not health-check a group no listener uses: after a switch,
+    prove every instance in the groups the listeners forward to now healthy (those waiting to join
+    are the gate's: `fab status` names them)."""
+    from remote import aws
+
+    deadline = time.monotonic() + timeout
+    while True:
+        state = aws.network_state(run.settings)
+        health = aws.target_health(run.settings, state) if state else {}
+        sick = {i: health.get(i, "no health reported") for i in (state.serving if state else [])
+                if not health.get(i, "").startswith("InService")}
+        if not sick:
+            run.reporter.note("verified: every registered instance is healthy in the groups the listeners forward to")
+            return
+        if time.monotonic() > deadline or run.interrupted.wait(every):
+            raise KitError("after the switch not every instance is healthy in the target groups the listeners "
+                           "forward to: " + "; ".join(f"{i}: {why}" for i, why in sorted(sick.items())))
 
 
 def failed_hosts(outcomes: list[HostOutcome]) -> list[HostOutcome]:

@@ -233,6 +233,29 @@ def test_network_listener_switch_under_load(network_lab, capsys):
     assert cfg.count(" send-proxy-v2 check inter 1s fall 2 rise 2 check-send-proxy") == 2 * len(s.hosts)
 
 
+def test_turning_off_in_two_steps_still_drains_before_the_hosts_drop_the_proxy_ports(network_lab):
+    """`pulumi up` first (the listeners go back to plain), `fab rollout` later: the rollout that
+    drops the proxy ports waits the drain although another run moved the listeners, and fails
+    nothing on the way."""
+    lab = network_lab
+    set_proxy_protocol(lab, True)
+    assert fab(lab, "rollout", "--apply").returncode == 0
+    lab.wait_for_header(True)
+    set_proxy_protocol(lab, False)
+    apply(load(str(lab.env_file)))  # the `pulumi up` step, by the lab's applier, with the new settings
+    lab.wait_for_header(False)
+    traffic = Load(lab, kinds=KINDS).start()
+    traffic.mark("fab rollout")
+    result = fab(lab, "rollout")
+    traffic.mark("after")
+    time.sleep(1)
+    traffic.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "the hosts keep reading the PROXY header for 5s" in result.stdout + result.stderr
+    assert sum(traffic.failed.values()) == 0, traffic.table()
+    assert sum(traffic.ok.values()) > 0
+
+
 def test_the_stand_in_sends_and_checks_as_each_kind_of_load_balancer():
     """Pure: a Classic ELB's route (v1 on the policy's ports, HTTP check on the health port) and a
     network load balancer's (v2 exactly on a PROXY v2 group, whose every check carries the header,
