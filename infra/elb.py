@@ -16,6 +16,7 @@ import pulumi_aws as aws
 from core.elb import health_check, listeners
 from core.gate import Decision
 from core.settings import Settings
+from infra.security import security_groups
 
 
 @dataclass(frozen=True)
@@ -34,43 +35,8 @@ class WsGateLoadBalancer(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self)
         tags = {"wsgate:env": s.env, **lb.tags}
 
-        self.lb_security_group = aws.ec2.SecurityGroup(
-            f"{name}-lb", description=f"wsgate {s.env}: load balancer listeners",
-            vpc_id=lb.vpc_id, tags={**tags, "Name": f"{lb.name}-lb"}, opts=child,
-        )
-        self.instance_security_group = aws.ec2.SecurityGroup(
-            f"{name}-instances", description=f"wsgate {s.env}: instance ports, from the load balancer only",
-            vpc_id=lb.vpc_id, tags={**tags, "Name": f"{lb.name}-instances"}, opts=child,
-        )
-        for family, everywhere in (("ipv4", "0.0.0.0/0"), ("ipv6", "::/0")):
-            # Outbound as a default group allows it (the app's upstreams, packages, AWS APIs):
-            # a group with no egress rule, used as an instance's only group, cuts all of it.
-            aws.vpc.SecurityGroupEgressRule(
-                f"{name}-instances-out-{family}", security_group_id=self.instance_security_group.id,
-                ip_protocol="-1", cidr_ipv4=everywhere if family == "ipv4" else None,
-                cidr_ipv6=everywhere if family == "ipv6" else None, description="outbound", opts=child,
-            )
-        for port in (80, 443):
-            for i, cidr in enumerate(lb.allowed_cidrs):
-                aws.vpc.SecurityGroupIngressRule(
-                    f"{name}-lb-{port}-{i}", security_group_id=self.lb_security_group.id,
-                    ip_protocol="tcp", from_port=port, to_port=port, cidr_ipv4=cidr if ":" not in cidr else None,
-                    cidr_ipv6=cidr if ":" in cidr else None, description=f"listener {port}", opts=child,
-                )
-        for role, port in (("http", s.ports.http), ("tls", s.ports.tls), ("health", s.ports.health)):
-            # Only the load balancer may reach these: anyone else could forge a PROXY header.
-            aws.vpc.SecurityGroupIngressRule(
-                f"{name}-instances-{role}", security_group_id=self.instance_security_group.id,
-                ip_protocol="tcp", from_port=port, to_port=port,
-                referenced_security_group_id=self.lb_security_group.id,
-                description=f"{role} from the load balancer", opts=child,
-            )
-            aws.vpc.SecurityGroupEgressRule(
-                f"{name}-lb-to-{role}", security_group_id=self.lb_security_group.id,
-                ip_protocol="tcp", from_port=port, to_port=port,
-                referenced_security_group_id=self.instance_security_group.id,
-                description=f"to instance {role} port", opts=child,
-            )
+        self.lb_security_group, self.instance_security_group = security_groups(
+            name, s, [80, 443], [("http", s.ports.http), ("tls", s.ports.tls), ("health", s.ports.health)], child)
 
         check = health_check(s)
         self.elb = aws.elb.LoadBalancer(

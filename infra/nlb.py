@@ -16,6 +16,7 @@ import pulumi_aws as aws
 
 from core.elb import TargetGroup, network_listeners
 from core.settings import Settings
+from infra.security import security_groups
 
 
 @dataclass(frozen=True)
@@ -35,47 +36,13 @@ class WsGateNetworkLoadBalancer(pulumi.ComponentResource):
         tags = {"wsgate:env": s.env, **lb.tags}
         listeners = network_listeners(s)
 
-        # An NLB takes security groups only if it is created with one: it always gets this one.
-        self.lb_security_group = aws.ec2.SecurityGroup(
-            f"{name}-lb", description=f"wsgate {s.env}: load balancer listeners",
-            vpc_id=lb.vpc_id, tags={**tags, "Name": f"{lb.name}-lb"}, opts=child,
-        )
-        self.instance_security_group = aws.ec2.SecurityGroup(
-            f"{name}-instances", description=f"wsgate {s.env}: instance ports, from the load balancer only",
-            vpc_id=lb.vpc_id, tags={**tags, "Name": f"{lb.name}-instances"}, opts=child,
-        )
-        for family, everywhere in (("ipv4", "0.0.0.0/0"), ("ipv6", "::/0")):
-            # Outbound as a default group allows it (the app's upstreams, packages, AWS APIs).
-            aws.vpc.SecurityGroupEgressRule(
-                f"{name}-instances-out-{family}", security_group_id=self.instance_security_group.id,
-                ip_protocol="-1", cidr_ipv4=everywhere if family == "ipv4" else None,
-                cidr_ipv6=everywhere if family == "ipv6" else None, description="outbound", opts=child,
-            )
-        for listener in listeners:
-            for i, cidr in enumerate(lb.allowed_cidrs):
-                aws.vpc.SecurityGroupIngressRule(
-                    f"{name}-lb-{listener.port}-{i}", security_group_id=self.lb_security_group.id,
-                    ip_protocol="tcp", from_port=listener.port, to_port=listener.port,
-                    cidr_ipv4=cidr if ":" not in cidr else None, cidr_ipv6=cidr if ":" in cidr else None,
-                    description=f"listener {listener.port}", opts=child,
-                )
-        roles = (("http", s.ports.http), ("tls", s.ports.tls), ("proxy-http", s.ports.proxy_http),
-                 ("proxy-tls", s.ports.proxy_tls), ("health", s.ports.health))
-        for role, port in roles:
-            # Only the load balancer may reach these: anyone else could forge a PROXY header. That
-            # holds because client IP preservation is off on every group (see _target_group).
-            aws.vpc.SecurityGroupIngressRule(
-                f"{name}-instances-{role}", security_group_id=self.instance_security_group.id,
-                ip_protocol="tcp", from_port=port, to_port=port,
-                referenced_security_group_id=self.lb_security_group.id,
-                description=f"{role} from the load balancer", opts=child,
-            )
-            aws.vpc.SecurityGroupEgressRule(
-                f"{name}-lb-to-{role}", security_group_id=self.lb_security_group.id,
-                ip_protocol="tcp", from_port=port, to_port=port,
-                referenced_security_group_id=self.instance_security_group.id,
-                description=f"to instance {role} port", opts=child,
-            )
+        # An NLB takes security groups only if it is created with one: it always gets this one. Only
+        # the load balancer reaches the instance ports: that holds because client IP preservation
+        # is off on every group (see _target_group).
+        self.lb_security_group, self.instance_security_group = security_groups(
+            name, s, [x.port for x in listeners],
+            [("http", s.ports.http), ("tls", s.ports.tls), ("proxy-http", s.ports.proxy_http),
+             ("proxy-tls", s.ports.proxy_tls), ("health", s.ports.health)], child)
 
         self.nlb = aws.lb.LoadBalancer(
             f"{name}-nlb",

@@ -106,15 +106,26 @@ def main() -> WsGateLoadBalancer | WsGateNetworkLoadBalancer:
     if s.load_balancer.type == "network":
         return network_main(s)
     gated = gate_plan(s)
+    announce(gated)
+    lb = WsGateLoadBalancer(s.load_balancer.name, LoadBalancerArgs(settings=s, decision=gated.decision,
+                                                                   members=gated.join))
+    export(lb, gated)
+    return lb
+
+
+def announce(gated: Plan, *extra: str) -> None:
+    """The gate's words in the preview and the update: a warning when it holds something back."""
     decision = gated.decision
-    if decision.warn:
-        pulumi.log.warn(decision.message)
-    else:
-        pulumi.log.info(decision.message)
+    (pulumi.log.warn if decision.warn else pulumi.log.info)(decision.message)
+    for line in extra:
+        pulumi.log.warn(line)
     for instance, why in sorted(gated.waiting.items()):
         pulumi.log.warn(f"{instance} {why}")
-    lb = WsGateLoadBalancer(s.load_balancer.name, LoadBalancerArgs(settings=s, decision=decision,
-                                                                   members=gated.join))
+
+
+def export(lb: WsGateLoadBalancer | WsGateNetworkLoadBalancer, gated: Plan) -> None:
+    """The stack outputs both kinds share."""
+    decision = gated.decision
     pulumi.export("dnsName", lb.dns_name)
     pulumi.export("lbSecurityGroupId", lb.lb_security_group.id)
     pulumi.export("instanceSecurityGroupId", lb.instance_security_group.id)
@@ -123,7 +134,6 @@ def main() -> WsGateLoadBalancer | WsGateNetworkLoadBalancer:
     pulumi.export("notReady", decision.missing)
     pulumi.export("waiting", gated.waiting)
     pulumi.export("gateMessage", decision.message)
-    return lb
 
 
 # --- network load balancer -------------------------------------------------------------------
@@ -152,27 +162,13 @@ def network_gate_plan(s: Settings) -> Plan:
 
 def network_main(s: Settings) -> WsGateNetworkLoadBalancer:
     gated = network_gate_plan(s)
-    decision = gated.decision
-    forwarding = network_forwarding(decision.ports, s)
-    stranded = sorted(set(decision.ports) - set(s.proxy_ports))
-    if decision.warn:
-        pulumi.log.warn(decision.message)
-    else:
-        pulumi.log.info(decision.message)
-    if stranded:
-        pulumi.log.warn(f"proxy port(s) {', '.join(map(str, stranded))} are no longer ports.proxyHttp/proxyTls: "
-                        "their listeners forward to the plain groups until `fab rollout` proves the new ports")
-    for instance, why in sorted(gated.waiting.items()):
-        pulumi.log.warn(f"{instance} {why}")
+    forwarding = network_forwarding(gated.decision.ports, s)
+    stranded = sorted(set(gated.decision.ports) - set(s.proxy_ports))
+    announce(gated, *([f"proxy port(s) {', '.join(map(str, stranded))} are no longer ports.proxyHttp/proxyTls: "
+                       "their listeners forward to the plain groups until `fab rollout` proves the new ports"]
+                      if stranded else []))
     lb = WsGateNetworkLoadBalancer(s.load_balancer.name, NetworkLoadBalancerArgs(
         settings=s, forwarding=forwarding, members=gated.join))
-    pulumi.export("dnsName", lb.dns_name)
-    pulumi.export("lbSecurityGroupId", lb.lb_security_group.id)
-    pulumi.export("instanceSecurityGroupId", lb.instance_security_group.id)
-    pulumi.export("proxyProtocolGate", decision.state.value)
-    pulumi.export("proxyProtocolPorts", list(decision.ports))
-    pulumi.export("notReady", decision.missing)
-    pulumi.export("waiting", gated.waiting)
-    pulumi.export("gateMessage", decision.message)
+    export(lb, gated)
     pulumi.export("listenerTargets", {str(port): kind for port, kind in forwarding.items()})
     return lb

@@ -34,6 +34,10 @@ class SshError(KitError):
     """A host could not be reached, refused us, or a command could not run."""
 
 
+class PortClosed(SshError):
+    """The host refused a connection to one of its own ports: nothing listens there."""
+
+
 class HostKeyError(SshError):
     """The host's key is unknown or differs from known_hosts."""
 
@@ -302,6 +306,10 @@ class Ssh:
         """A TCP connection from the host itself to address:port (direct-tcpip over this SSH session)."""
         try:
             chan = conn.transport.open_channel("direct-tcpip", (address, port), ("127.0.0.1", 0), timeout=timeout)
+        except paramiko.ChannelException as exc:
+            if exc.code == paramiko.common.OPEN_FAILED_CONNECT_FAILED:  # the host's own connect was refused
+                raise PortClosed(f"nothing listens on {address}:{port} on the host") from None
+            raise SshError(f"cannot reach {address}:{port} from the host: {exc}") from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise SshError(f"cannot reach {address}:{port} from the host: {exc or type(exc).__name__}") from None
         chan.settimeout(timeout)

@@ -26,7 +26,7 @@ from core.probe import PROBE_HEADER, PROBE_HEADER_V2, PROBE_PATH, Check
 from core.render import Tree
 from core.settings import Host, Settings
 from remote.probe import exchange, live
-from remote.ssh import Ssh, SshError
+from remote.ssh import PortClosed, Ssh
 
 
 def _port_mode(ssh: Ssh, conn, settings: Settings, address: str, port: int, expect: str) -> str:
@@ -39,7 +39,7 @@ def _port_mode(ssh: Ssh, conn, settings: Settings, address: str, port: int, expe
         check = Check(mode, port, settings.server_name, path, preface, expect)
         try:
             reply = exchange(ssh, conn, address, port, check.exchange())
-        except SshError:
+        except PortClosed:  # only a refused connect: a lost session is an error, not a closed port
             if not network:
                 raise
             return CLOSED

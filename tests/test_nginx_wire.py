@@ -294,12 +294,21 @@ class LoopbackChannels:
     """Stands in for the SSH session of `fab status`: a "channel" to a port is a plain socket."""
 
     def channel(self, conn, address: str, port: int, timeout: float = 5.0):
-        from remote.ssh import SshError
+        from remote.ssh import PortClosed, SshError
 
         try:
             return dial(address, port)
+        except ConnectionRefusedError:  # what the host's sshd reports as "connect failed"
+            raise PortClosed(f"nothing listens on {address}:{port} on the host") from None
         except OSError as exc:
             raise SshError(f"cannot reach {address}:{port} from the host: {exc}") from None
+
+
+class LostSession:
+    def channel(self, conn, address: str, port: int, timeout: float = 5.0):
+        from remote.ssh import SshError
+
+        raise SshError("connection lost: EOF")
 
 
 def test_fab_status_reads_how_every_port_answers(nlb, edge):
@@ -312,6 +321,10 @@ def test_fab_status_reads_how_every_port_answers(nlb, edge):
     assert modes == {p["http"]: "plain", p["tls"]: "plain", p["proxyHttp"]: "proxy", p["proxyTls"]: "proxy"}
     unserved = s.model_copy(update={"ports": s.ports.model_copy(update={"proxy_tls": free_port(BIND)})})
     assert _port_mode(LoopbackChannels(), None, unserved, BIND, unserved.ports.proxy_tls, "app") == "closed"
+    from remote.ssh import SshError
+
+    with pytest.raises(SshError, match="connection lost"):  # a lost session is not a closed port
+        _port_mode(LostSession(), None, s, BIND, p["proxyTls"], "app")
     classic = edge["settings"]
     assert {p: _port_mode(LoopbackChannels(), None, classic, BIND, p, expect)
             for p, expect in probed_ports(classic).items()} == {port: "proxy" for port in classic.ports.proxied}
