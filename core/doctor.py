@@ -62,6 +62,8 @@ class BalancerFacts:
     ingress: dict[str, list[Ingress]] = field(default_factory=dict)  # backend instance -> its inbound rules
     unknown: list[str] = field(default_factory=list)  # backend instances EC2 does not know
     present: list[str] | None = None  # network: instances in any of the kit's groups (None: `registered`)
+    # network: per listener, the groups it forwards to: {listener, group, port, proxyProtocolV2, targets}
+    groups: list[dict] = field(default_factory=list)
 
 
 def host_problems(s: Settings, h: HostFacts, policy_ports: list[int] | None) -> list[str]:

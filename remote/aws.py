@@ -348,25 +348,34 @@ def proxy_listener_ports(settings: Settings) -> list[int]:
     return state.proxy_ports if state else []
 
 
-def target_health(settings: Settings, state: NetworkState) -> dict[str, str]:
-    """Instance ID -> InService, or OutOfService (why), over the target groups the listeners forward
-    to now (healthy in every one of them): what `instance_health` says of a Classic ELB."""
+def group_health(settings: Settings, state: NetworkState) -> dict[str, dict[str, str]]:
+    """Target group name -> instance ID -> its state there (`healthy`, or the state and why), over
+    the groups the listeners forward to now; draining targets (leaving the group) left out."""
     elbv2 = client(settings, "elbv2")
-    out: dict[str, str] = {}
+    out: dict[str, dict[str, str]] = {}
     groups = {g.arn: g for forwarded in state.listeners.values() for g in forwarded}
     for _, group in sorted(groups.items()):
         found = _call(f"elbv2 describe-target-health {group.name}", elbv2.describe_target_health,
                       TargetGroupArn=group.arn)["TargetHealthDescriptions"]
+        out[group.name] = {}
         for t in found:
             health = t.get("TargetHealth", {})
-            instance, word = t["Target"]["Id"], health.get("State", "unknown")
-            if word == "draining":  # leaving this group: not counted, as in TargetGroupState.targets
-                continue
+            word = health.get("State", "unknown")
+            if word != "draining":  # as in TargetGroupState.targets
+                out[group.name][t["Target"]["Id"]] = ": ".join(x for x in (word, health.get("Description")) if x)
+    return out
+
+
+def target_health(groups: dict[str, dict[str, str]]) -> dict[str, str]:
+    """Instance ID -> InService, or OutOfService (group: why), healthy only when healthy in every
+    group (`group_health`): what `instance_health` says of a Classic ELB."""
+    out: dict[str, str] = {}
+    for name, targets in sorted(groups.items()):
+        for instance, word in sorted(targets.items()):
             if word == "healthy":
                 out.setdefault(instance, "InService")
             elif not out.get(instance, "").startswith("OutOfService"):
-                why = ": ".join(x for x in (word, health.get("Description")) if x)
-                out[instance] = f"OutOfService ({group.name}: {why})"
+                out[instance] = f"OutOfService ({name}: {word})"
     return out
 
 

@@ -181,7 +181,7 @@ def _healthy(run: Rollout, timeout: float = 180, every: float = 5) -> None:
     deadline = time.monotonic() + timeout
     while True:
         state = aws.network_state(run.settings)
-        health = aws.target_health(run.settings, state) if state else {}
+        health = aws.target_health(aws.group_health(run.settings, state)) if state else {}
         sick = {i: health.get(i, "no health reported") for i in (state.serving if state else [])
                 if not health.get(i, "").startswith("InService")}
         if not sick:

@@ -111,6 +111,7 @@ def _network_balancer(settings: Settings) -> BalancerFacts:
     if d is None or state is None:
         return BalancerFacts(exists=False)
     ingress, unknown = aws.instance_ingress(settings, sorted(set(state.serving) | set(settings.load_balancer.instances)))
+    health = aws.group_health(settings, state)
     return BalancerFacts(
         exists=True,
         # the instance side: the kit's target groups are TCP (a TLS one would hide the header in TLS)
@@ -119,7 +120,9 @@ def _network_balancer(settings: Settings) -> BalancerFacts:
         policy_ports=state.proxy_ports,
         registered=state.serving,
         present=list(state.present),
-        health=aws.target_health(settings, state),
+        health=aws.target_health(health),
+        groups=[{"listener": port, "group": g.name, "port": g.port, "proxyProtocolV2": g.proxy_protocol_v2,
+                 "targets": health.get(g.name, {})} for port, groups in sorted(state.listeners.items()) for g in groups],
         lab_endpoint=aws.is_lab(settings),
         security_groups=list(d.get("SecurityGroups", [])),
         ingress=ingress,
@@ -172,6 +175,10 @@ def show(reporter, view: dict) -> None:
         reporter.message(f"load balancer: listeners {', '.join(f'{a}:{b} -> {c}:{d}' for a, b, c, d in lb['listeners'])}; "
                          + (f"PROXY v2 to ports {lb['policy_ports'] or 'none'}" if lb["type"] == "network" else
                             f"ProxyProtocol policy on ports {lb['policy_ports'] or 'none'}"))
+        for g in lb.get("groups", []):
+            targets = ", ".join(f"{i} {word}" for i, word in sorted(g["targets"].items())) or "no targets"
+            reporter.message(f"  listener {g['listener']} -> {g['group']} (port {g['port']}, PROXY v2 "
+                             f"{'on' if g['proxyProtocolV2'] else 'off'}): {targets}")
         for instance, state in sorted(lb["health"].items()):
             reporter.message(f"  {instance}: {state}")
     for note in lb.get("notes", []):

@@ -170,6 +170,8 @@ def test_fab_status_reads_a_network_load_balancer_through_the_elbv2_api(aws):
     assert lb.exists and lb.listeners == [("TCP", 80, "TCP", 80), ("TLS", 443, "TCP", 83)]
     assert lb.policy_ports == [83] and lb.registered == INSTANCES
     assert lb.health == {i: "InService" for i in INSTANCES} and len(lb.security_groups) == 1
+    assert [(g["listener"], g["port"], g["proxyProtocolV2"], g["targets"]) for g in lb.groups] == [
+        (80, 80, False, {i: "healthy" for i in INSTANCES}), (443, 83, True, {i: "healthy" for i in INSTANCES})]
     # a host that serves the proxy app port plain while the TLS:443 listener forwards there
     assert host_problems(s, ports(proxy_tls="plain"), lb.policy_ports) == [
         "port 83 does not read the PROXY header but the load balancer sends it: every request through it fails "
