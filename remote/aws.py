@@ -255,6 +255,11 @@ class NetworkState:
         return sorted({g.port for groups in self.listeners.values() for g in groups if g.proxy_protocol_v2})
 
     @property
+    def forwarded_ports(self) -> list[int]:
+        """Instance ports the listeners send traffic to now, with the header or without."""
+        return sorted({g.port for groups in self.listeners.values() for g in groups})
+
+    @property
     def serving(self) -> list[str]:
         """Instances registered in a group a listener forwards to. A group no listener uses is not
         the load balancer's (the API does not list it with it) and sends nothing to anyone."""

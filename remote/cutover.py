@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from core.elb import drain_seconds
 from core.errors import KitError
 from core.plan import HostOutcome
+from core.render import served_ports
 from remote.background import Background
 from remote.balancer import Balancer
 from remote.readiness import ParameterRecord
@@ -68,6 +69,7 @@ def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balan
     # (its check at the end needs the same read), overlapping step 1.
     # Read on every run: it also refuses a load balancer of the other kind under this name.
     attached_read = Background(balancer.proxy_ports if balancer else list)
+    forwarded_read = Background(lambda: _forwarded(run) if balancer else [])
     with run.guarded():
         if not run.prepare():                                                 # 1
             return _stopped(run, verdict)
@@ -75,8 +77,16 @@ def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balan
             if record:
                 record.load()
             attached = attached_read.result()
+            forwarded = forwarded_read.result()
         except KitError as exc:
             verdict.fail(f"before any change: {exc}")
+            return _stopped(run, verdict)
+        lost = sorted(set(forwarded) - served_ports(run.settings) - set(attached if turning_off else []))
+        if lost and any(h.tree for h in run.hosts):
+            verdict.fail(f"the load balancer's listeners forward to ports {lost}, which the new config no longer "
+                         "serves: every request through them would fail until the listeners move. Change a port "
+                         "while no listener forwards to it (the plain ports while proxy protocol is on, the proxy "
+                         "ports while it is off); nothing was changed")
             return _stopped(run, verdict)
         if turning_off and attached and not apply:
             verdict.fail(f"the load balancer still sends the PROXY header to ports {attached}: nginx must keep "
@@ -141,6 +151,17 @@ def _roll_back(run: Rollout, record: ParameterRecord | None, verdict: Verdict) -
             record.undo()
         except Exception as exc:  # noqa: BLE001
             verdict.fail(str(exc) if isinstance(exc, KitError) else f"{type(exc).__name__}: {exc}", code=ATTENTION)
+
+
+def _forwarded(run: Rollout) -> list[int]:
+    """The ports a network load balancer's listeners send traffic to now. Classic: not checked; a
+    change of its listeners' instance ports has the window the README describes."""
+    from remote import aws
+
+    if run.settings.load_balancer.type != "network":
+        return []
+    state = aws.network_state(run.settings)
+    return state.forwarded_ports if state else []
 
 
 def _drain(run: Rollout) -> None:

@@ -256,6 +256,31 @@ def test_turning_off_in_two_steps_still_drains_before_the_hosts_drop_the_proxy_p
     assert sum(traffic.ok.values()) > 0
 
 
+def test_a_port_change_under_a_listener_is_refused_before_any_change(network_lab):
+    """With the listeners on the proxy groups, moving ports.proxyTls would leave TLS:443 forwarding
+    to a port no host serves until `pulumi up`: refused, every host as it was."""
+    import yaml
+
+    lab = network_lab
+    set_proxy_protocol(lab, True)
+    assert fab(lab, "rollout", "--apply").returncode == 0
+    before = {h.name: remote_aws.read_record(lab.settings) for h in lab.settings.hosts}
+    doc = yaml.safe_load(lab.env_file.read_text())
+    old = doc["config"]["wsgate:ports"]["proxyTls"]
+    doc["config"]["wsgate:ports"]["proxyTls"] = old + 7
+    lab.env_file.write_text(yaml.safe_dump(doc))
+    result = fab(lab, "rollout")
+    assert result.returncode == 1
+    assert f"the load balancer's listeners forward to ports [{old}], which the new config no longer serves" in (
+        result.stdout + result.stderr)
+    assert "upload" not in result.stderr and "reload" not in result.stderr
+    assert {h.name: remote_aws.read_record(lab.settings) for h in lab.settings.hosts} == before
+    lab.wait_for_header(True)
+    hello, echo = ws_hello(dial("127.0.0.1", lab.listen[443], source="127.0.0.77"), lab.settings.server_name,
+                           tls=lab.tls_context())
+    assert echo == "ping-echo" and hello["client_ip"] == "127.0.0.77"  # still served, header and all
+
+
 def test_the_stand_in_sends_and_checks_as_each_kind_of_load_balancer():
     """Pure: a Classic ELB's route (v1 on the policy's ports, HTTP check on the health port) and a
     network load balancer's (v2 exactly on a PROXY v2 group, whose every check carries the header,
