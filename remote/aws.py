@@ -115,9 +115,13 @@ def other_kind(settings: Settings) -> str | None:
     it sends; it is refused. Asked only where that API has an endpoint (the lab may have none)."""
     network = settings.load_balancer.type == "network"
     service = "elb" if network else "elbv2"
-    if settings.aws.endpoints and service not in settings.aws.endpoints:
-        return None
-    if (describe(settings) if network else describe_network(settings)) is None:
+    endpoints = settings.aws.endpoints
+    if service not in endpoints and any(_loopback(url) for url in endpoints.values()):
+        return None  # a loopback endpoint without that API: never ask a real one from here
+    if network:
+        if describe(settings) is None:
+            return None
+    elif (_describe_v2(settings) or {}).get("Type") != "network":  # an ALB of this name is not ours
         return None
     other = "a Classic ELB" if network else "a network load balancer"
     return (f"{other} named {settings.load_balancer.name} exists, and loadBalancer.type is "
@@ -268,6 +272,15 @@ class NetworkState:
 
 def describe_network(settings: Settings) -> dict | None:
     """The network load balancer's description (ELBv2 API), or None when it does not exist."""
+    found = _describe_v2(settings)
+    if found is not None and found.get("Type") != "network":
+        raise AwsError(f"elbv2 load balancer {settings.load_balancer.name} is of type {found.get('Type')!r}, "
+                       "not network")
+    return found
+
+
+def _describe_v2(settings: Settings) -> dict | None:
+    """The ELBv2 load balancer of this name, of any type, or None."""
     name = settings.load_balancer.name
     elbv2 = client(settings, "elbv2")
     try:
@@ -278,11 +291,7 @@ def describe_network(settings: Settings) -> dict | None:
         raise AwsError(f"elbv2 describe-load-balancers {name}: {exc}") from None
     except BotoCoreError as exc:
         raise AwsError(f"elbv2 describe-load-balancers {name}: {exc}") from None
-    if not found:
-        return None
-    if found[0].get("Type") != "network":
-        raise AwsError(f"elbv2 load balancer {name} is of type {found[0].get('Type')!r}, not network")
-    return found[0]
+    return found[0] if found else None
 
 
 def refuse_replacement(settings: Settings) -> None:

@@ -68,8 +68,10 @@ def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balan
     # The ports that get the header matter when turning off (refuse, or stop it) and for --apply
     # (its check at the end needs the same read), overlapping step 1.
     # Read on every run: it also refuses a load balancer of the other kind under this name.
-    attached_read = Background(balancer.proxy_ports if balancer else list)
-    forwarded_read = Background(lambda: _forwarded(run) if balancer else [])
+    # A rollback reads only what it needs (an emergency path must not wait on more of AWS).
+    reads = balancer and (turning_off or apply or not run.rolling_back)
+    attached_read = Background(balancer.proxy_ports if balancer and reads else list)
+    forwarded_read = Background(lambda: _forwarded(run) if reads else [])
     with run.guarded():
         if not run.prepare():                                                 # 1
             return _stopped(run, verdict)
@@ -82,7 +84,9 @@ def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balan
             verdict.fail(f"before any change: {exc}")
             return _stopped(run, verdict)
         lost = sorted(set(forwarded) - served_ports(run.settings) - set(attached if turning_off else []))
-        if lost and any(h.tree for h in run.hosts):
+        if turning_off and attached and forwarded:  # the listeners go back to the plain ports: served now?
+            lost += sorted({run.settings.ports.http, run.settings.ports.tls} - run.live_ports())
+        if lost and not run.rolling_back:
             verdict.fail(f"the load balancer's listeners forward to ports {lost}, which the new config no longer "
                          "serves: every request through them would fail until the listeners move. Change a port "
                          "while no listener forwards to it (the plain ports while proxy protocol is on, the proxy "
@@ -99,13 +103,13 @@ def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balan
         if turning_off and attached:
             assert balancer is not None
             try:
-                _apply(run, balancer, want=[])
+                _apply(run, balancer, want=[], before=attached)
             except KitError as exc:
                 verdict.fail(f"stopping the PROXY header at the load balancer: {exc}; no host was changed",
                              code=ATTENTION)
                 return _stopped(run, verdict)
             detached = True
-        if turning_off and (detached or run.dropped_ports()):
+        if detached or run.dropped_ports():
             _drain(run)  # whoever moved the load balancer off those ports, and whenever: it may still send there
         try:
             if turning_off and record:
@@ -131,7 +135,7 @@ def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balan
         return verdict
     if apply and balancer and not detached:                                   # 7
         try:
-            _apply(run, balancer, want=[] if turning_off else sorted(run.settings.proxy_ports))
+            _apply(run, balancer, want=[] if turning_off else sorted(run.settings.proxy_ports), before=attached)
         except KitError as exc:
             verdict.fail(f"every host is ready and recorded, but {exc}")
         except KeyboardInterrupt:
@@ -169,8 +173,8 @@ def _drain(run: Rollout) -> None:
     (core.elb.drain_seconds); an interrupt ends the wait."""
     seconds = drain_seconds(run.settings)
     if seconds:
-        run.reporter.note(f"the hosts keep reading the PROXY header for {seconds}s while the load balancer "
-                          "moves off the proxy ports (loadBalancer.deregistrationDelay)")
+        run.reporter.note(f"the hosts keep serving the ports they drop for {seconds}s while the load balancer "
+                          "moves off them (loadBalancer.deregistrationDelay)")
         run.interrupted.wait(seconds)
 
 
@@ -180,8 +184,9 @@ def _stopped(run: Rollout, verdict: Verdict) -> Verdict:
     return verdict
 
 
-def _apply(run: Rollout, balancer: Balancer, want: list[int]) -> None:
-    """`pulumi up`, then prove through the AWS API that the header goes to exactly the ports `want`."""
+def _apply(run: Rollout, balancer: Balancer, want: list[int], before: list[int]) -> None:
+    """`pulumi up`, then prove through the AWS API that the header goes to exactly the ports `want`
+    (`before`: where it went when the run started; a switch is then followed by a health proof)."""
     outputs = balancer.apply(run.reporter.note)
     have = balancer.proxy_ports()
     if have != want:
@@ -189,11 +194,11 @@ def _apply(run: Rollout, balancer: Balancer, want: list[int]) -> None:
                        f"expected {want or 'none'}; gate: {outputs.get('proxyProtocolGate')}: "
                        f"{outputs.get('gateMessage')}")
     run.reporter.note(f"verified: the load balancer sends the PROXY header to ports {have or 'none'}")
-    if run.settings.load_balancer.type == "network":
+    if run.settings.load_balancer.type == "network" and have != before:
         _healthy(run)
 
 
-def _healthy(run: Rollout, timeout: float = 180, every: float = 5) -> None:
+def _healthy(run: Rollout, timeout: float = 300, every: float = 5) -> None:
     """A network load balancer does not health-check a group no listener uses: after a switch,
     prove every instance in the groups the listeners forward to now healthy (those waiting to join
     are the gate's: `fab status` names them)."""
@@ -202,13 +207,17 @@ def _healthy(run: Rollout, timeout: float = 180, every: float = 5) -> None:
     deadline = time.monotonic() + timeout
     while True:
         state = aws.network_state(run.settings)
-        health = aws.target_health(aws.group_health(run.settings, state)) if state else {}
-        sick = {i: health.get(i, "no health reported") for i in (state.serving if state else [])
+        if state is None:
+            raise KitError("the network load balancer is gone after pulumi up")
+        health = aws.target_health(aws.group_health(run.settings, state))
+        sick = {i: health.get(i, "no health reported") for i in state.serving
                 if not health.get(i, "").startswith("InService")}
         if not sick:
             run.reporter.note("verified: every registered instance is healthy in the groups the listeners forward to")
             return
-        if time.monotonic() > deadline or run.interrupted.wait(every):
+        if run.interrupted.wait(every):
+            raise KitError("interrupted while waiting for the targets to be healthy after the switch")
+        if time.monotonic() > deadline:
             raise KitError("after the switch not every instance is healthy in the target groups the listeners "
                            "forward to: " + "; ".join(f"{i}: {why}" for i, why in sorted(sick.items())))
 

@@ -126,10 +126,21 @@ class Rollout:
         """The ports some host serves now (its live release's manifest) that its new config does not."""
         from core.render import served_ports
 
-        keep = served_ports(self.settings)
-        live = {int(p) for h in self.hosts if h.reload and h.before
-                for p in (h.before.manifest.get("ports") or {}).values() if str(p).isdigit()}
-        return live - keep
+        return self.live_ports(changing=True) - served_ports(self.settings)
+
+    def live_ports(self, changing: bool = False) -> set[int]:
+        """The ports the hosts' live releases serve (their manifests), of the hosts this run changes."""
+        out: set[int] = set()
+        for h in self.hosts:
+            ports = h.before.manifest.get("ports") if h.before and (h.reload or not changing) else None
+            if isinstance(ports, dict):
+                out |= {int(p) for p in ports.values() if str(p).isdigit()}
+        return out
+
+    @property
+    def rolling_back(self) -> bool:
+        """`fab rollback`: every host goes to its previous release (no tree of ours)."""
+        return all(h.tree is None for h in self.hosts)
 
     # -- the run's frame: interrupts, heartbeat, closing ---------------------------------------
 

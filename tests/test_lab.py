@@ -251,7 +251,7 @@ def test_turning_off_in_two_steps_still_drains_before_the_hosts_drop_the_proxy_p
     time.sleep(1)
     traffic.stop()
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "the hosts keep reading the PROXY header for 5s" in result.stdout + result.stderr
+    assert "the hosts keep serving the ports they drop for 5s" in result.stdout + result.stderr
     assert sum(traffic.failed.values()) == 0, traffic.table()
     assert sum(traffic.ok.values()) > 0
 

@@ -49,7 +49,8 @@ def edge(app, tmp_path_factory):
     nginx.start()
     for port in ports.values():
         wait_port(BIND, port)
-    lb = {mode: {name: free_port() for name in ("http", "tls")} for mode in ("send-proxy", "send-proxy-v2")}
+    distinct = iter(free_ports(4, ["127.0.0.1"]))
+    lb = {mode: {name: next(distinct) for name in ("http", "tls")} for mode in ("send-proxy", "send-proxy-v2")}
     haproxy = HAProxy(tmp_path_factory.mktemp("haproxy"), [
         (lb[mode][name], BIND, ports[name], mode) for mode in lb for name in ("http", "tls")
     ])
@@ -202,7 +203,8 @@ def nlb(app, tmp_path_factory):
     nginx.start()
     for port in ports.values():
         wait_port(BIND, port)
-    lb = {name: free_port() for name in ("http", "tls", "proxyHttp", "proxyTls", "unframed check")}
+    lb = dict(zip(("http", "tls", "proxyHttp", "proxyTls", "unframed check"), free_ports(5, ["127.0.0.1"]),
+                  strict=True))  # distinct: the stand-in's frontends are named by port
     haproxy = HAProxy(tmp_path_factory.mktemp("haproxy-network"), [
         (lb["http"], BIND, ports["http"], ""),
         (lb["tls"], BIND, ports["tls"], ""),

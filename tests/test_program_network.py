@@ -528,3 +528,24 @@ def test_switching_the_kind_of_a_live_load_balancer_is_refused(aws, monkeypatch)
         run(aws.url, monkeypatch)
     with pytest.raises(KitError, match="changing the kind would delete the live load balancer"):
         header_ports(settings_for(aws.url))
+
+
+def test_a_classic_environment_is_refused_over_a_network_load_balancer_of_its_name_but_not_over_an_alb(aws):
+    from remote import aws as remote_aws
+
+    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=aws.url)
+    elbv2 = boto3.client("elbv2", region_name=REGION, endpoint_url=aws.url)
+    vpc = ec2.create_vpc(CidrBlock="10.7.0.0/16")["Vpc"]["VpcId"]
+    subnets = [ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.7.{i}.0/24", AvailabilityZone=f"{REGION}{z}")
+               ["Subnet"]["SubnetId"] for i, z in ((1, "a"), (2, "b"))]
+    elbv2.create_load_balancer(Name="web-alb", Subnets=subnets, Type="application")
+    elbv2.create_load_balancer(Name="web-nlb", Subnets=subnets, Type="network")
+
+    def classic(name):
+        return settings_from("staging", **{"aws:endpoints": endpoints(aws.url),
+                                           "wsgate:loadBalancer": {**stack_config("staging")["wsgate:loadBalancer"],
+                                                                   "name": name}})
+
+    assert remote_aws.other_kind(classic("web-alb")) is None
+    assert "a network load balancer named web-nlb exists, and loadBalancer.type is classic" in (
+        remote_aws.other_kind(classic("web-nlb")) or "")
