@@ -161,8 +161,9 @@ def config(state: LbState, cert: Path, listen: dict[int, int] = LISTEN, socket: 
     lines += ["", "defaults", "    mode tcp", "    timeout connect 5s", ""]
     for r in state.routes:
         bind = f"    bind 127.0.0.1:{listen[r.lb_port]}" + (f" ssl crt {cert}" if r.tls else "")
+        backend = f"{r.backend}_via_{r.lb_port}"  # one group behind two listeners still makes two backends
         lines += [f"frontend listener_{r.lb_port}", bind, f"    timeout client {r.idle_timeout}s",
-                  f"    default_backend {r.backend}", "", f"backend {r.backend}", f"    timeout server {r.idle_timeout}s"]
+                  f"    default_backend {backend}", "", f"backend {backend}", f"    timeout server {r.idle_timeout}s"]
         if r.check and r.check.path:
             lines.append(f"    option httpchk GET {r.check.path}")
         lines += [f"    server {s.name} {s.address}:{s.port}{_server_options(s, r.check)}" for s in r.servers]

@@ -241,6 +241,7 @@ class TargetGroupState:
     proxy_protocol_v2: bool
     targets: tuple[str, ...]  # instances registered in it (draining ones are leaving: not counted)
     health: NetworkHealthCheck | None = None  # its health check (None: off)
+    protocol: str = "TCP"  # to the instances: TCP, or TLS (where the header would travel inside TLS)
 
 
 @dataclass(frozen=True)
@@ -421,7 +422,7 @@ def _target_group(settings: Settings, arn: str) -> TargetGroupState:
                               for a in attributes),
         targets=tuple(sorted({t["Target"]["Id"] for t in health
                               if t.get("TargetHealth", {}).get("State") != "draining"})),
-        health=_health_check(group))
+        health=_health_check(group), protocol=group.get("Protocol", "TCP"))
 
 
 def _health_check(group: dict) -> NetworkHealthCheck | None:

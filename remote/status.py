@@ -114,8 +114,8 @@ def _network_balancer(settings: Settings) -> BalancerFacts:
     health = aws.group_health(settings, state)
     return BalancerFacts(
         exists=True,
-        # the instance side: the kit's target groups are TCP (a TLS one would hide the header in TLS)
-        listeners=[(state.protocols.get(port, "?"), port, "TCP", g.port) for port, groups in state.listeners.items()
+        # the instance side is the group's protocol: TCP (a TLS group would hide the header inside TLS)
+        listeners=[(state.protocols.get(port, "?"), port, g.protocol, g.port) for port, groups in state.listeners.items()
                    for g in groups],
         policy_ports=state.proxy_ports,
         registered=state.serving,

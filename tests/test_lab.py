@@ -341,6 +341,10 @@ def test_the_stand_in_sends_and_checks_as_each_kind_of_load_balancer():
     assert (overridden.path, overridden.port, overridden.send_proxy) == ("/healthz", 8081, True)  # fails, as on AWS
     plain = group_check(remote_aws.TargetGroupState("arn", "lb-plain-81", 81, False, ("i-1",), http))
     assert (plain.path, plain.port, plain.send_proxy) == ("/healthz", 8081, False)
+    # one group behind both listeners (drift, not what the kit makes): still two distinct backends
+    both = config(LbState((route, Route(80, False, 350, group.name, route.servers, route.check))), REPO / "cert.pem")
+    assert [ln for ln in both.splitlines() if ln.startswith("backend ")] == [
+        "backend lb-proxy-83_via_443", "backend lb-proxy-83_via_80"]
 
 
 # --- the lab's applier decides as the Pulumi program ----------------------------------------------
