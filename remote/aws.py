@@ -185,17 +185,22 @@ def _not_found(exc: ClientError) -> bool:
 
 
 def describe(settings: Settings) -> dict | None:
-    """The load balancer's description, or None when it does not exist (yet)."""
+    """The Classic ELB's description, or None when it does not exist (yet)."""
+    return _named(settings, "elb", "LoadBalancerNames", "LoadBalancerDescriptions")
+
+
+def _named(settings: Settings, service: str, names: str, key: str) -> dict | None:
+    """The load balancer of this name as `service` (elb, elbv2) describes it, or None."""
     name = settings.load_balancer.name
-    elb = client(settings, "elb")
+    api = client(settings, service)
     try:
-        found = elb.describe_load_balancers(LoadBalancerNames=[name])["LoadBalancerDescriptions"]
+        found = api.describe_load_balancers(**{names: [name]})[key]
     except ClientError as exc:
         if _not_found(exc):
             return None
-        raise AwsError(f"elb describe-load-balancers {name}: {exc}") from None
+        raise AwsError(f"{service} describe-load-balancers {name}: {exc}") from None
     except BotoCoreError as exc:
-        raise AwsError(f"elb describe-load-balancers {name}: {exc}") from None
+        raise AwsError(f"{service} describe-load-balancers {name}: {exc}") from None
     return found[0] if found else None
 
 
@@ -282,17 +287,7 @@ def describe_network(settings: Settings) -> dict | None:
 
 def _describe_v2(settings: Settings) -> dict | None:
     """The ELBv2 load balancer of this name, of any type, or None."""
-    name = settings.load_balancer.name
-    elbv2 = client(settings, "elbv2")
-    try:
-        found = elbv2.describe_load_balancers(Names=[name])["LoadBalancers"]
-    except ClientError as exc:
-        if _not_found(exc):
-            return None
-        raise AwsError(f"elbv2 describe-load-balancers {name}: {exc}") from None
-    except BotoCoreError as exc:
-        raise AwsError(f"elbv2 describe-load-balancers {name}: {exc}") from None
-    return found[0] if found else None
+    return _named(settings, "elbv2", "Names", "LoadBalancers")
 
 
 def refuse_replacement(settings: Settings) -> None:

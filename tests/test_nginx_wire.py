@@ -32,6 +32,19 @@ ELB_LOG = re.compile(
 )
 
 
+def served(settings, root, ports):
+    """nginx running the tree rendered for `settings`, once it listens on every one of `ports`."""
+    tree = render(settings, BIND)
+    nginx = Nginx(root)
+    nginx.install(tree)
+    check = nginx.test()
+    assert check.returncode == 0, check.stderr
+    nginx.start()
+    for port in ports:
+        wait_port(BIND, port)
+    return nginx, tree
+
+
 @pytest.fixture(scope="module")
 def edge(app, tmp_path_factory):
     """nginx from the rendered lab tree, with HAProxy in front of each port."""
@@ -41,14 +54,7 @@ def edge(app, tmp_path_factory):
         "lab", ports=ports, app={"upstreams": [f"{app[0]}:{app[1]}"]},
         nginx={"root": str(root), "workerShutdownTimeout": 5},
     )
-    tree = render(settings, BIND)
-    nginx = Nginx(root)
-    nginx.install(tree)
-    check = nginx.test()
-    assert check.returncode == 0, check.stderr
-    nginx.start()
-    for port in ports.values():
-        wait_port(BIND, port)
+    nginx, tree = served(settings, root, ports.values())
     distinct = iter(free_ports(4, ["127.0.0.1"]))
     lb = {mode: {name: next(distinct) for name in ("http", "tls")} for mode in ("send-proxy", "send-proxy-v2")}
     haproxy = HAProxy(tmp_path_factory.mktemp("haproxy"), [
@@ -195,14 +201,7 @@ def nlb(app, tmp_path_factory):
         load_balancer={"type": "network", "availabilityZones": [], "subnets": ["subnet-0123456789abcdef0"],
                        "vpcId": "vpc-0123456789abcdef0"},
     )
-    tree = render(settings, BIND)
-    nginx = Nginx(root)
-    nginx.install(tree)
-    check = nginx.test()
-    assert check.returncode == 0, check.stderr
-    nginx.start()
-    for port in ports.values():
-        wait_port(BIND, port)
+    nginx, tree = served(settings, root, ports.values())
     lb = dict(zip(("http", "tls", "proxyHttp", "proxyTls", "unframed check"), free_ports(5, ["127.0.0.1"]),
                   strict=True))  # distinct: the stand-in's frontends are named by port
     haproxy = HAProxy(tmp_path_factory.mktemp("haproxy-network"), [
