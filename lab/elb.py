@@ -262,11 +262,6 @@ class LabBalancer:
     def __init__(self, settings: Settings):
         self.settings = settings
 
-    def proxy_ports(self) -> list[int]:
-        from remote.balancer import header_ports
-
-        return header_ports(self.settings)
-
     def apply(self, note: Callable[[str], None]) -> dict[str, Any]:
         from remote.balancer import PulumiStack
 

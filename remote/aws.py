@@ -247,6 +247,7 @@ class TargetGroupState:
     targets: tuple[str, ...]  # instances registered in it (draining ones are leaving: not counted)
     health: NetworkHealthCheck | None = None  # its health check (None: off)
     protocol: str = "TCP"  # to the instances: TCP, or TLS (where the header would travel inside TLS)
+    states: dict[str, str] = field(default_factory=dict)  # instance -> `healthy`, or its state and why
 
 
 @dataclass(frozen=True)
@@ -257,6 +258,7 @@ class NetworkState:
     listeners: dict[int, tuple[TargetGroupState, ...]]  # listener port -> the groups it forwards to
     protocols: dict[int, str] = field(default_factory=dict)  # listener port -> "TCP" or "TLS"
     present: tuple[str, ...] = ()  # instances in any of the kit's groups, forwarded to or not
+    security_groups: tuple[str, ...] = ()  # the load balancer's own
 
     @property
     def proxy_ports(self) -> list[int]:
@@ -325,7 +327,8 @@ def network_state(settings: Settings) -> NetworkState | None:
     kit = [_target_group(settings, a) for a in _kit_group_arns(settings) if a not in groups]
     present = {i for g in [*groups.values(), *kit] for i in g.targets}
     return NetworkState(arn, {port: tuple(groups[a] for a in arns) for port, arns in sorted(forwards.items())},
-                        {int(x["Port"]): x["Protocol"] for x in described}, tuple(sorted(present)))
+                        {int(x["Port"]): x["Protocol"] for x in described}, tuple(sorted(present)),
+                        tuple(found.get("SecurityGroups", [])))
 
 
 def _kit_group_arns(settings: Settings) -> list[str]:
@@ -358,22 +361,10 @@ def proxy_listener_ports(settings: Settings) -> list[int]:
     return state.proxy_ports if state else []
 
 
-def group_health(settings: Settings, state: NetworkState) -> dict[str, dict[str, str]]:
+def group_health(state: NetworkState) -> dict[str, dict[str, str]]:
     """Target group name -> instance ID -> its state there (`healthy`, or the state and why), over
-    the groups the listeners forward to now; draining targets (leaving the group) left out."""
-    elbv2 = client(settings, "elbv2")
-    out: dict[str, dict[str, str]] = {}
-    groups = {g.arn: g for forwarded in state.listeners.values() for g in forwarded}
-    for _, group in sorted(groups.items()):
-        found = _call(f"elbv2 describe-target-health {group.name}", elbv2.describe_target_health,
-                      TargetGroupArn=group.arn)["TargetHealthDescriptions"]
-        out[group.name] = {}
-        for t in found:
-            health = t.get("TargetHealth", {})
-            word = health.get("State", "unknown")
-            if word != "draining":  # as in TargetGroupState.targets
-                out[group.name][t["Target"]["Id"]] = ": ".join(x for x in (word, health.get("Description")) if x)
-    return out
+    the groups the listeners forward to now (as `network_state` read them)."""
+    return {g.name: dict(g.states) for forwarded in state.listeners.values() for g in forwarded}
 
 
 def target_health(groups: dict[str, dict[str, str]]) -> dict[str, str]:
@@ -411,13 +402,18 @@ def _target_group(settings: Settings, arn: str) -> TargetGroupState:
                        TargetGroupArn=arn)["Attributes"]
     health = _call(f"elbv2 describe-target-health {arn}", elbv2.describe_target_health,
                    TargetGroupArn=arn)["TargetHealthDescriptions"]
+    states = {}
+    for t in health:
+        h = t.get("TargetHealth", {})
+        word = h.get("State", "unknown")
+        if word != "draining":  # leaving the group: neither a target nor a health of it
+            states[t["Target"]["Id"]] = ": ".join(x for x in (word, h.get("Description")) if x)
     return TargetGroupState(
         arn=arn, name=group["TargetGroupName"], port=int(group["Port"]),
         proxy_protocol_v2=any(a["Key"] == "proxy_protocol_v2.enabled" and a["Value"].lower() == "true"
                               for a in attributes),
-        targets=tuple(sorted({t["Target"]["Id"] for t in health
-                              if t.get("TargetHealth", {}).get("State") != "draining"})),
-        health=_health_check(group), protocol=group.get("Protocol", "TCP"))
+        targets=tuple(sorted(states)), health=_health_check(group), protocol=group.get("Protocol", "TCP"),
+        states=states)
 
 
 def _health_check(group: dict) -> NetworkHealthCheck | None:

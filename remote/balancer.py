@@ -1,16 +1,17 @@
-"""The load balancer side of a cutover, behind one small interface.
+"""The load balancer side of a cutover: what it does now, and who applies the stack.
 
-`remote/cutover.py` asks a `Balancer` two things: which instance ports get the PROXY header now
-(read from AWS, never from a marker of ours: the ports with the ProxyProtocol policy on a Classic
-ELB, the proxy target groups' ports a network load balancer's listeners forward to), and to
-apply the stack (`pulumi up`). The task layer chooses the implementation: `PulumiStack` for real
-stacks (the Automation API); the lab brings its own.
+`traffic` reads from AWS (never from a marker of ours) which instance ports get the PROXY header
+now (the ports with the ProxyProtocol policy on a Classic ELB, the proxy target groups' ports a
+network load balancer's listeners forward to) and where the listeners forward. A `Balancer`
+applies the stack (`pulumi up`); the task layer chooses it: `PulumiStack` for real stacks (the
+Automation API); the lab brings its own.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from core.errors import KitError
@@ -18,10 +19,6 @@ from core.settings import Settings
 
 
 class Balancer(Protocol):
-    def proxy_ports(self) -> list[int]:
-        """Instance ports the load balancer sends the PROXY header to now (AWS API)."""
-        ...
-
     def apply(self, note: Callable[[str], None]) -> dict[str, Any]:
         """Bring the load balancer to what the settings and the readiness record allow; its outputs."""
         ...
@@ -33,9 +30,6 @@ class PulumiStack:
     def __init__(self, settings: Settings):
         self.settings = settings
 
-    def proxy_ports(self) -> list[int]:
-        return header_ports(self.settings)
-
     def apply(self, note: Callable[[str], None]) -> dict[str, Any]:
         from infra import automation
 
@@ -43,18 +37,33 @@ class PulumiStack:
         return automation.up(self.settings.env, on_output=lambda line: note(line.rstrip()))
 
 
-def header_ports(settings: Settings) -> list[int]:
-    """The instance ports the load balancer sends the PROXY header to now, as AWS says: classic, the
-    ports with the ProxyProtocol policy; network, the ports of the `proxy_protocol_v2` target groups
-    a listener forwards to."""
+@dataclass(frozen=True)
+class Traffic:
+    """What the load balancer does now, from one read."""
+
+    header: list[int]  # instance ports it sends the PROXY header to
+    # network: every instance port a listener forwards to. Classic: not read; a change of its
+    # listeners' instance ports has the window the README describes.
+    forwarded: list[int]
+
+
+def traffic(settings: Settings) -> Traffic:
+    """Where the load balancer sends traffic now, as AWS says; a load balancer of the other kind
+    under this name is refused."""
     from remote import aws
 
     conflict = aws.other_kind(settings)
     if conflict:
         raise KitError(conflict)
     if settings.load_balancer.type == "network":
-        return aws.proxy_listener_ports(settings)
-    return aws.proxy_protocol_ports(settings)
+        state = aws.network_state(settings)
+        return Traffic(state.proxy_ports, state.forwarded_ports) if state else Traffic([], [])
+    return Traffic(aws.proxy_protocol_ports(settings), [])
+
+
+def header_ports(settings: Settings) -> list[int]:
+    """The instance ports the load balancer sends the PROXY header to now (`traffic`)."""
+    return traffic(settings).header
 
 
 def chosen(settings: Settings) -> Balancer:

@@ -2,8 +2,8 @@
 
 Turning the PROXY protocol on (or changing config while it is on):
   1. connect, lock and inspect every host; nothing changes;
-  2. every AWS read the run depends on: the stored record, and (turning off, or with --apply)
-     the ports the load balancer sends the PROXY header to;
+  2. every AWS read the run depends on: the stored record, and where the load balancer sends
+     traffic and the PROXY header now (a rollback: only when turning off, or with --apply);
   3. upload and `nginx -t` every host; a failure discards every stage: nothing changed;
   4. go live, batch by batch (swap, reload, probe);
   5. lock the hosts that had nothing to do and prove them under the lock;
@@ -35,7 +35,7 @@ from core.errors import KitError
 from core.plan import HostOutcome
 from core.render import served_ports
 from remote.background import Background
-from remote.balancer import Balancer
+from remote.balancer import Balancer, Traffic, header_ports, traffic
 from remote.readiness import ParameterRecord
 from remote.rollout import Rollout
 
@@ -70,16 +70,15 @@ def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balan
     # Read on every run: it also refuses a load balancer of the other kind under this name.
     # A rollback reads only what it needs (an emergency path must not wait on more of AWS).
     reads = balancer and (turning_off or apply or not run.rolling_back)
-    attached_read = Background(balancer.proxy_ports if balancer and reads else list)
-    forwarded_read = Background(lambda: _forwarded(run) if reads else [])
+    traffic_read = Background(lambda: traffic(run.settings) if reads else Traffic([], []))
     with run.guarded():
         if not run.prepare():                                                 # 1
             return _stopped(run, verdict)
         try:                                                                  # 2
             if record:
                 record.load()
-            attached = attached_read.result()
-            forwarded = forwarded_read.result()
+            now = traffic_read.result()
+            attached, forwarded = now.header, now.forwarded
         except KitError as exc:
             verdict.fail(f"before any change: {exc}")
             return _stopped(run, verdict)
@@ -157,17 +156,6 @@ def _roll_back(run: Rollout, record: ParameterRecord | None, verdict: Verdict) -
             verdict.fail(str(exc) if isinstance(exc, KitError) else f"{type(exc).__name__}: {exc}", code=ATTENTION)
 
 
-def _forwarded(run: Rollout) -> list[int]:
-    """The ports a network load balancer's listeners send traffic to now. Classic: not checked; a
-    change of its listeners' instance ports has the window the README describes."""
-    from remote import aws
-
-    if run.settings.load_balancer.type != "network":
-        return []
-    state = aws.network_state(run.settings)
-    return state.forwarded_ports if state else []
-
-
 def _drain(run: Rollout) -> None:
     """The hosts keep reading the header while the load balancer moves off the ports it sent it to
     (core.elb.drain_seconds); an interrupt ends the wait."""
@@ -188,7 +176,7 @@ def _apply(run: Rollout, balancer: Balancer, want: list[int], before: list[int])
     """`pulumi up`, then prove through the AWS API that the header goes to exactly the ports `want`
     (`before`: where it went when the run started; a switch is then followed by a health proof)."""
     outputs = balancer.apply(run.reporter.note)
-    have = balancer.proxy_ports()
+    have = header_ports(run.settings)
     if have != want:
         raise KitError(f"after pulumi up the load balancer sends the PROXY header to ports {have or 'none'}, "
                        f"expected {want or 'none'}; gate: {outputs.get('proxyProtocolGate')}: "
@@ -209,7 +197,7 @@ def _healthy(run: Rollout, timeout: float = 300, every: float = 5) -> None:
         state = aws.network_state(run.settings)
         if state is None:
             raise KitError("the network load balancer is gone after pulumi up")
-        health = aws.target_health(aws.group_health(run.settings, state))
+        health = aws.target_health(aws.group_health(state))
         sick = {i: health.get(i, "no health reported") for i in state.serving
                 if not health.get(i, "").startswith("InService")}
         if not sick:

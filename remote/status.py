@@ -106,12 +106,11 @@ def _network_balancer(settings: Settings) -> BalancerFacts:
     their health there."""
     from remote import aws
 
-    d = aws.describe_network(settings)
-    state = aws.network_state(settings) if d else None
-    if d is None or state is None:
+    state = aws.network_state(settings)
+    if state is None:
         return BalancerFacts(exists=False)
     ingress, unknown = aws.instance_ingress(settings, sorted(set(state.serving) | set(settings.load_balancer.instances)))
-    health = aws.group_health(settings, state)
+    health = aws.group_health(state)
     return BalancerFacts(
         exists=True,
         # the instance side is the group's protocol: TCP (a TLS group would hide the header inside TLS)
@@ -124,7 +123,7 @@ def _network_balancer(settings: Settings) -> BalancerFacts:
         groups=[{"listener": port, "group": g.name, "port": g.port, "proxyProtocolV2": g.proxy_protocol_v2,
                  "targets": health.get(g.name, {})} for port, groups in sorted(state.listeners.items()) for g in groups],
         lab_endpoint=aws.is_lab(settings),
-        security_groups=list(d.get("SecurityGroups", [])),
+        security_groups=list(state.security_groups),
         ingress=ingress,
         unknown=unknown,
     )
