@@ -131,6 +131,8 @@ def _network_port_problem(s: Settings, port: int, mode: str, sent: list[int] | N
     p = s.ports
     plain = port in (p.http, p.tls)
     forwarded = sent is not None and port in sent  # a listener forwards to this proxy port's group
+    if port in s.retired and mode in (CLOSED, PLAIN):  # its group retired (Settings.retiring): nothing reaches it
+        return None
     if mode == NEITHER:
         return f"port {port} {_ANSWERS[mode]}" if plain or forwarded or s.proxy_protocol else None
     if plain:
@@ -169,6 +171,9 @@ def balancer_problems(s: Settings, lb: BalancerFacts | None, record: ReadinessRe
         return [f"load balancer {s.load_balancer.name} does not exist: run `pulumi up`"], notes, gate
     if decision.warn or (not s.proxy_protocol and attached):
         problems.append(f"gate {decision.state.value}: {decision.message}")
+    if s.retired:
+        notes.append(f"plain port(s) {', '.join(map(str, sorted(s.retired)))} retired: their listeners forward to "
+                     "the proxy groups and the plain groups hold no target; the hosts no longer serve them")
     if s.load_balancer.type == "network":
         # a listener forwards to its proxy group when the decision covers that group's port (core.elb)
         want_ports = sorted(set(decision.ports) & set(s.proxy_ports))

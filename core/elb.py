@@ -7,6 +7,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from core.errors import KitError
+from core.gate import Plan
+from core.record import ReadinessRecord
 from core.settings import Settings
 
 HEALTH_PATH = "/healthz"  # served on ports.health by nginx/http.d/30-health.conf.j2
@@ -126,6 +129,63 @@ def network_forwarding(decision_ports: tuple[int, ...] | list[int], s: Settings)
     setting changed) does not keep its listener on proxy: the new group's port is unproven, and
     the plain group is always safe (client addresses are lost until it is proven, no request)."""
     return {x.port: PROXY if x.proxy.port in decision_ports else PLAIN for x in network_listeners(s)}
+
+
+@dataclass(frozen=True)
+class ListenerNow:
+    """One network listener as the ELBv2 API says it is now (remote.aws.NetworkState.now)."""
+
+    forwards: str | None  # PLAIN or PROXY: the kit's group of that kind it forwards to; None: elsewhere or absent
+    proxy_healthy: bool  # its proxy group has targets and every one is `healthy`
+    plain_retired: bool  # its plain group exists and holds no target, not even a draining one
+
+
+def network_members(s: Settings, forwarding: dict[int, str], now: dict[int, ListenerNow],
+                    join: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """Group key -> the instances registered in it. Every member in every group, except the plain
+    group of a listener that stays on its proxy group: that one is retired (its members
+    deregistered, so AWS drains them for `deregistrationDelay` and then lists none; only then do
+    the hosts stop serving its port, remote.aws.NetworkState.retired). Retiring starts only in an
+    update after the one that switched (the listener forwards to the proxy group already, every
+    target healthy there: the switch is in use), and a retired group stays empty while its listener
+    stays on proxy."""
+    out: dict[str, tuple[str, ...]] = {}
+    for x in network_listeners(s):
+        was = now.get(x.port, ListenerNow(None, False, False))
+        retire = forwarding[x.port] == PROXY and was.forwards == PROXY and (was.plain_retired or was.proxy_healthy)
+        out[x.plain.key] = () if retire else join
+        out[x.proxy.key] = join
+    return out
+
+
+def back_refusal(s: Settings, forwarding: dict[int, str], now: dict[int, ListenerNow],
+                 record: ReadinessRecord | None, members: tuple[str, ...]) -> str | None:
+    """Why a listener must not move back to its plain group now (None: it may): its plain group was
+    retired, so the hosts may no longer serve its port, and the readiness record does not prove
+    every member serving it again (`fab rollout --apply` does that before it switches back).
+    `record`: this environment's record (None: none, or not this environment's)."""
+    idle = ListenerNow(None, False, False)
+    stuck = [x for x in network_listeners(s)
+             if forwarding[x.port] == PLAIN and now.get(x.port, idle).plain_retired
+             and now[x.port].forwards != PLAIN and not (record and record.proves_plain(x.plain.port, list(members)))]
+    if not stuck:
+        return None
+    names = ", ".join(f"listener {x.port} (plain port {x.plain.port})" for x in stuck)
+    return (f"{names} forward(s) to the proxy target group and the plain group was retired: the hosts may no "
+            "longer serve the plain port, so moving the listener back would fail every request. Nothing was "
+            "changed. Run `fab rollout --apply`: it serves and proves the plain ports again, then switches back")
+
+
+def network_layout(s: Settings, gated: Plan, now: dict[int, ListenerNow], record: ReadinessRecord | None
+                   ) -> tuple[dict[str, tuple[str, ...]], dict[int, str]]:
+    """(group key -> members, listener port -> PLAIN or PROXY) for the gate's plan and what AWS has
+    now (remote.aws.NetworkState.now); refuses a move back to a retired plain group not proven."""
+    forwarding = network_forwarding(gated.decision.ports, s)
+    own = record if record and not record.foreign(s.env, s.load_balancer.name) else None
+    refused = back_refusal(s, forwarding, now, own, gated.join)
+    if refused:
+        raise KitError(refused)
+    return network_members(s, forwarding, now, gated.join), forwarding
 
 
 def drain_seconds(s: Settings) -> int:

@@ -205,16 +205,27 @@ def network_checks(settings: Settings) -> list[Check]:
     """The plain ports answer plain requests and reject a PROXY header, always (the plain target
     groups send none). With proxy protocol on, the proxy ports answer a request behind a PROXY v2
     header and reject a plain one (the proxy groups send v2), and the proxy app port answers after
-    a v2 LOCAL header, as the proxy groups' health checks send it."""
+    a v2 LOCAL header, as the proxy groups' health checks send it. A retired plain port
+    (Settings.retiring) is not served, so not probed."""
     p = settings.ports
     out: list[Check] = []
     for port, expect in ((p.http, "redirect"), (p.tls, "app")):
-        out += _pair(port, expect, settings, b"", PROBE_HEADER_V2)
+        if port not in settings.retired:
+            out += _pair(port, expect, settings, b"", PROBE_HEADER_V2)
     if settings.proxy_protocol:
         for port, expect in ((p.proxy_http, "redirect"), (p.proxy_tls, "app")):
             out += _pair(port, expect, settings, PROBE_HEADER_V2, b"", "proxy ")
         out.append(Check("health check", p.proxy_tls, settings.server_name, "/", PROBE_LOCAL_V2, "app"))
     return out
+
+
+def plain_proven(settings: Settings) -> list[int] | None:
+    """Network: the plain ports the checks prove served without the header (what the readiness
+    record may claim of them); None for a Classic ELB (its ports are the proxied ones)."""
+    if settings.load_balancer.type != "network":
+        return None
+    return sorted({c.port for c in checks(settings) if c.port in (settings.ports.http, settings.ports.tls)
+                   and c.expect != "reject"})
 
 
 def proven_ports(settings: Settings) -> list[int]:

@@ -27,6 +27,9 @@ class ReadinessRecord(Model):
     load_balancer: str | None = None  # the load balancer whose hosts it proves (absent in older records)
     written_at: datetime
     proxy_protocol_ports: list[Port]  # ports on which every listed instance reads the header
+    # network: the plain ports every listed instance serves without the header (proven by the same
+    # probe); None in records of kits that never retired a plain port (they served them always)
+    plain_ports: list[Port] | None = None
     digests: dict[str, list[InstanceId]] = Field(min_length=1)  # digest -> instances serving it
 
     @property
@@ -44,6 +47,11 @@ class ReadinessRecord(Model):
         except (ValueError, ValidationError) as exc:
             raise RecordError(f"readiness record is not valid: {exc}") from None
 
+    def proves_plain(self, port: int, instances: list[str]) -> bool:
+        """Whether every one of `instances` was proven serving `port` without the header."""
+        return self.plain_ports is not None and port in self.plain_ports and all(
+            i in self.instances for i in instances)
+
     def foreign(self, env: str, load_balancer: str | None) -> str | None:
         """Why this record is not the given environment's (None: it is)."""
         if self.env != env:
@@ -54,7 +62,7 @@ class ReadinessRecord(Model):
 
 
 def build(env: str, ports: list[int], served: dict[str, str], now: datetime | None = None,
-          load_balancer: str | None = None) -> ReadinessRecord:
+          load_balancer: str | None = None, plain_ports: list[int] | None = None) -> ReadinessRecord:
     """A record from `served` (instance ID -> digest it serves, proven by a probe)."""
     digests: dict[str, list[str]] = {}
     for instance, digest in sorted(served.items()):
@@ -64,5 +72,6 @@ def build(env: str, ports: list[int], served: dict[str, str], now: datetime | No
         load_balancer=load_balancer,
         written_at=now or datetime.now(timezone.utc),
         proxy_protocol_ports=sorted(ports),
+        plain_ports=None if plain_ports is None else sorted(plain_ports),
         digests=digests,
     )

@@ -64,8 +64,9 @@ def digest_of(files: dict[str, str]) -> str:
 
 def sockets(settings: Settings, service: str) -> list[int]:
     """The instance ports one service listens on (`http`: the redirect, `tls`: the app): its plain
-    port, and for a network load balancer with proxy protocol on, its proxy port beside it."""
-    ports = [getattr(settings.ports, service)]
+    port (unless the load balancer retired it: Settings.retiring), and for a network load balancer
+    with proxy protocol on, its proxy port beside it."""
+    ports = [p for p in [getattr(settings.ports, service)] if p not in settings.retired]
     if settings.load_balancer.type == "network" and settings.proxy_protocol:
         ports.append(getattr(settings.ports, f"proxy_{service}"))
     return ports

@@ -18,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -353,6 +354,9 @@ class Settings(Model):
     proxy_protocol: bool = False
     ports: Ports = Ports()
     load_balancer: LoadBalancer
+    # Never from a stack file: the plain ports the load balancer has retired (network, proxy
+    # protocol on), read from AWS by the tasks (`retiring`): the hosts stop serving them.
+    _retired: frozenset[int] = PrivateAttr(default=frozenset())
     app: App
     nginx: Nginx = Nginx()
     hosts: list[Host] = []
@@ -399,6 +403,20 @@ class Settings(Model):
         TLS listener: fixed at 350 s, whatever loadBalancer.idleTimeout says for TCP)."""
         idle = self.load_balancer.idle_timeout
         return max(idle, NLB_TLS_IDLE_TIMEOUT) if self.load_balancer.type == "network" else idle
+
+    def retiring(self, ports: list[int] | set[int] | frozenset[int]) -> Settings:
+        """These settings with the plain ports `ports` no longer served (only with a network load
+        balancer and proxy protocol on: the ELBv2 API says their listeners forward to the proxy
+        groups and the plain groups hold no target, not even a draining one)."""
+        out = self.model_copy()
+        if self.load_balancer.type == "network" and self.proxy_protocol:
+            out._retired = frozenset(ports) & {self.ports.http, self.ports.tls}
+        return out
+
+    @property
+    def retired(self) -> frozenset[int]:
+        """The plain ports the hosts no longer serve (`retiring`)."""
+        return self._retired
 
     @property
     def proxy_ports(self) -> tuple[int, int]:

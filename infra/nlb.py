@@ -23,7 +23,7 @@ from infra.security import security_groups
 class NetworkLoadBalancerArgs:
     settings: Settings
     forwarding: dict[int, str]  # listener port -> "plain" or "proxy" (core.elb.network_forwarding)
-    members: tuple[str, ...]  # the instances registered (new ones only once proven: core.gate.plan)
+    members: dict[str, tuple[str, ...]]  # group key -> the instances registered there (core.elb.network_members)
 
 
 class WsGateNetworkLoadBalancer(pulumi.ComponentResource):
@@ -64,11 +64,11 @@ class WsGateNetworkLoadBalancer(pulumi.ComponentResource):
             for group in (listener.plain, listener.proxy):
                 tg = self._target_group(name, s, group, tags, child)
                 self.target_groups[group.key] = tg
-                # every member in every group: a switch needs no registration
+                # every member in every group (a switch needs no registration), but a retired plain group
                 self.members[group.key] = [aws.lb.TargetGroupAttachment(
                     f"{name}-{group.key}-{instance}", target_group_arn=tg.arn, target_id=instance,
                     port=group.port, opts=child,
-                ) for instance in args.members]
+                ) for instance in args.members[group.key]]
 
         self.listeners: dict[int, aws.lb.Listener] = {}
         for listener in listeners:

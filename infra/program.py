@@ -15,7 +15,7 @@ import pulumi
 import pulumi_aws as aws
 from pulumi.runtime.config import CONFIG
 
-from core.elb import network_forwarding
+from core.elb import network_layout
 from core.errors import KitError
 from core.gate import Decision, Plan, plan_for
 from core.record import ReadinessRecord, RecordError
@@ -149,26 +149,31 @@ def network_now(s: Settings) -> NetworkState | None:
                        "will not decide blind: the program needs elasticloadbalancing:Describe* on it") from None
 
 
-def network_gate_plan(s: Settings) -> Plan:
+def network_gate_plan(s: Settings) -> tuple[Plan, dict[str, tuple[str, ...]], dict[int, str]]:
     """The same gate over the proxy ports: `attached` is the proxy ports a listener forwards to now
     with PROXY v2 on, `registered` the instances in the groups the listeners forward to, and every
-    instance in any of the kit's groups must be proven before a listener moves to its proxy group."""
+    instance in any of the kit's groups must be proven before a listener moves to its proxy group.
+    With it: who is registered in which group, and where each listener forwards. A listener whose
+    plain group was retired goes back to it only once the record proves the plain port served again
+    (else the program stops before declaring anything)."""
     found = parameters(s)
     record, problem = read_record(found, s)
     from remote import aws as edge
 
-    return edge.network_plan(s, network_now(s), record, problem)
+    state = network_now(s)
+    gated = edge.network_plan(s, state, record, problem)
+    return gated, *network_layout(s, gated, state.now(s) if state else {}, record)
 
 
 def network_main(s: Settings) -> WsGateNetworkLoadBalancer:
-    gated = network_gate_plan(s)
-    forwarding = network_forwarding(gated.decision.ports, s)
+    gated, members, forwarding = network_gate_plan(s)
     stranded = sorted(set(gated.decision.ports) - set(s.proxy_ports))
     announce(gated, *([f"proxy port(s) {', '.join(map(str, stranded))} are no longer ports.proxyHttp/proxyTls: "
                        "their listeners forward to the plain groups until `fab rollout` proves the new ports"]
                       if stranded else []))
     lb = WsGateNetworkLoadBalancer(s.load_balancer.name, NetworkLoadBalancerArgs(
-        settings=s, forwarding=forwarding, members=gated.join))
+        settings=s, forwarding=forwarding, members=members))
     export(lb, gated)
     pulumi.export("listenerTargets", {str(port): kind for port, kind in forwarding.items()})
+    pulumi.export("retiredPlainGroups", sorted(key for key, joined in members.items() if not joined and gated.join))
     return lb

@@ -19,7 +19,7 @@ from core.elb import (
     TargetGroup,
     health_check,
     listeners,
-    network_forwarding,
+    network_layout,
     network_listeners,
 )
 from core.errors import KitError
@@ -122,16 +122,17 @@ def apply_network(settings: Settings) -> dict[str, Any]:
     state = aws.network_state(s)  # before any change, as the program reads it
     record, problem = read_record(s)
     gated = aws.network_plan(s, state, record, problem)
-    forwarding = network_forwarding(gated.decision.ports, s)
+    members, forwarding = network_layout(s, gated, state.now(s) if state else {}, record)
     arn = state.arn if state else _create_network_lb(s)
     nlb_listeners = network_listeners(s)
     groups = {g.key: _target_group(s, g) for x in nlb_listeners for g in (x.plain, x.proxy)}
-    for x in nlb_listeners:
+    for x in nlb_listeners:  # registrations first: a listener never forwards to a group before them
         for g in (x.plain, x.proxy):
-            _members(s, groups[g.key], g.port, gated.join)
+            _members(s, groups[g.key], g.port, members[g.key])
     for x in nlb_listeners:
         _listener(s, arn, x, groups[x.group(forwarding[x.port]).key])
-    return {**outputs(gated), "listenerTargets": {str(port): kind for port, kind in forwarding.items()}}
+    return {**outputs(gated), "listenerTargets": {str(port): kind for port, kind in forwarding.items()},
+            "retiredPlainGroups": sorted(key for key, joined in members.items() if not joined and gated.join)}
 
 
 def _create_network_lb(s: Settings) -> str:

@@ -15,7 +15,7 @@ import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from core.elb import NetworkHealthCheck
+from core.elb import PLAIN, PROXY, ListenerNow, NetworkHealthCheck, network_listeners
 from core.errors import KitError
 from core.gate import Plan, plan_for
 from core.record import ReadinessRecord
@@ -248,6 +248,7 @@ class TargetGroupState:
     health: NetworkHealthCheck | None = None  # its health check (None: off)
     protocol: str = "TCP"  # to the instances: TCP, or TLS (where the header would travel inside TLS)
     states: dict[str, str] = field(default_factory=dict)  # instance -> `healthy`, or its state and why
+    draining: tuple[str, ...] = ()  # instances deregistered, still within the deregistration delay
 
 
 @dataclass(frozen=True)
@@ -259,6 +260,30 @@ class NetworkState:
     protocols: dict[int, str] = field(default_factory=dict)  # listener port -> "TCP" or "TLS"
     present: tuple[str, ...] = ()  # instances in any of the kit's groups, forwarded to or not
     security_groups: tuple[str, ...] = ()  # the load balancer's own
+    groups: dict[str, TargetGroupState] = field(default_factory=dict)  # the kit's groups that exist, by name
+
+    def now(self, settings: Settings) -> dict[int, ListenerNow]:
+        """Per listener of the kit: which of its groups it forwards to, whether every target of its
+        proxy group is healthy, and whether its plain group is retired (core.elb.ListenerNow)."""
+        out = {}
+        for x in network_listeners(settings):
+            names = [g.name for g in self.listeners.get(x.port, ())]
+            forwards = PLAIN if names == [x.plain.name] else PROXY if names == [x.proxy.name] else None
+            proxy, plain = self.groups.get(x.proxy.name), self.groups.get(x.plain.name)
+            out[x.port] = ListenerNow(
+                forwards=forwards,
+                proxy_healthy=proxy is not None and bool(proxy.targets) and all(
+                    proxy.states.get(i) == "healthy" for i in proxy.targets),
+                plain_retired=plain is not None and not (plain.targets or plain.draining))
+        return out
+
+    def retired(self, settings: Settings) -> list[int]:
+        """The plain instance ports the hosts may stop serving: their listener forwards to its proxy
+        group and their plain group holds no target, not even a draining one (so the load balancer
+        forwarded there last at least `deregistrationDelay` ago, by AWS's own clock)."""
+        now = self.now(settings)
+        return sorted(x.plain.port for x in network_listeners(settings)
+                      if now[x.port].forwards == PROXY and now[x.port].plain_retired)
 
     @property
     def proxy_ports(self) -> list[int]:
@@ -328,13 +353,11 @@ def network_state(settings: Settings) -> NetworkState | None:
     present = {i for g in [*groups.values(), *kit] for i in g.targets}
     return NetworkState(arn, {port: tuple(groups[a] for a in arns) for port, arns in sorted(forwards.items())},
                         {int(x["Port"]): x["Protocol"] for x in described}, tuple(sorted(present)),
-                        tuple(found.get("SecurityGroups", [])))
+                        tuple(found.get("SecurityGroups", [])), {g.name: g for g in [*groups.values(), *kit]})
 
 
 def _kit_group_arns(settings: Settings) -> list[str]:
     """The ARNs of the kit's four target groups that exist (by their names: core.elb)."""
-    from core.elb import network_listeners
-
     elbv2 = client(settings, "elbv2")
     arns = []
     for group in (g for x in network_listeners(settings) for g in (x.plain, x.proxy)):
@@ -402,18 +425,20 @@ def _target_group(settings: Settings, arn: str) -> TargetGroupState:
                        TargetGroupArn=arn)["Attributes"]
     health = _call(f"elbv2 describe-target-health {arn}", elbv2.describe_target_health,
                    TargetGroupArn=arn)["TargetHealthDescriptions"]
-    states = {}
+    states, draining = {}, []
     for t in health:
         h = t.get("TargetHealth", {})
         word = h.get("State", "unknown")
-        if word != "draining":  # leaving the group: neither a target nor a health of it
+        if word == "draining":  # leaving the group: neither a target nor a health of it
+            draining.append(t["Target"]["Id"])
+        else:
             states[t["Target"]["Id"]] = ": ".join(x for x in (word, h.get("Description")) if x)
     return TargetGroupState(
         arn=arn, name=group["TargetGroupName"], port=int(group["Port"]),
         proxy_protocol_v2=any(a["Key"] == "proxy_protocol_v2.enabled" and a["Value"].lower() == "true"
                               for a in attributes),
         targets=tuple(sorted(states)), health=_health_check(group), protocol=group.get("Protocol", "TCP"),
-        states=states)
+        states=states, draining=tuple(sorted(draining)))
 
 
 def _health_check(group: dict) -> NetworkHealthCheck | None:

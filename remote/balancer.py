@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from core.errors import KitError
@@ -45,6 +45,8 @@ class Traffic:
     # network: every instance port a listener forwards to. Classic: not read; a change of its
     # listeners' instance ports has the window the README describes.
     forwarded: list[int]
+    # network: the plain ports the hosts may stop serving (remote.aws.NetworkState.retired)
+    retired: list[int] = field(default_factory=list)
 
 
 def traffic(settings: Settings) -> Traffic:
@@ -57,7 +59,7 @@ def traffic(settings: Settings) -> Traffic:
         raise KitError(conflict)
     if settings.load_balancer.type == "network":
         state = aws.network_state(settings)
-        return Traffic(state.proxy_ports, state.forwarded_ports) if state else Traffic([], [])
+        return Traffic(state.proxy_ports, state.forwarded_ports, state.retired(settings)) if state else Traffic([], [])
     return Traffic(aws.proxy_protocol_ports(settings), [])
 
 

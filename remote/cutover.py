@@ -61,8 +61,9 @@ class Verdict:
 
 
 def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balancer | None = None,
-            apply: bool = False) -> Verdict:
-    """One rollout (or rollback, with trees None) in the order above."""
+            apply: bool = False, now: Traffic | None = None) -> Verdict:
+    """One rollout (or rollback, with trees None) in the order above (`now`: the load balancer's
+    traffic, when the caller read it already to render)."""
     verdict = Verdict()
     turning_off = not run.settings.proxy_protocol
     # The ports that get the header matter when turning off (refuse, or stop it) and for --apply
@@ -70,7 +71,8 @@ def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balan
     # Read on every run: it also refuses a load balancer of the other kind under this name.
     # A rollback reads only what it needs (an emergency path must not wait on more of AWS).
     reads = balancer and (turning_off or apply or not run.rolling_back)
-    traffic_read = Background(lambda: traffic(run.settings) if reads else Traffic([], []))
+    read = now
+    traffic_read = Background(lambda: read if read else traffic(run.settings) if reads else Traffic([], []))
     with run.guarded():
         if not run.prepare():                                                 # 1
             return _stopped(run, verdict)
@@ -83,8 +85,12 @@ def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balan
             verdict.fail(f"before any change: {exc}")
             return _stopped(run, verdict)
         lost = sorted(set(forwarded) - served_ports(run.settings) - set(attached if turning_off else []))
-        if turning_off and attached and forwarded:  # the listeners go back to the plain ports: served now?
-            lost += sorted({run.settings.ports.http, run.settings.ports.tls} - run.live_ports())
+        unserved = sorted({run.settings.ports.http, run.settings.ports.tls} - run.live_ports())
+        if turning_off and attached and forwarded and unserved and not run.rolling_back:
+            verdict.fail(f"the hosts no longer serve plain ports {unserved} (the load balancer retired them) and "
+                         "the listeners would go back there: `fab rollout --apply` serves and proves them again "
+                         "first, then switches back; nothing was changed")
+            return _stopped(run, verdict)
         if lost and not run.rolling_back:
             verdict.fail(f"the load balancer's listeners forward to ports {lost}, which the new config no longer "
                          "serves: every request through them would fail until the listeners move. Change a port "
@@ -108,8 +114,10 @@ def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balan
                              code=ATTENTION)
                 return _stopped(run, verdict)
             detached = True
-        if detached or run.dropped_ports():
-            _drain(run)  # whoever moved the load balancer off those ports, and whenever: it may still send there
+        if detached or run.dropped_ports() - set(now.retired):
+            # whoever moved the load balancer off those ports, and whenever: it may still send there
+            # (a retired plain port: AWS itself drained its group for deregistrationDelay already)
+            _drain(run)
         try:
             if turning_off and record:
                 record.delete()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from core import record as records
 from core.errors import KitError
 from core.plan import HostOutcome
-from core.probe import proven_ports
+from core.probe import plain_proven, proven_ports
 from core.record import RecordError
 from core.settings import Settings
 from remote.background import Background
@@ -54,14 +54,14 @@ class ParameterRecord:
     def _new(self, outcomes: list[HostOutcome]) -> records.ReadinessRecord:
         served = {o.instance: o.after for o in outcomes if o.instance and o.after}
         return records.build(self.settings.env, proven_ports(self.settings), served,
-                             load_balancer=self.settings.load_balancer.name)
+                             load_balancer=self.settings.load_balancer.name, plain_ports=plain_proven(self.settings))
 
     def needs(self, outcomes: list[HostOutcome]) -> bool:
         """Whether the stored record differs from what these outcomes prove."""
         self.load()
         new, old = self._new(outcomes), self._parsed()
-        if old and (old.digests, old.proxy_protocol_ports, old.load_balancer) == (
-                new.digests, new.proxy_protocol_ports, new.load_balancer):
+        if old and (old.digests, old.proxy_protocol_ports, old.plain_ports, old.load_balancer) == (
+                new.digests, new.proxy_protocol_ports, new.plain_ports, new.load_balancer):
             self.reporter.note(f"readiness record {self.settings.parameter_path} is already current")
             return False
         return True

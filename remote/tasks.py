@@ -51,7 +51,7 @@ def render(c, env, out=None):
     from core.render import render as render_tree
     from core.render import render_hosts
 
-    settings = _settings(env)
+    settings, _ = _as_the_load_balancer_has_it(_settings(env))
     trees = render_hosts(settings) or {"(all)": render_tree(settings, settings.nginx.bind)}
     distinct = {t.digest: t for t in trees.values()}
     for host, tree in trees.items():
@@ -65,13 +65,26 @@ def render(c, env, out=None):
             print(f"wrote {path}")
 
 
-def _prepare(env: str, only: str | None = None):
+def _as_the_load_balancer_has_it(settings: Settings):
+    """The settings the hosts are rendered from, and the load balancer's traffic read (None when not
+    read): with a network load balancer and proxy protocol on, the plain ports it has retired (its
+    listeners forward to the proxy groups and the plain groups hold no target, the ELBv2 API says)
+    are no longer served. Read once, before anything is rendered."""
+    if settings.load_balancer.type != "network":
+        return settings, None
+    from remote.balancer import traffic
+
+    now = traffic(settings)
+    return (settings.retiring(now.retired) if settings.proxy_protocol else settings), now
+
+
+def _prepare(env: str, only: str | None = None, read: bool = True):
     from core.render import render_hosts
     from remote.hosts import resolve
 
-    settings = _settings(env)
+    settings, now = _as_the_load_balancer_has_it(_settings(env)) if read else (_settings(env), None)
     hosts = resolve(settings, only)
-    return settings, hosts, render_hosts(settings, hosts)
+    return settings, hosts, render_hosts(settings, hosts), now
 
 
 @task(help={"env": ENV_HELP, "hosts": "only these hosts (comma-separated names)",
@@ -83,7 +96,7 @@ def check(c, env, hosts=None, parallel=10, json=False):
     from remote.rollout import Rollout
     from remote.ssh import Ssh
 
-    settings, targets, trees = _prepare(env, hosts)
+    settings, targets, trees, _ = _prepare(env, hosts)
     reporter = Reporter(quiet=json)
     run = Rollout(settings, targets, trees, Ssh(settings), reporter, parallel=int(parallel))
     ok = run.check()
@@ -105,6 +118,7 @@ def check(c, env, hosts=None, parallel=10, json=False):
 def _run(env: str, trees_wanted: bool, parallel, batch, apply: bool, as_json: bool, what: str) -> None:
     """A rollout (trees) or a rollback (no trees), in the cutover order; report; exit with its code."""
     from core.plan import batches
+    from core.render import render_hosts
     from remote import cutover
     from remote.balancer import chosen
     from remote.hosts import require_instance_ids
@@ -113,18 +127,29 @@ def _run(env: str, trees_wanted: bool, parallel, batch, apply: bool, as_json: bo
     from remote.rollout import Rollout
     from remote.ssh import Ssh
 
-    settings, targets, trees = _prepare(env)
+    settings, targets, trees, now = _prepare(env, read=trees_wanted)
     batches(batch, len(targets))  # a bad --batch fails here, before any host is touched
     reporter = Reporter(quiet=as_json)
-    if settings.proxy_protocol:
+    if settings.proxy_protocol or (now and now.header):
         require_instance_ids(targets)
-    record = ParameterRecord(settings, reporter)
-    run = Rollout(settings, targets, trees if trees_wanted else None, Ssh(settings), reporter,
-                  parallel=int(parallel), batch=batch)
-    verdict = cutover.rollout(run, record, chosen(settings), apply=apply)
-    _summary(reporter, as_json, f"{what} {settings.env}", verdict, run.outcomes)
-    if not verdict.ok:
-        raise Exit(code=verdict.code)
+
+    def one(s: Settings, trees, now, apply: bool, title: str) -> None:
+        run = Rollout(s, targets, trees, Ssh(s), reporter, parallel=int(parallel), batch=batch)
+        verdict = cutover.rollout(run, ParameterRecord(s, reporter), chosen(s), apply=apply, now=now)
+        _summary(reporter, as_json, title, verdict, run.outcomes)
+        if not verdict.ok:
+            raise Exit(code=verdict.code)
+
+    if trees_wanted and apply and now and now.retired and not settings.proxy_protocol:
+        # Turning off while the hosts no longer serve a plain port: first they serve both port sets
+        # again, proven and recorded (the Pulumi program moves a listener back to a retired plain
+        # group only on that proof), then the turn-off as always.
+        both = settings.model_copy(update={"proxy_protocol": True})
+        reporter.note(f"plain ports {now.retired} were retired: the hosts serve them again first (step 1 of 2)")
+        one(both, render_hosts(both, targets), now, False, f"{what} {settings.env}, step 1 of 2: plain ports back")
+        one(settings, trees, None, apply, f"{what} {settings.env}, step 2 of 2")
+        return
+    one(settings, trees if trees_wanted else None, now, apply, f"{what} {settings.env}")
 
 
 @task(help={"env": ENV_HELP, "parallel": "hosts worked on at once (default 10)",
@@ -167,7 +192,7 @@ def status(c, env, json=False):
     from remote.ssh import Ssh
     from remote.status import gather
 
-    settings, targets, trees = _prepare(env)
+    settings, targets, trees, _ = _prepare(env)
     reporter = Reporter()
     view = gather(settings, targets, trees, Ssh(settings))
     if json:
