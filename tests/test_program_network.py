@@ -123,12 +123,13 @@ def _live_placement(config: dict, aws_url: str) -> None:
                                      "subnets": [z["SubnetId"] for z in live["AvailabilityZones"]]}
 
 
-def write_record(aws_url: str, instances: list[str], ports: list[int] | None = None) -> None:
+def write_record(aws_url: str, instances: list[str], ports: list[int] | None = None,
+                 plain: list[int] | None = None) -> None:
     from remote import aws as remote_aws
 
     s = settings_for(aws_url)
     remote_aws.write_record(s, records.build("staging", ports or list(s.proxy_ports),
-                                             {i: "d" * 64 for i in instances}))
+                                             {i: "d" * 64 for i in instances}, plain_ports=plain))
 
 
 def nlb_in_aws(aws_url: str, forwarding: dict[int, str], registered: dict[str, list[str]] | None = None,
@@ -293,7 +294,8 @@ def test_listeners_on_proxy_stay_on_proxy_with_a_missing_or_stale_record(aws, mo
     assert (mocks.forwards_to(80), mocks.forwards_to(443)) == (PROXY, PROXY)
     assert exports["proxyProtocolGate"] == "sticky" and exports["listenerTargets"] == BOTH_PROXY
     assert any(w.startswith("KEEPING") for w in warnings)
-    assert mocks.attached() == {port: INSTANCES for port in (80, 81, 82, 83)}  # registered ones stay
+    # registered ones stay in the proxy groups; the plain groups of listeners that stay on proxy are retired
+    assert mocks.attached() == {port: INSTANCES for port in (82, 83)}
 
 
 def test_a_listener_left_on_proxy_by_a_cut_short_update_is_kept(aws, monkeypatch):
@@ -326,12 +328,12 @@ def test_a_new_instance_waits_while_a_listener_forwards_to_proxy_and_joins_once_
     write_record(aws.url, INSTANCES)
     lb = {"instances": [*INSTANCES, new]}
     mocks, exports, warnings = run(aws.url, monkeypatch, lb=lb)
-    assert mocks.attached() == {port: INSTANCES for port in (80, 81, 82, 83)}  # in no group at all
+    assert mocks.attached() == {port: INSTANCES for port in (82, 83)}  # in no group at all (plain ones retired)
     assert exports["proxyProtocolGate"] == "open" and exports["listenerTargets"] == BOTH_PROXY
     assert any(w.startswith(f"{new} waits to join: not in the readiness record") for w in warnings)
     write_record(aws.url, [*INSTANCES, new])  # `fab rollout` proved it
     mocks, exports, _ = run(aws.url, monkeypatch, lb=lb)
-    assert mocks.attached() == {port: sorted([*INSTANCES, new]) for port in (80, 81, 82, 83)}
+    assert mocks.attached() == {port: sorted([*INSTANCES, new]) for port in (82, 83)}
 
 
 def test_an_instance_only_in_an_unused_group_is_not_taken_as_registered(aws, monkeypatch):
@@ -343,7 +345,7 @@ def test_an_instance_only_in_an_unused_group_is_not_taken_as_registered(aws, mon
                registered={**everyone, "http-plain": [*INSTANCES, other], "tls-plain": [*INSTANCES, other]})
     write_record(aws.url, INSTANCES)
     mocks, exports, _ = run(aws.url, monkeypatch, lb={"instances": [*INSTANCES, other]})
-    assert mocks.attached() == {port: INSTANCES for port in (80, 81, 82, 83)}
+    assert mocks.attached() == {port: INSTANCES for port in (82, 83)}
     assert other in exports["waiting"]
 
 
@@ -351,7 +353,7 @@ def test_with_both_listeners_on_plain_every_instance_joins(aws, monkeypatch):
     new = "i-0123456789abcdef9"
     nlb_in_aws(aws.url, {80: PLAIN, 443: PLAIN})
     mocks, exports, _ = run(aws.url, monkeypatch, lb={"instances": [*INSTANCES, new]})
-    assert mocks.attached() == {port: sorted([*INSTANCES, new]) for port in (80, 81, 82, 83)}
+    assert mocks.attached() == {port: sorted([*INSTANCES, new]) for port in (82, 83)}
     assert exports["waiting"] == {} and exports["listenerTargets"] == BOTH_PLAIN
 
 
@@ -549,3 +551,53 @@ def test_a_classic_environment_is_refused_over_a_network_load_balancer_of_its_na
     assert remote_aws.other_kind(classic("web-alb")) is None
     assert "a network load balancer named web-nlb exists, and loadBalancer.type is classic" in (
         remote_aws.other_kind(classic("web-nlb")) or "")
+
+
+# --- retiring the plain groups, and coming back to them -------------------------------------------
+
+def test_the_update_that_switches_to_proxy_keeps_the_plain_groups(aws, monkeypatch):
+    """The switch and the retirement are never one update: until the listener is seen on its proxy
+    group, established flows and nodes still behind may use the plain group."""
+    nlb_in_aws(aws.url, {80: PLAIN, 443: PLAIN})
+    write_record(aws.url, INSTANCES)
+    mocks, exports, _ = run(aws.url, monkeypatch)
+    assert exports["listenerTargets"] == BOTH_PROXY and exports["retiredPlainGroups"] == []
+    assert mocks.attached() == {port: INSTANCES for port in (80, 81, 82, 83)}
+
+
+def test_an_update_after_the_switch_retires_the_plain_groups(aws, monkeypatch):
+    nlb_in_aws(aws.url, {80: PROXY, 443: PROXY})
+    write_record(aws.url, INSTANCES)
+    mocks, exports, _ = run(aws.url, monkeypatch)
+    assert exports["listenerTargets"] == BOTH_PROXY
+    assert exports["retiredPlainGroups"] == ["http-plain", "tls-plain"]
+    assert mocks.attached() == {port: INSTANCES for port in (82, 83)}  # deregistered: AWS drains them
+
+
+def test_only_the_listener_on_proxy_retires_its_plain_group(aws, monkeypatch):
+    nlb_in_aws(aws.url, {80: PROXY, 443: PLAIN})
+    write_record(aws.url, INSTANCES, ports=[82])
+    mocks, exports, _ = run(aws.url, monkeypatch)
+    assert exports["retiredPlainGroups"] == ["http-plain"]
+    assert mocks.attached() == {port: INSTANCES for port in (81, 82, 83)}
+
+
+def test_a_retired_plain_group_is_not_used_again_without_proof_of_the_plain_port(aws, monkeypatch):
+    """proxyProtocol turned off by hand while the hosts no longer serve the plain ports: the program
+    stops before declaring anything (moving back would fail every request)."""
+    retired = {"http-plain": [], "tls-plain": [], "http-proxy": INSTANCES, "tls-proxy": INSTANCES}
+    nlb_in_aws(aws.url, {80: PROXY, 443: PROXY}, registered=retired)
+    write_record(aws.url, INSTANCES, plain=[])  # the record of the rollout that dropped them
+    with pytest.raises(Exception, match="plain group was retired.*fab rollout --apply"):
+        run(aws.url, monkeypatch, **{"wsgate:proxyProtocol": "false"})
+
+
+def test_a_retired_plain_group_is_used_again_once_the_record_proves_the_plain_ports(aws, monkeypatch):
+    """The first step of `fab rollout --apply` turning off: the hosts serve both port sets again and
+    the record proves it; the members register in the plain groups before the listeners move."""
+    retired = {"http-plain": [], "tls-plain": [], "http-proxy": INSTANCES, "tls-proxy": INSTANCES}
+    nlb_in_aws(aws.url, {80: PROXY, 443: PROXY}, registered=retired)
+    write_record(aws.url, INSTANCES, plain=[80, 81])
+    mocks, exports, _ = run(aws.url, monkeypatch, **{"wsgate:proxyProtocol": "false"})
+    assert exports["listenerTargets"] == BOTH_PLAIN and exports["retiredPlainGroups"] == []
+    assert mocks.attached() == {port: INSTANCES for port in (80, 81, 82, 83)}
