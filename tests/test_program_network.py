@@ -353,7 +353,7 @@ def test_with_both_listeners_on_plain_every_instance_joins(aws, monkeypatch):
     new = "i-0123456789abcdef9"
     nlb_in_aws(aws.url, {80: PLAIN, 443: PLAIN})
     mocks, exports, _ = run(aws.url, monkeypatch, lb={"instances": [*INSTANCES, new]})
-    assert mocks.attached() == {port: sorted([*INSTANCES, new]) for port in (82, 83)}
+    assert mocks.attached() == {port: sorted([*INSTANCES, new]) for port in (80, 81, 82, 83)}
     assert exports["waiting"] == {} and exports["listenerTargets"] == BOTH_PLAIN
 
 
