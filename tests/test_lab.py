@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -169,7 +170,21 @@ def test_cutover_under_load(lab, capsys):
 
 # --- a network load balancer ---------------------------------------------------------------------
 
-DIRECTIONS = (("on", True), ("off", False), ("on again", True))
+# name, proxyProtocol, `fab rollout` arguments
+STEPS = (("on", True, ["--apply"]), ("retire the plain groups", True, ["--apply"]),
+         ("drop the plain ports", True, []), ("off", False, ["--apply"]), ("on again", True, ["--apply"]))
+
+
+def serves(lab, port: int) -> list[bool]:
+    """Per host: whether something accepts a TCP connection on `port` at its address."""
+    out = []
+    for h in lab.settings.hosts:
+        try:
+            socket.create_connection((h.bind, port), timeout=2).close()
+            out.append(True)
+        except OSError:
+            out.append(False)
+    return out
 
 
 def set_proxy_protocol(lab, on: bool) -> None:
@@ -191,22 +206,25 @@ def http_logs(lab) -> list:
 
 
 def test_network_listener_switch_under_load(network_lab, capsys):
-    """Plain fleet -> PROXY v2 -> plain -> PROXY v2, each by `fab rollout --apply`, while clients keep
-    making HTTPS requests and WebSockets through the TLS listener and HTTP requests through the TCP
-    one from 127.0.0.77, and WebSockets opened before each rollout echo all through it."""
+    """Plain fleet -> PROXY v2 -> plain groups retired -> plain ports dropped -> plain -> PROXY v2, each
+    by `fab rollout` (with --apply but for the drop), while clients keep making HTTPS requests and
+    WebSockets through the TLS listener and HTTP requests through the TCP one from 127.0.0.77, and
+    WebSockets opened before each rollout echo all through it."""
     lab = network_lab
     s = lab.settings
+    plain = (s.ports.http, s.ports.tls)
     assert s.load_balancer.type == "network" and lab.env_file.parent == lab.dir
     assert header_ports(s) == [] and listener_kinds(lab) == {80: PLAIN, 443: PLAIN}
     load = Load(lab, kinds=KINDS).start()
     time.sleep(1.5)
     figures, dropped = [], {}
-    for direction, on in DIRECTIONS:
+    for step, on, args in STEPS:
         set_proxy_protocol(lab, on)
         held = Held(lab).open()
-        phases = [f"{direction}: {p}" for p in ("fab rollout --apply", "until the stand-in follows", "after")]
+        phases = [f"{step}: {p}" for p in (f"fab rollout {' '.join(args)}".strip(), "until the stand-in follows",
+                                             "after")]
         load.mark(phases[0])
-        result = fab(lab, "rollout", "--apply")
+        result = fab(lab, "rollout", *args)
         load.mark(phases[1])
         lab.wait_for_header(on)
         load.mark(phases[2])
@@ -216,19 +234,36 @@ def test_network_listener_switch_under_load(network_lab, capsys):
         assert header_ports(s) == (sorted(s.proxy_ports) if on else [])
         assert listener_kinds(lab) == ({80: PROXY, 443: PROXY} if on else {80: PLAIN, 443: PLAIN})
         made, failed = load.made(phases)
-        figures.append(f"{direction}: {made} requests, {failed} failed; {len(held.dropped)} of {held.count} held "
+        figures.append(f"{step}: {made} requests, {failed} failed; {len(held.dropped)} of {held.count} held "
                        f"WebSockets dropped ({held.echoes} echoes)")
-        dropped[direction] = held.dropped
+        dropped[step] = held.dropped
+        groups = registered(s)
+        record = remote_aws.read_record(s)
+        if step == "on":  # the switching update keeps the plain groups
+            assert all(port in groups for port in plain) and all(all(serves(lab, p)) for p in plain)
+        elif step == "retire the plain groups":  # deregistered; the hosts still serve the ports
+            assert not any(port in groups for port in plain) and all(all(serves(lab, p)) for p in plain)
+        elif step == "drop the plain ports":
+            assert not any(any(serves(lab, p)) for p in plain)
+            assert record is not None and record.plain_ports == []
+            assert "the hosts keep serving the ports they drop" not in result.stdout + result.stderr  # AWS drained
+            status = fab(lab, "status")
+            assert status.returncode == 0, status.stdout + status.stderr
+            assert f"plain port(s) {min(plain)}, {max(plain)} retired" in status.stdout
+        elif step == "off":
+            assert "step 1 of 2: plain ports back" in result.stdout + result.stderr
+            assert all(port in groups for port in plain) and all(all(serves(lab, p)) for p in plain)
+            assert not any(any(serves(lab, p)) for p in s.proxy_ports) and record is None
     load.stop()
     load.read_logs(http_logs(lab))
     with capsys.disabled():
         print("\nnetwork load balancer, listener switches under load (HTTPS + WebSocket via TLS, HTTP via TCP):\n"
               + load.table() + "\n" + "\n".join(figures))
     assert sum(load.failed.values()) == 0, load.table()
-    assert dropped == {direction: [] for direction, _ in DIRECTIONS}
+    assert dropped == {step: [] for step, _, _ in STEPS}
     assert set(load.client_ips["before"]) == {"127.0.0.1"}
-    for direction, on in DIRECTIONS:
-        assert set(load.client_ips[f"{direction}: after"]) == {"127.0.0.77" if on else "127.0.0.1"}, direction
+    for step, on, _ in STEPS:
+        assert set(load.client_ips[f"{step}: after"]) == {"127.0.0.77" if on else "127.0.0.1"}, step
     cfg = (lab.dir / "haproxy.cfg").read_text()
     assert cfg.count(" send-proxy-v2 check inter 1s fall 2 rise 2 check-send-proxy") == 2 * len(s.hosts)
 
@@ -361,7 +396,11 @@ SCENARIOS = {  # what the load balancer does now, the record, the settings
     "turned off": ({80: PROXY, 443: PROXY}, ([0, 1], None), {}, False, True),
     "a new instance while on proxy": ({80: PROXY, 443: PROXY}, ([0, 1], None), {"new": True}, True, True),
     "a new instance while on plain": ({80: PLAIN, 443: PLAIN}, None, {"new": True}, True, True),
+    "retired, still on": ({80: PROXY, 443: PROXY}, ([0, 1], None, []), {"retired": True}, True, True),
+    "retired, turned off, plain proven": ({80: PROXY, 443: PROXY}, ([0, 1], None, [80, 81]), {"retired": True},
+                                          False, True),
 }
+RETIRED = {"http-plain": [], "tls-plain": [], "http-proxy": program.INSTANCES, "tls-proxy": program.INSTANCES}
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
@@ -369,9 +408,9 @@ def test_the_lab_applier_decides_as_the_program(aws, monkeypatch, scenario):
     """From the same load balancer and record, the boto3 applier leaves each listener on the group the
     program declares, the same members in every group, and the same outputs."""
     forwarding, record, options, on, proxy_v2 = SCENARIOS[scenario]
-    program.nlb_in_aws(aws.url, forwarding, proxy_v2=proxy_v2)
+    program.nlb_in_aws(aws.url, forwarding, proxy_v2=proxy_v2, registered=RETIRED if options.get("retired") else None)
     if record:
-        program.write_record(aws.url, [program.INSTANCES[i] for i in record[0]], record[1])
+        program.write_record(aws.url, [program.INSTANCES[i] for i in record[0]], record[1], *record[2:])
     lb = {"instances": [*program.INSTANCES, NEW]} if options.get("new") else {}
     changes = {} if on else {"wsgate:proxyProtocol": "false"}
     mocks, exports, _ = program.run(aws.url, monkeypatch, lb=lb, **changes)
@@ -384,7 +423,8 @@ def test_the_lab_applier_decides_as_the_program(aws, monkeypatch, scenario):
 
     assert applied_kinds(s) == {80: mocks.forwards_to(80), 443: mocks.forwards_to(443)}
     assert registered(s) == mocks.attached()
-    keys = ("proxyProtocolGate", "proxyProtocolPorts", "notReady", "waiting", "gateMessage", "listenerTargets")
+    keys = ("proxyProtocolGate", "proxyProtocolPorts", "notReady", "waiting", "gateMessage", "listenerTargets",
+            "retiredPlainGroups")
     assert {k: out[k] for k in keys} == {k: exports[k] for k in keys}
 
 
