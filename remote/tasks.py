@@ -120,6 +120,7 @@ def _run(env: str, trees_wanted: bool, parallel, batch, apply: bool, as_json: bo
     from core.plan import batches
     from core.render import render_hosts
     from remote import cutover
+    from remote.aws import AwsError
     from remote.balancer import chosen
     from remote.hosts import require_instance_ids
     from remote.readiness import ParameterRecord
@@ -127,9 +128,16 @@ def _run(env: str, trees_wanted: bool, parallel, batch, apply: bool, as_json: bo
     from remote.rollout import Rollout
     from remote.ssh import Ssh
 
-    settings, targets, trees, now = _prepare(env, read=trees_wanted)
-    batches(batch, len(targets))  # a bad --batch fails here, before any host is touched
     reporter = Reporter(quiet=as_json)
+    try:
+        settings, targets, trees, now = _prepare(env)
+    except AwsError as exc:
+        if trees_wanted:
+            raise
+        # a rollback is an emergency path: without the load balancer's word it probes every port
+        reporter.note(f"cannot read the load balancer ({exc}): the rollback probes every plain port")
+        settings, targets, trees, now = _prepare(env, read=False)
+    batches(batch, len(targets))  # a bad --batch fails here, before any host is touched
     if settings.proxy_protocol or (now and now.header):
         require_instance_ids(targets)
 

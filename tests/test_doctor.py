@@ -179,3 +179,66 @@ def test_fab_status_reads_a_network_load_balancer_through_the_elbv2_api(aws):
     problems, _, gate = balancer_problems(s, lb, None, None)
     assert gate["state"] == "sticky"  # no record, and 83 gets the header now: kept
     assert not any("the listeners send PROXY v2" in p for p in problems)
+
+
+def test_a_retired_plain_port_closed_is_no_problem_and_status_says_why():
+    retired = network().retiring([80, 81])
+    assert host_problems(retired, ports(http="closed", tls="closed"), [82, 83]) == []
+    assert host_problems(retired, ports(), [82, 83]) == []  # not dropped yet: still fine
+    assert host_problems(network(), ports(http="closed"), [82, 83])  # not retired: a problem
+
+
+def group_state(name: str, port: int, v2: bool, targets=(), draining=(), healthy=True):
+    from remote.aws import TargetGroupState
+
+    return TargetGroupState(f"arn:{name}", name, port, v2, tuple(targets),
+                            states={i: "healthy" if healthy else "initial" for i in targets}, draining=tuple(draining))
+
+
+def network_state(s, forwards: dict[int, str], plain_targets=(), plain_draining=(), proxy_healthy=True):
+    """A network load balancer as network_state reads it: each listener on the group `forwards` names."""
+    from core.elb import network_listeners
+    from remote.aws import NetworkState
+
+    members = ("i-0123456789abcdef0", "i-0123456789abcdef1")
+    groups, listeners = {}, {}
+    for x in network_listeners(s):
+        groups[x.plain.name] = group_state(x.plain.name, x.plain.port, False, plain_targets, plain_draining)
+        groups[x.proxy.name] = group_state(x.proxy.name, x.proxy.port, True, members, healthy=proxy_healthy)
+        listeners[x.port] = (groups[x.group(forwards[x.port]).name],)
+    return NetworkState("arn:lb", listeners, groups=groups)
+
+
+def test_a_plain_port_is_retired_only_once_aws_lists_no_target_in_its_group_not_even_a_draining_one():
+    from core.elb import PLAIN, PROXY
+
+    s = network()
+    on = {80: PROXY, 443: PROXY}
+    assert network_state(s, on).retired(s) == [80, 81]
+    assert network_state(s, on, plain_draining=["i-0123456789abcdef0"]).retired(s) == []  # within the delay
+    assert network_state(s, on, plain_targets=["i-0123456789abcdef0"]).retired(s) == []  # still registered
+    assert network_state(s, {80: PROXY, 443: PLAIN}).retired(s) == [80]  # a listener on its plain group keeps it
+    assert network_state(s, {80: PLAIN, 443: PLAIN}).retired(s) == []
+    missing = network_state(s, on)
+    del missing.groups[next(n for n in missing.groups if n.endswith("plain-80"))]
+    assert missing.retired(s) == [81]  # no plain group at all: not taken for a retired one
+
+
+def test_the_program_retires_a_plain_group_an_update_after_the_switch_and_keeps_it_retired():
+    from core.elb import PLAIN, PROXY, network_members
+
+    s = network()
+    join = ("i-0123456789abcdef0", "i-0123456789abcdef1")
+    both = {80: PROXY, 443: PROXY}
+    switching = network_state(s, {80: PLAIN, 443: PLAIN}, plain_targets=join).now(s)
+    assert network_members(s, both, switching, join) == {k: join for k in (
+        "http-plain", "http-proxy", "tls-plain", "tls-proxy")}
+    settled = network_state(s, both, plain_targets=join).now(s)
+    assert network_members(s, both, settled, join) == {
+        "http-plain": (), "http-proxy": join, "tls-plain": (), "tls-proxy": join}
+    unhealthy = network_state(s, both, plain_targets=join, proxy_healthy=False).now(s)
+    assert network_members(s, both, unhealthy, join)["http-plain"] == join  # the switch not in use yet
+    retired = network_state(s, both, proxy_healthy=False).now(s)
+    assert network_members(s, both, retired, join)["http-plain"] == ()  # a health flap does not re-register
+    back = {80: PLAIN, 443: PLAIN}
+    assert network_members(s, back, retired, join)["http-plain"] == join

@@ -448,3 +448,57 @@ def registered(s) -> dict[int, list[str]]:
         if ids:
             out[g.port] = ids
     return dict(sorted(out.items()))
+
+
+def test_turning_off_after_the_plain_ports_were_dropped_when_aws_refuses_the_switch(network_lab):
+    """The plain ports dropped, then proxy protocol off. Without --apply: refused, nothing changed.
+    With --apply while AWS refuses ModifyListener: step 1 (the hosts serve the plain ports again,
+    proven and recorded) holds, the listeners stay on the proxy groups and the header is still read;
+    once AWS accepts, the same command finishes the turn-off."""
+    import yaml
+
+    from tests.support.faults import AwsFaults
+
+    lab = network_lab
+    s = lab.settings
+    plain = (s.ports.http, s.ports.tls)
+    set_proxy_protocol(lab, True)
+    for args in (["--apply"], ["--apply"], []):  # switch, retire the plain groups, drop their ports
+        result = fab(lab, "rollout", *args)
+        assert result.returncode == 0, result.stdout + result.stderr
+    lab.wait_for_header(True)
+    assert not any(any(serves(lab, p)) for p in plain)
+    set_proxy_protocol(lab, False)
+    refused = fab(lab, "rollout")
+    assert refused.returncode == 1
+    assert "no longer serve plain ports" in refused.stdout + refused.stderr
+    assert not any(any(serves(lab, p)) for p in plain) and listener_kinds(lab) == {80: PROXY, 443: PROXY}
+
+    doc = yaml.safe_load(lab.env_file.read_text())
+    endpoints = doc["config"]["aws:endpoints"]
+    proxy = AwsFaults(endpoints[0]["elbv2"])
+    try:
+        proxy.add("ModifyListener", "refuse")
+        doc["config"]["aws:endpoints"] = [{k: (proxy.url if k == "elbv2" else v) for k, v in e.items()}
+                                          for e in endpoints]
+        lab.env_file.write_text(yaml.safe_dump(doc))
+        result = fab(lab, "rollout", "--apply")
+        out = result.stdout + result.stderr
+        assert result.returncode == 3, out
+        assert "step 1 of 2: plain ports back: every host ready" in out
+        assert "stopping the PROXY header at the load balancer" in out and "no host was changed" in out
+        assert listener_kinds(lab) == {80: PROXY, 443: PROXY}
+        assert all(all(serves(lab, p)) for p in (*plain, *s.proxy_ports))  # both port sets
+        record = remote_aws.read_record(s)
+        assert record is not None and record.plain_ports == sorted(plain)  # the proof step 1 wrote
+        hello, echo = ws_hello(dial("127.0.0.1", lab.listen[443], source="127.0.0.77"), s.server_name,
+                               tls=lab.tls_context())
+        assert echo == "ping-echo" and hello["client_ip"] == "127.0.0.77"  # still the header, still read
+        proxy.clear()
+        again = fab(lab, "rollout", "--apply")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "step 1 of 2" not in again.stdout + again.stderr  # the plain groups hold targets again
+        assert listener_kinds(lab) == {80: PLAIN, 443: PLAIN} and remote_aws.read_record(s) is None
+        assert all(all(serves(lab, p)) for p in plain) and not any(any(serves(lab, p)) for p in s.proxy_ports)
+    finally:
+        proxy.stop()

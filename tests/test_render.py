@@ -225,3 +225,28 @@ def test_network_release_manifest_names_the_proxy_ports_and_the_tree_is_clean_un
     result = subprocess.run([sys.executable, "-m", "gixy", "-f", "json", "nginx.conf"],
                             cwd=root, capture_output=True, text=True)
     assert result.returncode == 0 and json.loads(result.stdout) == [], result.stdout + result.stderr
+
+
+# --- plain ports the load balancer retired (remote.aws.NetworkState.retired) ----------------------
+
+def test_a_retired_plain_port_is_neither_served_nor_probed_nor_claimed(tmp_path):
+    from core.probe import checks, plain_proven, proven_ports
+    from core.render import served_ports
+
+    s = network().retiring([80])
+    tree = render(s)
+    assert set(sockets_of(parsed(tree, tmp_path))) == {"81", "82", "83", "8081"}
+    assert json.loads(tree.files["release.json"])["ports"] == {
+        "tls": 81, "health": 8081, "proxyHttp": 82, "proxyTls": 83}
+    assert served_ports(s) == {81, 82, 83, 8081} and 80 not in {c.port for c in checks(s)}
+    assert plain_proven(s) == [81] and proven_ports(s) == [82, 83]
+    both = network().retiring([80, 81])
+    assert plain_proven(both) == [] and set(sockets_of(parsed(render(both), tmp_path / "b"))) == {"82", "83", "8081"}
+    assert render(network().retiring([])).digest == render(network()).digest
+
+
+def test_only_a_network_load_balancer_with_proxy_protocol_on_retires_plain_ports():
+    """Off, the plain ports are the only ones: never retired. Classic: they are the proxied ones."""
+    for s in (network(proxy_protocol=False), settings_from("staging", proxy_protocol=True)):
+        assert s.retiring([80, 81]).retired == frozenset() and render(s.retiring([80, 81])).digest == render(s).digest
+    assert network().retiring([80, 81, 8081, 82]).retired == {80, 81}  # never the health or a proxy port
