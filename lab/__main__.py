@@ -229,13 +229,26 @@ class Lab:
         the PROXY header on every listener."""
         stand_in = self.stand_in()
         deadline = time.monotonic() + timeout
+        seen = 0
         while time.monotonic() < deadline:
             state = stand_in.follows()
-            if state and state.header == on:
-                time.sleep(0.3)  # the reload itself
+            # the config is written; the reload has taken once two WebSockets in a row see the client
+            # as the header makes it (HAProxy's new worker takes over in its own time on a busy machine)
+            seen = seen + 1 if state and state.header == on and self._client_seen_as(on) else 0
+            if seen == 2:
                 return
             time.sleep(0.1)
         raise KitError(f"the stand-in did not {'start' if on else 'stop'} sending the PROXY header in {timeout}s")
+
+    def _client_seen_as(self, on: bool) -> bool:
+        """A WebSocket through the TLS listener from CLIENT_SOURCE sees the client's own address
+        (the header sent and read) when `on`, the stand-in's when not."""
+        try:
+            hello, echo = ws_hello(dial("127.0.0.1", self.listen[443], source=CLIENT_SOURCE),
+                                   self.settings.server_name, tls=self.tls_context())
+        except Exception:  # noqa: BLE001 - not switched yet: a plain request to a port reading the header, say
+            return False
+        return echo == "ping-echo" and hello["client_ip"] == (CLIENT_SOURCE if on else "127.0.0.1")
 
     def tls_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.dir / "tls" / "ca.pem"))
