@@ -1,0 +1,230 @@
+"""A network load balancer over sequences of runs (hypothesis, stateful): proxyProtocol flips,
+`fab rollout` with and without --apply (failing or not), `pulumi up` by hand cut short after any
+prefix of its operations (registrations and listener changes in any order Pulumi may take, a
+listener only after its own group's registrations, deregistrations last), the record deleted,
+and deregistration delays running out. The load balancer's state carries over between runs, as
+in AWS; every decision is the kit's own: `remote.aws.network_plan` and `core.elb.network_layout`
+(the program), `NetworkState.retired` and `Settings.retiring` (which plain ports the hosts drop),
+`served_ports`, `proven_ports` and `plain_proven` (what a rollout serves and records), and the
+order of `remote/cutover.py` and `remote/tasks.py` (refusals, the two-step turn-off).
+
+A listener change reaches the load balancer's nodes over time: until it has, the group the
+listener left still gets new connections, and the new group's targets report `initial` (their
+first health checks take longer than the change takes to spread).
+
+After every step: every target registered in a group a listener forwards to, or just left,
+serves that group's port (reading the header on a proxy port), no such group is empty, and
+every target registered or still draining in a plain group serves its port.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+from hypothesis import settings as run_settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from core import record as records
+from core.elb import PLAIN, PROXY, network_layout, network_listeners
+from core.errors import KitError
+from core.probe import plain_proven, proven_ports
+from core.render import served_ports
+from remote.aws import NetworkState, TargetGroupState, network_plan
+from tests.conftest import settings_from
+
+ENV = "staging"
+
+
+@cache
+def _settings(wanted: bool):
+    return settings_from(ENV, proxy_protocol=wanted, load_balancer={"type": "network"})
+
+
+class Runs(RuleBasedStateMachine):
+    @initialize()
+    def start(self):
+        s = _settings(False)
+        self.wanted = False
+        self.instances = list(s.load_balancer.instances)
+        self.listeners = network_listeners(s)
+        self.groups = {g.key: g for x in self.listeners for g in (x.plain, x.proxy)}
+        # what AWS has: every member in every group, the listeners on the plain groups
+        self.members = {key: set(self.instances) for key in self.groups}
+        self.draining: dict[str, set[str]] = {key: set() for key in self.groups}
+        self.forwards = {x.port: PLAIN for x in self.listeners}
+        # what the hosts serve: instance -> ports (the proxy ports read the header)
+        self.serves = {i: set(served_ports(s)) for i in self.instances}
+        self.record: records.ReadinessRecord | None = None
+        # listener -> the group it forwarded to before its last change, while the change still
+        # reaches the load balancer's nodes (new connections may still go there); the new group's
+        # targets report `initial` until then (their first health checks take longer than that)
+        self.lagging: dict[int, str] = {}
+
+    # --- what AWS says, as network_state would read it -------------------------------------------
+
+    def state(self) -> NetworkState:
+        used = {x.group(self.forwards[x.port]).key for x in self.listeners}
+        settling = {x.group(self.forwards[x.port]).key for x in self.listeners if x.port in self.lagging}
+        groups = {}
+        for key, g in self.groups.items():
+            states = {i: "initial" if key in settling else ("healthy" if g.port in self.serves[i] else "unhealthy")
+                      if key in used else "unused" for i in sorted(self.members[key])}
+            groups[g.name] = TargetGroupState(f"arn:{g.name}", g.name, g.port, g.proxy_protocol_v2,
+                                              tuple(sorted(self.members[key])), states=states,
+                                              draining=tuple(sorted(self.draining[key])))
+        listeners = {x.port: (groups[x.group(self.forwards[x.port]).name],) for x in self.listeners}
+        return NetworkState("arn:lb", listeners, present=tuple(sorted(set().union(*self.members.values()))),
+                            groups=groups)
+
+    def header_ports(self) -> list[int]:
+        return sorted(x.proxy.port for x in self.listeners if self.forwards[x.port] == PROXY)
+
+    # --- pulumi up: the program's decisions, applied in an order Pulumi may take, maybe cut short ----
+
+    def up(self, s, cut: int | None = None, order: list[int] | None = None) -> bool:
+        """False when the program refuses (nothing declared, nothing changed)."""
+        state = self.state()
+        gated = network_plan(s, state, self.record, None if self.record else "no readiness record")
+        try:
+            members, forwarding = network_layout(s, gated, state.now(s), self.record)
+        except KitError:
+            return False
+        ops: list[tuple] = []
+        for key, want in members.items():
+            ops += [("register", key, i) for i in sorted(set(want) - self.members[key])]
+        ops += [("listener", x.port, forwarding[x.port]) for x in self.listeners
+                if forwarding[x.port] != self.forwards[x.port]]
+        if order:  # another order Pulumi may take: a listener still after its own group's registrations
+            ops = [ops[i] for i in order if i < len(ops)] + [op for n, op in enumerate(ops) if n not in order]
+            for x in self.listeners:
+                mine = [n for n, op in enumerate(ops) if op[0] == "listener" and op[1] == x.port]
+                if mine:
+                    target = x.group(forwarding[x.port]).key
+                    last = max([n for n, op in enumerate(ops) if op[0] == "register" and op[1] == target], default=-1)
+                    if last > mine[0]:
+                        ops.insert(last, ops.pop(mine[0]))
+        for key, want in members.items():  # deletions last
+            ops += [("deregister", key, i) for i in sorted(self.members[key] - set(want))]
+        for op in ops[:cut]:
+            if op[0] == "register":
+                self.members[op[1]].add(op[2])
+                self.draining[op[1]].discard(op[2])
+            elif op[0] == "deregister":
+                self.members[op[1]].discard(op[2])
+                self.draining[op[1]].add(op[2])
+            else:
+                old = next(x for x in self.listeners if x.port == op[1]).group(self.forwards[op[1]]).key
+                self.lagging.setdefault(op[1], old)
+                self.forwards[op[1]] = op[2]
+        return cut is None or cut >= len(ops)
+
+    @rule(data=st.data())
+    def pulumi_up_by_hand(self, data):
+        cut = data.draw(st.one_of(st.none(), st.integers(0, 8)))
+        order = data.draw(st.permutations(range(8)))
+        self.up(_settings(self.wanted), cut, order)
+
+    # --- the operator, time, and accidents ---------------------------------------------------------
+
+    @rule(wanted=st.booleans())
+    def set_proxy_protocol(self, wanted):
+        self.wanted = wanted
+
+    @rule()
+    def listener_changes_reach_every_node(self):
+        self.lagging = {}
+
+    @rule()
+    def deregistration_delay_passes(self):
+        self.draining = {key: set() for key in self.groups}
+
+    @rule()
+    def record_deleted(self):
+        self.record = None
+
+    # --- fab rollout, in the order of remote/tasks.py and remote/cutover.py --------------------------
+
+    def go_live(self, s, fails: bool, data) -> bool:
+        """The hosts go live with `s` (a failure: every host back as it was), then the record."""
+        if fails:
+            return False
+        for i in self.instances:
+            self.serves[i] = set(served_ports(s))
+        if s.proxy_protocol:
+            self.record = records.build(ENV, proven_ports(s), {i: "d" * 64 for i in self.instances},
+                                        load_balancer=s.load_balancer.name, plain_ports=plain_proven(s))
+        return True
+
+    def one_run(self, s, apply: bool, fails: bool, data) -> bool:
+        turning_off = not s.proxy_protocol
+        header, forwarded = self.header_ports(), sorted(
+            x.group(self.forwards[x.port]).port for x in self.listeners)
+        if set(forwarded) - served_ports(s) - set(header if turning_off else []):
+            return False  # refused: a port a listener forwards to would no longer be served
+        live = set().union(*self.serves.values())
+        if turning_off and header and {s.ports.http, s.ports.tls} - live:
+            return False  # refused: the plain ports are not served
+        if turning_off and header and not apply:
+            return False  # refused: the header is still sent
+        dropped = live - served_ports(s) - s.retired  # retired: AWS drained their groups already
+        if turning_off and header:
+            if not self.up(s, data.draw(st.one_of(st.none(), st.integers(0, 8)))):
+                return False  # code 3: no host changed
+            if self.header_ports():
+                return False  # the switch did not take: no host changed
+            dropped = {0}
+        if dropped:  # the drain (cutover._drain): deregistrationDelay, longer than a change takes to spread
+            self.lagging = {}
+        if turning_off and header:
+            self.record = None
+            if fails:  # hosts not rolled back after the switch: some have the new config, some the old
+                for i in data.draw(st.lists(st.sampled_from(self.instances), unique=True)):
+                    self.serves[i] = set(served_ports(s))
+                return False
+            return self.go_live(s, False, data)
+        if not self.go_live(s, fails, data):
+            return False
+        if apply:
+            self.up(s, data.draw(st.one_of(st.none(), st.integers(0, 8))))
+        return True
+
+    @rule(apply=st.booleans(), fails=st.booleans(), data=st.data())
+    def fab_rollout(self, apply, fails, data):
+        s = _settings(self.wanted)
+        retired = self.state().retired(s)
+        if not self.wanted and apply and self.state().retired(_settings(True)):
+            # step 1 of 2: the hosts serve both port sets again, proven and recorded
+            if not self.one_run(_settings(True), False, data.draw(st.booleans()), data):
+                return
+            self.one_run(s, apply, fails, data)
+            return
+        self.one_run(s.retiring(retired) if self.wanted else s, apply, fails, data)
+
+    # --- what must hold after every step -----------------------------------------------------------
+
+    @invariant()
+    def every_listener_reaches_a_host_serving_its_group_port(self):
+        for x in self.listeners:
+            group = x.group(self.forwards[x.port])
+            assert self.members[group.key], f"listener {x.port} forwards to the empty {group.key} group"
+            for i in self.members[group.key]:
+                assert group.port in self.serves[i], f"listener {x.port} -> {group.key}: {i} does not serve it"
+
+    @invariant()
+    def a_group_a_listener_just_left_still_reaches_hosts_serving_its_port(self):
+        for port, key in self.lagging.items():
+            group = self.groups[key]
+            assert self.members[key], f"listener {port} left {key}, which nodes still use, with no target"
+            for i in self.members[key]:
+                assert group.port in self.serves[i], f"listener {port} left {key}: {i} no longer serves it"
+
+    @invariant()
+    def a_plain_port_is_served_while_its_group_may_send_to_it(self):
+        for x in self.listeners:
+            for i in self.members[x.plain.key] | self.draining[x.plain.key]:
+                assert x.plain.port in self.serves[i], f"{i} dropped {x.plain.port} while in {x.plain.key}"
+
+
+Runs.TestCase.settings = run_settings(max_examples=300, stateful_step_count=25, deadline=None)
+TestNetworkSequences = Runs.TestCase
