@@ -141,8 +141,11 @@ def _network_port_problem(s: Settings, port: int, mode: str, sent: list[int] | N
         partner = p.proxy_http if port == p.http else p.proxy_tls  # its listener's proxy group's port
         why = " but its plain target group sends none" if mode == PROXY else ""
         fails = sent is not None and partner not in sent  # the listener forwards to this plain port
+        back = mode == CLOSED and not s.proxy_protocol and sent is not None and partner in sent  # turning off
+        todo = ("run `fab rollout --apply`: it serves the plain ports again before the listeners move back"
+                if back else "run `fab rollout`")
         return (f"port {port} {_ANSWERS[mode]}{why}"
-                + (": every request through it fails (run `fab rollout`)" if fails else " (run `fab rollout`)"))
+                + (f": every request through it fails ({todo})" if fails else f" ({todo})"))
     if mode == PROXY:
         return None
     if forwarded:

@@ -137,7 +137,8 @@ class ListenerNow:
 
     forwards: str | None  # PLAIN or PROXY: the kit's group of that kind it forwards to; None: elsewhere or absent
     proxy_healthy: bool  # its proxy group has targets and every one is `healthy`
-    plain_retired: bool  # its plain group exists and holds no target, not even a draining one
+    plain_retired: bool  # its plain group exists and has no target registered (some may still drain)
+    plain_drained: bool = False  # retired, and not even a draining target left: the hosts may drop its port
 
 
 def network_members(s: Settings, forwarding: dict[int, str], now: dict[int, ListenerNow],
@@ -159,11 +160,13 @@ def network_members(s: Settings, forwarding: dict[int, str], now: dict[int, List
 
 
 def back_refusal(s: Settings, forwarding: dict[int, str], now: dict[int, ListenerNow],
-                 record: ReadinessRecord | None, members: tuple[str, ...]) -> str | None:
+                 record: ReadinessRecord | None, members: tuple[str, ...], record_problem: str | None = None
+                 ) -> str | None:
     """Why a listener must not move back to its plain group now (None: it may): its plain group was
-    retired, so the hosts may no longer serve its port, and the readiness record does not prove
-    every member serving it again (`fab rollout --apply` does that before it switches back).
-    `record`: this environment's record (None: none, or not this environment's)."""
+    retired (no target registered), so the hosts may no longer serve its port, and the readiness
+    record does not prove every member serving it again (`fab rollout --apply` does that before it
+    switches back). `record`: this environment's record (None: none, or not this environment's,
+    `record_problem` says why)."""
     idle = ListenerNow(None, False, False)
     stuck = [x for x in network_listeners(s)
              if forwarding[x.port] == PLAIN and now.get(x.port, idle).plain_retired
@@ -171,18 +174,25 @@ def back_refusal(s: Settings, forwarding: dict[int, str], now: dict[int, Listene
     if not stuck:
         return None
     names = ", ".join(f"listener {x.port} (plain port {x.plain.port})" for x in stuck)
-    return (f"{names} forward(s) to the proxy target group and the plain group was retired: the hosts may no "
-            "longer serve the plain port, so moving the listener back would fail every request. Nothing was "
-            "changed. Run `fab rollout --apply`: it serves and proves the plain ports again, then switches back")
+    proof = ("the readiness record does not prove every instance serving the plain port"
+             + (f" ({record_problem})" if record_problem and not record else ""))
+    if s.proxy_protocol:  # not a turn-off: a proxy port the gate cannot keep (changed, or not proven)
+        what = ("its proxy port is not proven (ports.proxyHttp/proxyTls changed, or the record does not cover "
+                "it): put the proxy ports back and change them only while proxy protocol is off")
+    else:
+        what = "run `fab rollout --apply`: it serves and proves the plain ports again, then switches back"
+    return (f"{names} would move back to its plain target group, which was retired: the hosts may no longer "
+            f"serve the plain port and {proof}, so every request through it would fail. Nothing was changed; {what}")
 
 
-def network_layout(s: Settings, gated: Plan, now: dict[int, ListenerNow], record: ReadinessRecord | None
-                   ) -> tuple[dict[str, tuple[str, ...]], dict[int, str]]:
+def network_layout(s: Settings, gated: Plan, now: dict[int, ListenerNow], record: ReadinessRecord | None,
+                   record_problem: str | None = None) -> tuple[dict[str, tuple[str, ...]], dict[int, str]]:
     """(group key -> members, listener port -> PLAIN or PROXY) for the gate's plan and what AWS has
     now (remote.aws.NetworkState.now); refuses a move back to a retired plain group not proven."""
     forwarding = network_forwarding(gated.decision.ports, s)
-    own = record if record and not record.foreign(s.env, s.load_balancer.name) else None
-    refused = back_refusal(s, forwarding, now, own, gated.join)
+    foreign = record.foreign(s.env, s.load_balancer.name) if record else None
+    own = None if foreign else record
+    refused = back_refusal(s, forwarding, now, own, gated.join, foreign or (None if record else record_problem))
     if refused:
         raise KitError(refused)
     return network_members(s, forwarding, now, gated.join), forwarding

@@ -162,7 +162,7 @@ def network_gate_plan(s: Settings) -> tuple[Plan, dict[str, tuple[str, ...]], di
 
     state = network_now(s)
     gated = edge.network_plan(s, state, record, problem)
-    return gated, *network_layout(s, gated, state.now(s) if state else {}, record)
+    return gated, *network_layout(s, gated, state.now(s) if state else {}, record, problem)
 
 
 def network_main(s: Settings) -> WsGateNetworkLoadBalancer:

@@ -122,7 +122,7 @@ def apply_network(settings: Settings) -> dict[str, Any]:
     state = aws.network_state(s)  # before any change, as the program reads it
     record, problem = read_record(s)
     gated = aws.network_plan(s, state, record, problem)
-    members, forwarding = network_layout(s, gated, state.now(s) if state else {}, record)
+    members, forwarding = network_layout(s, gated, state.now(s) if state else {}, record, problem)
     arn = state.arn if state else _create_network_lb(s)
     nlb_listeners = network_listeners(s)
     groups = {g.key: _target_group(s, g) for x in nlb_listeners for g in (x.plain, x.proxy)}

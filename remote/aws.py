@@ -274,7 +274,8 @@ class NetworkState:
                 forwards=forwards,
                 proxy_healthy=proxy is not None and bool(proxy.targets) and all(
                     proxy.states.get(i) == "healthy" for i in proxy.targets),
-                plain_retired=plain is not None and not (plain.targets or plain.draining))
+                plain_retired=plain is not None and not plain.targets,
+                plain_drained=plain is not None and not (plain.targets or plain.draining))
         return out
 
     def retired(self, settings: Settings) -> list[int]:
@@ -283,7 +284,7 @@ class NetworkState:
         forwarded there last at least `deregistrationDelay` ago, by AWS's own clock)."""
         now = self.now(settings)
         return sorted(x.plain.port for x in network_listeners(settings)
-                      if now[x.port].forwards == PROXY and now[x.port].plain_retired)
+                      if now[x.port].forwards == PROXY and now[x.port].plain_drained)
 
     @property
     def proxy_ports(self) -> list[int]:

@@ -85,12 +85,15 @@ def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balan
             verdict.fail(f"before any change: {exc}")
             return _stopped(run, verdict)
         lost = sorted(set(forwarded) - served_ports(run.settings) - set(attached if turning_off else []))
-        unserved = sorted({run.settings.ports.http, run.settings.ports.tls} - run.live_ports())
-        if turning_off and attached and forwarded and unserved and not run.rolling_back:
-            verdict.fail(f"the hosts no longer serve plain ports {unserved} (the load balancer retired them) and "
-                         "the listeners would go back there: `fab rollout --apply` serves and proves them again "
-                         "first, then switches back; nothing was changed")
-            return _stopped(run, verdict)
+        if turning_off and attached and forwarded:  # the listeners go back to the plain ports: served now?
+            unserved = {run.settings.ports.http, run.settings.ports.tls} - run.live_ports()
+            retired = sorted(unserved & set(now.retired))
+            if retired and not run.rolling_back:
+                verdict.fail(f"the hosts no longer serve plain ports {retired} (the load balancer retired their "
+                             "groups) and the listeners would go back there: `fab rollout --apply` serves and "
+                             "proves them again first, then switches back; nothing was changed")
+                return _stopped(run, verdict)
+            lost += sorted(unserved)
         if lost and not run.rolling_back:
             verdict.fail(f"the load balancer's listeners forward to ports {lost}, which the new config no longer "
                          "serves: every request through them would fail until the listeners move. Change a port "
@@ -121,6 +124,8 @@ def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balan
         try:
             if turning_off and record:
                 record.delete()
+            elif record and run.dropped_ports():  # written ahead: the record never claims a port no longer served
+                record.withdraw_plain(run.dropped_ports())
             ready = run.go_live()                                             # 4
             if ready and not turning_off and record and record.needs(run.outcomes):
                 ready = run.lock_unchanged()                                  # 5

@@ -86,6 +86,23 @@ class ParameterRecord:
         aws.delete_record(self.settings)
         self.reporter.note(f"readiness record deleted: {self.settings.parameter_path}")
 
+    def withdraw_plain(self, ports: set[int]) -> None:
+        """Before the hosts stop serving `ports`: the stored record no longer claims them (else a
+        `pulumi up` in the meantime could move a listener back to a retired plain group on the old
+        proof, and a run killed before its own write would leave that claim behind). Put back by
+        `undo` when the run rolls back."""
+        from remote import aws
+
+        self.load()
+        old = self._parsed()
+        if old is None or old.plain_ports is None or not set(old.plain_ports) & ports:
+            return
+        narrowed = old.model_copy(update={"plain_ports": sorted(set(old.plain_ports) - ports)})
+        self._touched = True
+        aws.write_record(self.settings, narrowed)
+        self.reporter.note(f"readiness record {self.settings.parameter_path} no longer claims plain ports "
+                           f"{sorted(set(old.plain_ports) & ports)} (the hosts stop serving them)")
+
     def undo(self) -> None:
         """Put the record back as it was before this run (or delete it), and read it back to prove it."""
         from remote import aws

@@ -149,7 +149,7 @@ def gather(settings: Settings, hosts: list[Host], trees: dict[str, Tree], ssh: S
         view["loadBalancer"] = {**asdict(lb), "type": settings.load_balancer.type, "problems": problems, "notes": notes}
         view["gate"] = {**gate, "record": None if record is None else {
             "writtenAt": record.written_at.isoformat(), "ports": record.proxy_protocol_ports,
-            "instances": record.instances}}
+            "plainPorts": record.plain_ports, "instances": record.instances}}
     except KitError as exc:
         view["loadBalancer"] = {"problems": [f"cannot read the load balancer: {exc}"], "notes": []}
         view["gate"] = None

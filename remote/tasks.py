@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def render(c, env, out=None):
     from core.render import render as render_tree
     from core.render import render_hosts
 
-    settings, _ = _as_the_load_balancer_has_it(_settings(env))
+    settings, _ = _as_the_load_balancer_has_it(_settings(env), note=lambda line: print(line, file=sys.stderr))
     trees = render_hosts(settings) or {"(all)": render_tree(settings, settings.nginx.bind)}
     distinct = {t.digest: t for t in trees.values()}
     for host, tree in trees.items():
@@ -65,24 +66,33 @@ def render(c, env, out=None):
             print(f"wrote {path}")
 
 
-def _as_the_load_balancer_has_it(settings: Settings):
+def _as_the_load_balancer_has_it(settings: Settings, strict: bool = False,
+                                 note: Callable[[str], None] = print):
     """The settings the hosts are rendered from, and the load balancer's traffic read (None when not
-    read): with a network load balancer and proxy protocol on, the plain ports it has retired (its
+    read): with a network load balancer and proxy protocol on, the plain ports it has retired (their
     listeners forward to the proxy groups and the plain groups hold no target, the ELBv2 API says)
-    are no longer served. Read once, before anything is rendered."""
-    if settings.load_balancer.type != "network":
+    are no longer served. `strict` (a rollout): always read for a network load balancer, and a
+    failed read stops the task. Otherwise (render, check, status, rollback) read only with proxy
+    protocol on, and a failed read is noted: the hosts are rendered serving every plain port."""
+    if settings.load_balancer.type != "network" or not (settings.proxy_protocol or strict):
         return settings, None
     from remote.balancer import traffic
 
-    now = traffic(settings)
+    try:
+        now = traffic(settings)
+    except KitError as exc:
+        if strict:
+            raise
+        note(f"cannot read the load balancer ({exc}): rendered as if no plain port were retired")
+        return settings, None
     return (settings.retiring(now.retired) if settings.proxy_protocol else settings), now
 
 
-def _prepare(env: str, only: str | None = None, read: bool = True):
+def _prepare(env: str, only: str | None = None, strict: bool = False, note: Callable[[str], None] = print):
     from core.render import render_hosts
     from remote.hosts import resolve
 
-    settings, now = _as_the_load_balancer_has_it(_settings(env)) if read else (_settings(env), None)
+    settings, now = _as_the_load_balancer_has_it(_settings(env), strict, note)
     hosts = resolve(settings, only)
     return settings, hosts, render_hosts(settings, hosts), now
 
@@ -96,8 +106,8 @@ def check(c, env, hosts=None, parallel=10, json=False):
     from remote.rollout import Rollout
     from remote.ssh import Ssh
 
-    settings, targets, trees, _ = _prepare(env, hosts)
     reporter = Reporter(quiet=json)
+    settings, targets, trees, _ = _prepare(env, hosts, note=reporter.note)
     run = Rollout(settings, targets, trees, Ssh(settings), reporter, parallel=int(parallel))
     ok = run.check()
     if json:
@@ -120,7 +130,6 @@ def _run(env: str, trees_wanted: bool, parallel, batch, apply: bool, as_json: bo
     from core.plan import batches
     from core.render import render_hosts
     from remote import cutover
-    from remote.aws import AwsError
     from remote.balancer import chosen
     from remote.hosts import require_instance_ids
     from remote.readiness import ParameterRecord
@@ -129,35 +138,38 @@ def _run(env: str, trees_wanted: bool, parallel, batch, apply: bool, as_json: bo
     from remote.ssh import Ssh
 
     reporter = Reporter(quiet=as_json)
-    try:
-        settings, targets, trees, now = _prepare(env)
-    except AwsError as exc:
-        if trees_wanted:
-            raise
-        # a rollback is an emergency path: without the load balancer's word it probes every port
-        reporter.note(f"cannot read the load balancer ({exc}): the rollback probes every plain port")
-        settings, targets, trees, now = _prepare(env, read=False)
+    # a rollback is an emergency path: without the load balancer's word it probes every plain port
+    settings, targets, trees, now = _prepare(env, strict=trees_wanted, note=reporter.note)
     batches(batch, len(targets))  # a bad --batch fails here, before any host is touched
     if settings.proxy_protocol or (now and now.header):
         require_instance_ids(targets)
 
-    def one(s: Settings, trees, now, apply: bool, title: str) -> None:
+    def one(s: Settings, trees, now, apply: bool, title: str):
         run = Rollout(s, targets, trees, Ssh(s), reporter, parallel=int(parallel), batch=batch)
         verdict = cutover.rollout(run, ParameterRecord(s, reporter), chosen(s), apply=apply, now=now)
-        _summary(reporter, as_json, title, verdict, run.outcomes)
-        if not verdict.ok:
-            raise Exit(code=verdict.code)
+        if not as_json:
+            _summary(reporter, False, title, verdict, run.outcomes)
+        return verdict, run.outcomes
 
-    if trees_wanted and apply and now and now.retired and not settings.proxy_protocol:
+    steps = []
+    two_steps = bool(trees_wanted and apply and now and now.retired and not settings.proxy_protocol)
+    if two_steps:
         # Turning off while the hosts no longer serve a plain port: first they serve both port sets
         # again, proven and recorded (the Pulumi program moves a listener back to a retired plain
         # group only on that proof), then the turn-off as always.
         both = settings.model_copy(update={"proxy_protocol": True})
         reporter.note(f"plain ports {now.retired} were retired: the hosts serve them again first (step 1 of 2)")
-        one(both, render_hosts(both, targets), now, False, f"{what} {settings.env}, step 1 of 2: plain ports back")
-        one(settings, trees, None, apply, f"{what} {settings.env}, step 2 of 2")
-        return
-    one(settings, trees if trees_wanted else None, now, apply, f"{what} {settings.env}")
+        steps.append(one(both, render_hosts(both, targets), now, False,
+                         f"{what} {settings.env}, step 1 of 2: plain ports back"))
+        if steps[0][0].ok:
+            steps.append(one(settings, trees, None, apply, f"{what} {settings.env}, step 2 of 2"))
+    else:
+        steps.append(one(settings, trees if trees_wanted else None, now, apply, f"{what} {settings.env}"))
+    verdict, outcomes = steps[-1]
+    if as_json:
+        _summary(reporter, True, what, verdict, outcomes, steps if two_steps else None)
+    if not verdict.ok:
+        raise Exit(code=verdict.code)
 
 
 @task(help={"env": ENV_HELP, "parallel": "hosts worked on at once (default 10)",
@@ -177,12 +189,17 @@ def rollback(c, env, parallel=10, json=False):
     _run(env, False, parallel, None, False, json, "rollback")
 
 
-def _summary(reporter, as_json: bool, title: str, verdict, outcomes) -> None:
+def _summary(reporter, as_json: bool, title: str, verdict, outcomes, steps=None) -> None:
+    """The run's table and errors; with `as_json` one document (`steps`: every step's, when the run
+    had two: the last step's verdict and hosts are the document's own)."""
     from remote.cutover import INTERRUPTED, failed_hosts
 
+    def doc(verdict, outcomes) -> dict:
+        return {"ok": verdict.ok, "exit_code": verdict.code, "problems": verdict.problems,
+                "hosts": [o.as_dict() for o in outcomes]}
+
     if as_json:
-        reporter.json({"ok": verdict.ok, "exit_code": verdict.code, "problems": verdict.problems,
-                       "hosts": [o.as_dict() for o in outcomes]})
+        reporter.json({**doc(verdict, outcomes), **({"steps": [doc(v, o) for v, o in steps]} if steps else {})})
         return
     headline = "every host ready" if verdict.ok else "INTERRUPTED" if verdict.code == INTERRUPTED else "FAILED"
     reporter.table(f"{title}: {headline}", outcomes)
@@ -200,8 +217,8 @@ def status(c, env, json=False):
     from remote.ssh import Ssh
     from remote.status import gather
 
-    settings, targets, trees, _ = _prepare(env)
     reporter = Reporter()
+    settings, targets, trees, _ = _prepare(env, note=reporter.note)
     view = gather(settings, targets, trees, Ssh(settings))
     if json:
         reporter.json(view)

@@ -242,3 +242,9 @@ def test_the_program_retires_a_plain_group_an_update_after_the_switch_and_keeps_
     assert network_members(s, both, retired, join)["http-plain"] == ()  # a health flap does not re-register
     back = {80: PLAIN, 443: PLAIN}
     assert network_members(s, back, retired, join)["http-plain"] == join
+
+
+def test_a_plain_port_not_served_while_turning_off_names_the_command_that_serves_it_again():
+    off = network(proxy_protocol=False)
+    (problem,) = host_problems(off, ports(http="closed"), [82, 83])  # listeners still on the proxy groups
+    assert "`fab rollout --apply`: it serves the plain ports again" in problem

@@ -176,6 +176,8 @@ class Runs(RuleBasedStateMachine):
             dropped = {0}
         if dropped:  # the drain (cutover._drain): deregistrationDelay, longer than a change takes to spread
             self.lagging = {}
+        if turning_off and not fails:
+            self.record = None  # deleted before the hosts go live (put back if they roll back)
         if turning_off and header:
             self.record = None
             if fails:  # hosts not rolled back after the switch: some have the new config, some the old

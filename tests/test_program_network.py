@@ -588,7 +588,7 @@ def test_a_retired_plain_group_is_not_used_again_without_proof_of_the_plain_port
     retired = {"http-plain": [], "tls-plain": [], "http-proxy": INSTANCES, "tls-proxy": INSTANCES}
     nlb_in_aws(aws.url, {80: PROXY, 443: PROXY}, registered=retired)
     write_record(aws.url, INSTANCES, plain=[])  # the record of the rollout that dropped them
-    with pytest.raises(Exception, match="plain group was retired.*fab rollout --apply"):
+    with pytest.raises(Exception, match="plain target group, which was retired.*fab rollout --apply"):
         run(aws.url, monkeypatch, **{"wsgate:proxyProtocol": "false"})
 
 
@@ -601,3 +601,21 @@ def test_a_retired_plain_group_is_used_again_once_the_record_proves_the_plain_po
     mocks, exports, _ = run(aws.url, monkeypatch, **{"wsgate:proxyProtocol": "false"})
     assert exports["listenerTargets"] == BOTH_PLAIN and exports["retiredPlainGroups"] == []
     assert mocks.attached() == {port: INSTANCES for port in (80, 81, 82, 83)}
+
+
+def test_a_changed_proxy_port_is_refused_while_its_plain_group_is_retired(aws, monkeypatch):
+    """The gate cannot keep a listener on a proxy port that is no longer configured, and its plain
+    group was retired: the program stops, and says to put the proxy port back."""
+    retired = {"http-plain": [], "tls-plain": [], "http-proxy": INSTANCES, "tls-proxy": INSTANCES}
+    nlb_in_aws(aws.url, {80: PROXY, 443: PROXY}, registered=retired)
+    write_record(aws.url, INSTANCES, plain=[])
+    with pytest.raises(Exception, match="listener 80 .*put the proxy ports back"):
+        run(aws.url, monkeypatch, **{"wsgate:ports": {**stack_config("staging").get("wsgate:ports", {}),
+                                                        "proxyHttp": 92}})
+
+
+def test_a_missing_record_is_named_when_a_retired_plain_group_cannot_be_used_again(aws, monkeypatch):
+    retired = {"http-plain": [], "tls-plain": [], "http-proxy": INSTANCES, "tls-proxy": INSTANCES}
+    nlb_in_aws(aws.url, {80: PROXY, 443: PROXY}, registered=retired)
+    with pytest.raises(Exception, match="no readiness record at /wsgate/staging/readiness"):
+        run(aws.url, monkeypatch, **{"wsgate:proxyProtocol": "false"})
