@@ -39,7 +39,7 @@ def proven(record, backends, port):
             and port in record.proxy_protocol_ports and set(backends) <= set(record.instances))
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(situations())
 def test_gate_rules(situation):
     d = decide(**situation)
@@ -111,7 +111,7 @@ def test_a_malformed_record_is_refused(text):
         ReadinessRecord.from_json(text)
 
 
-@settings(max_examples=800, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(situations(), st.data())
 def test_scale_out_rules(situation, data):
     from core.gate import plan
