@@ -145,8 +145,9 @@ def _run(env: str, trees_wanted: bool, parallel, batch, apply: bool, as_json: bo
         require_instance_ids(targets)
 
     def one(s: Settings, trees, now, apply: bool, title: str):
+        record = ParameterRecord(s, reporter)  # its read starts now, overlapping the connections
         run = Rollout(s, targets, trees, Ssh(s), reporter, parallel=int(parallel), batch=batch)
-        verdict = cutover.rollout(run, ParameterRecord(s, reporter), chosen(s), apply=apply, now=now)
+        verdict = cutover.rollout(run, record, chosen(s), apply=apply, now=now)
         if not as_json:
             _summary(reporter, False, title, verdict, run.outcomes)
         return verdict, run.outcomes
