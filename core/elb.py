@@ -137,7 +137,7 @@ class ListenerNow:
 
     forwards: str | None  # PLAIN or PROXY: the kit's group of that kind it forwards to; None: elsewhere or absent
     proxy_healthy: bool  # its proxy group has targets and every one is `healthy`
-    plain_retired: bool  # its plain group exists and has no target registered (some may still drain)
+    plain_retired: bool  # it forwards to its proxy group, and its plain group exists with no target registered
     plain_drained: bool = False  # retired, and not even a draining target left: the hosts may drop its port
 
 

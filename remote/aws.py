@@ -267,15 +267,19 @@ class NetworkState:
         proxy group is healthy, and whether its plain group is retired (core.elb.ListenerNow)."""
         out = {}
         for x in network_listeners(settings):
-            names = [g.name for g in self.listeners.get(x.port, ())]
-            forwards = PLAIN if names == [x.plain.name] else PROXY if names == [x.proxy.name] else None
+            forwarded = self.listeners.get(x.port, ())
+            # PROXY: the header goes out there, whichever proxy port (an old one after a setting change)
+            forwards = (PLAIN if [g.name for g in forwarded] == [x.plain.name]
+                        else PROXY if forwarded and all(g.proxy_protocol_v2 for g in forwarded) else None)
             proxy, plain = self.groups.get(x.proxy.name), self.groups.get(x.plain.name)
             out[x.port] = ListenerNow(
                 forwards=forwards,
                 proxy_healthy=proxy is not None and bool(proxy.targets) and all(
                     proxy.states.get(i) == "healthy" for i in proxy.targets),
-                plain_retired=plain is not None and not plain.targets,
-                plain_drained=plain is not None and not (plain.targets or plain.draining))
+                # only ever retired from the proxy side: an empty plain group of a listener not on its
+                # proxy group (a first update cut short, say) is just not filled yet
+                plain_retired=forwards == PROXY and plain is not None and not plain.targets,
+                plain_drained=forwards == PROXY and plain is not None and not (plain.targets or plain.draining))
         return out
 
     def retired(self, settings: Settings) -> list[int]:

@@ -93,7 +93,11 @@ def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balan
                              "groups) and the listeners would go back there: `fab rollout --apply` serves and "
                              "proves them again first, then switches back; nothing was changed")
                 return _stopped(run, verdict)
-            lost += sorted(unserved)
+            if unserved and not run.rolling_back:
+                verdict.fail(f"the listeners would go back to plain ports {sorted(unserved)}, which no host serves "
+                             "yet: change ports.http/ports.tls while proxy protocol is on (the hosts then serve "
+                             "them before any listener moves back); nothing was changed")
+                return _stopped(run, verdict)
         if lost and not run.rolling_back:
             verdict.fail(f"the load balancer's listeners forward to ports {lost}, which the new config no longer "
                          "serves: every request through them would fail until the listeners move. Change a port "
@@ -124,8 +128,8 @@ def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balan
         try:
             if turning_off and record:
                 record.delete()
-            elif record and run.dropped_ports():  # written ahead: the record never claims a port no longer served
-                record.withdraw_plain(run.dropped_ports())
+            elif record and not run.rolling_back and run.dropped_ports():
+                record.withdraw_plain(run.dropped_ports())  # written ahead: never a claim of a port no longer served
             ready = run.go_live()                                             # 4
             if ready and not turning_off and record and record.needs(run.outcomes):
                 ready = run.lock_unchanged()                                  # 5
@@ -157,14 +161,16 @@ def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balan
 
 
 def _roll_back(run: Rollout, record: ParameterRecord | None, verdict: Verdict) -> None:
+    all_back = False
     try:
-        if not run.roll_back():
+        all_back = run.roll_back()
+        if not all_back:
             verdict.fail("not every host could be put back: see ROLLBACK FAILED", code=ATTENTION)
     except Exception as exc:  # noqa: BLE001 - the record is still put back, the table still printed
         verdict.fail(f"rolling back: {type(exc).__name__}: {exc}", code=ATTENTION)
     if record:
         try:
-            record.undo()
+            record.undo(all_back)
         except Exception as exc:  # noqa: BLE001
             verdict.fail(str(exc) if isinstance(exc, KitError) else f"{type(exc).__name__}: {exc}", code=ATTENTION)
 

@@ -24,6 +24,7 @@ class ParameterRecord:
         self.settings, self.reporter = settings, reporter
         self._stored: str | None = None  # the text as it was before this run
         self._touched = False  # a write or delete was sent (its answer may have been lost)
+        self._narrowed: str | None = None  # the record as withdraw_plain wrote it
         # Any error, not only AWS's own: the run must never take "could not read" for "no record".
         self._fetch = Background(self._read, what=f"ssm get-parameter {settings.parameter_path}")
 
@@ -98,42 +99,47 @@ class ParameterRecord:
         if old is None or old.plain_ports is None or not set(old.plain_ports) & ports:
             return
         narrowed = old.model_copy(update={"plain_ports": sorted(set(old.plain_ports) - ports)})
-        self._touched = True
-        aws.write_record(self.settings, narrowed)
+        self._touched, self._narrowed = True, narrowed.to_json()
+        aws.put_record_text(self.settings, self._narrowed)
         self.reporter.note(f"readiness record {self.settings.parameter_path} no longer claims plain ports "
                            f"{sorted(set(old.plain_ports) & ports)} (the hosts stop serving them)")
 
-    def undo(self) -> None:
-        """Put the record back as it was before this run (or delete it), and read it back to prove it."""
+    def undo(self, all_back: bool = True) -> None:
+        """Put the record back as it was before this run (or delete it), and read it back to prove it.
+        `all_back` False (a host could not be put back): a withdrawal of plain ports stays, since
+        that host may serve them no more."""
         from remote import aws
 
         if not self._touched:
             return
         path = self.settings.parameter_path
+        target = self._stored if all_back or self._narrowed is None else self._narrowed
         try:
             now = aws.read_record_text(self.settings)
-            if now != self._stored:  # the write (or delete) took effect: put it back
-                if self._stored is None:
+            if now != target:  # the write (or delete) took effect: put it back
+                if target is None:
                     aws.delete_record(self.settings)
                 else:
-                    aws.put_record_text(self.settings, self._stored)
+                    aws.put_record_text(self.settings, target)
                 now = aws.read_record_text(self.settings)
         except KitError as exc:
             raise RecordError(f"readiness record {path} could not be put back: {exc}. It may still name hosts "
-                              f"that were restored: {self._manual()}") from None
-        if now != self._stored:
+                              f"that were restored: {self._manual(target)}") from None
+        if now != target:
             raise RecordError(f"readiness record {path} reads back as something else after putting it back: "
-                              f"{self._manual()}")
+                              f"{self._manual(target)}")
         self._touched = False
-        self.reporter.note(f"readiness record {path} put back as it was"
-                           if self._stored is not None else f"readiness record {path} removed, as before the run")
+        self.reporter.note(f"readiness record {path} removed, as before the run" if target is None else
+                           f"readiness record {path} put back as it was" if target == self._stored else
+                           f"readiness record {path} put back as it was, without the plain ports withdrawn "
+                           "(a host was not put back)")
 
-    def _manual(self) -> str:
+    def _manual(self, target: str | None) -> str:
         path = self.settings.parameter_path
-        if self._stored is None:
+        if target is None:
             return f"delete it by hand (aws ssm delete-parameter --name {path}) before the next `pulumi up`"
         return (f"put it back by hand before the next `pulumi up`: aws ssm put-parameter --overwrite --type String "
-                f"--name {path} --value '{self._stored}'")
+                f"--name {path} --value '{target}'")
 
     @property
     def before(self) -> str | None:

@@ -248,3 +248,16 @@ def test_a_plain_port_not_served_while_turning_off_names_the_command_that_serves
     off = network(proxy_protocol=False)
     (problem,) = host_problems(off, ports(http="closed"), [82, 83])  # listeners still on the proxy groups
     assert "`fab rollout --apply`: it serves the plain ports again" in problem
+
+
+def test_a_plain_group_is_retired_only_behind_a_listener_on_its_proxy_group():
+    from core.elb import PLAIN, PROXY, back_refusal, network_forwarding
+
+    s = network(proxy_protocol=False)
+    missing = network_state(s, {80: PLAIN, 443: PLAIN})
+    missing.listeners.clear()  # a first update cut short before the listeners
+    now = missing.now(s)
+    assert not any(x.plain_retired or x.plain_drained for x in now.values())
+    assert back_refusal(s, network_forwarding((), s), now, None, ("i-0123456789abcdef0",)) is None
+    on = network_state(s, {80: PROXY, 443: PROXY}).now(s)
+    assert back_refusal(s, network_forwarding((), s), on, None, ("i-0123456789abcdef0",), "no record")

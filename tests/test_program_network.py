@@ -619,3 +619,39 @@ def test_a_missing_record_is_named_when_a_retired_plain_group_cannot_be_used_aga
     nlb_in_aws(aws.url, {80: PROXY, 443: PROXY}, registered=retired)
     with pytest.raises(Exception, match="no readiness record at /wsgate/staging/readiness"):
         run(aws.url, monkeypatch, **{"wsgate:proxyProtocol": "false"})
+
+
+def test_a_withdrawn_plain_port_stays_withdrawn_when_a_host_could_not_be_put_back(aws):
+    """The rollout that drops plain ports takes them out of the record before any host goes live.
+    Rolled back with every host put back: the record is as it was. With a host not put back (it
+    may serve them no more): the record keeps the withdrawal."""
+    from remote import aws as remote_aws
+    from remote.readiness import ParameterRecord
+
+    class Notes:
+        def note(self, line):
+            pass
+
+    s = settings_for(aws.url)
+    write_record(aws.url, INSTANCES, plain=[80, 81])
+    original = remote_aws.read_record_text(s)
+    for all_back, plain in ((True, [80, 81]), (False, [81])):
+        record = ParameterRecord(s, Notes())
+        record.withdraw_plain({80})
+        assert remote_aws.read_record(s).plain_ports == [81]
+        record.undo(all_back)
+        assert remote_aws.read_record(s).plain_ports == plain
+        if all_back:
+            assert remote_aws.read_record_text(s) == original
+        else:
+            write_record(aws.url, INSTANCES, plain=[80, 81])
+
+
+def test_an_empty_plain_group_of_a_listener_not_on_proxy_is_not_taken_for_a_retired_one(aws, monkeypatch):
+    """A first update cut short before the plain registrations (or with the listeners on plain): the
+    empty plain groups are filled, never refused as retired."""
+    empty = {"http-plain": [], "tls-plain": [], "http-proxy": INSTANCES, "tls-proxy": INSTANCES}
+    nlb_in_aws(aws.url, {80: PLAIN, 443: PLAIN}, registered=empty)
+    mocks, exports, _ = run(aws.url, monkeypatch, **{"wsgate:proxyProtocol": "false"})
+    assert exports["listenerTargets"] == BOTH_PLAIN
+    assert mocks.attached() == {port: INSTANCES for port in (80, 81, 82, 83)}
