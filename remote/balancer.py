@@ -12,10 +12,13 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from core.errors import KitError
 from core.settings import Settings
+
+if TYPE_CHECKING:
+    from remote.aws import NetworkState
 
 
 class Balancer(Protocol):
@@ -47,6 +50,8 @@ class Traffic:
     forwarded: list[int]
     # network: the plain ports the hosts may stop serving (remote.aws.NetworkState.retired)
     retired: list[int] = field(default_factory=list)
+    # network: the read these came from (None: no such load balancer), for a task that needs more of it
+    state: NetworkState | None = field(default=None, compare=False, repr=False)
 
 
 def traffic(settings: Settings) -> Traffic:
@@ -59,7 +64,7 @@ def traffic(settings: Settings) -> Traffic:
         raise KitError(conflict)
     if settings.load_balancer.type == "network":
         state = aws.network_state(settings)
-        return Traffic(state.proxy_ports, state.forwarded_ports, state.retired(settings)) if state else Traffic([], [])
+        return Traffic(state.proxy_ports, state.forwarded_ports, state.retired(settings), state) if state else Traffic([], [])
     return Traffic(aws.proxy_protocol_ports(settings), [])
 
 

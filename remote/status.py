@@ -25,6 +25,7 @@ from core.plan import Remote, parse_state
 from core.probe import PROBE_HEADER, PROBE_HEADER_V2, PROBE_PATH, Check
 from core.render import Tree
 from core.settings import Host, Settings
+from remote.balancer import Traffic
 from remote.probe import exchange, live
 from remote.ssh import PortClosed, Ssh
 
@@ -76,11 +77,12 @@ def _host(settings: Settings, host: Host, tree: Tree, ssh: Ssh) -> HostFacts:
     return facts
 
 
-def _balancer(settings: Settings) -> BalancerFacts:
+def _balancer(settings: Settings, now: Traffic | None = None) -> BalancerFacts:
+    """`now`: the traffic read the task made already (its network state is used, not read again)."""
     from remote import aws
 
     if settings.load_balancer.type == "network":
-        return _network_balancer(settings)
+        return _network_balancer(settings, now)
     d = aws.describe(settings)
     if d is None:
         return BalancerFacts(exists=False)
@@ -100,13 +102,13 @@ def _balancer(settings: Settings) -> BalancerFacts:
     )
 
 
-def _network_balancer(settings: Settings) -> BalancerFacts:
+def _network_balancer(settings: Settings, now: Traffic | None = None) -> BalancerFacts:
     """A network load balancer's facts: each listener with the target groups it forwards to now, the
     proxy ports among them (`policy_ports`: they get PROXY v2), the instances in those groups and
     their health there."""
     from remote import aws
 
-    state = aws.network_state(settings)
+    state = now.state if now is not None else aws.network_state(settings)
     if state is None:
         return BalancerFacts(exists=False)
     ingress, unknown = aws.instance_ingress(settings, sorted(set(state.serving) | set(settings.load_balancer.instances)))
@@ -129,8 +131,10 @@ def _network_balancer(settings: Settings) -> BalancerFacts:
     )
 
 
-def gather(settings: Settings, hosts: list[Host], trees: dict[str, Tree], ssh: Ssh, parallel: int = 10) -> dict:
-    """Every fact and every verdict, as one JSON-able view; view["ok"] only when all agree."""
+def gather(settings: Settings, hosts: list[Host], trees: dict[str, Tree], ssh: Ssh, parallel: int = 10,
+           now: Traffic | None = None) -> dict:
+    """Every fact and every verdict, as one JSON-able view; view["ok"] only when all agree. `now`:
+    the load balancer's traffic as the task read it to render (not read again)."""
     from remote import aws
 
     with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(hosts)))) as pool:
@@ -140,7 +144,7 @@ def gather(settings: Settings, hosts: list[Host], trees: dict[str, Tree], ssh: S
     lb: BalancerFacts | None = None
     record, record_problem = None, None
     try:
-        lb = _balancer(settings)
+        lb = _balancer(settings, now)
         try:
             record = aws.read_record(settings)
         except KitError as exc:

@@ -219,8 +219,8 @@ def status(c, env, json=False):
     from remote.status import gather
 
     reporter = Reporter()
-    settings, targets, trees, _ = _prepare(env, note=reporter.note)
-    view = gather(settings, targets, trees, Ssh(settings))
+    settings, targets, trees, now = _prepare(env, note=reporter.note)
+    view = gather(settings, targets, trees, Ssh(settings), now=now)
     if json:
         reporter.json(view)
     else:
