@@ -141,6 +141,9 @@ class ListenerNow:
     plain_drained: bool = False  # retired, and not even a draining target left: the hosts may drop its port
 
 
+UNSEEN = ListenerNow(None, False, False)  # a listener the load balancer does not have (yet)
+
+
 def network_members(s: Settings, forwarding: dict[int, str], now: dict[int, ListenerNow],
                     join: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     """Group key -> the instances registered in it. Every member in every group, except the plain
@@ -152,7 +155,7 @@ def network_members(s: Settings, forwarding: dict[int, str], now: dict[int, List
     stays on proxy."""
     out: dict[str, tuple[str, ...]] = {}
     for x in network_listeners(s):
-        was = now.get(x.port, ListenerNow(None, False, False))
+        was = now.get(x.port, UNSEEN)
         retire = forwarding[x.port] == PROXY and was.forwards == PROXY and (was.plain_retired or was.proxy_healthy)
         out[x.plain.key] = () if retire else join
         out[x.proxy.key] = join
@@ -167,9 +170,8 @@ def back_refusal(s: Settings, forwarding: dict[int, str], now: dict[int, Listene
     record does not prove every member serving it again (`fab rollout --apply` does that before it
     switches back). `record`: this environment's record (None: none, or not this environment's,
     `record_problem` says why)."""
-    idle = ListenerNow(None, False, False)
     stuck = [x for x in network_listeners(s)
-             if forwarding[x.port] == PLAIN and now.get(x.port, idle).plain_retired
+             if forwarding[x.port] == PLAIN and now.get(x.port, UNSEEN).plain_retired
              and now[x.port].forwards != PLAIN and not (record and record.proves_plain(x.plain.port, list(members)))]
     if not stuck:
         return None

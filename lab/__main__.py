@@ -244,11 +244,15 @@ class Lab:
         """A WebSocket through the TLS listener from CLIENT_SOURCE sees the client's own address
         (the header sent and read) when `on`, the stand-in's when not."""
         try:
-            hello, echo = ws_hello(dial("127.0.0.1", self.listen[443], source=CLIENT_SOURCE),
-                                   self.settings.server_name, tls=self.tls_context())
+            hello, echo = self.hello()
         except Exception:  # noqa: BLE001 - not switched yet: a plain request to a port reading the header, say
             return False
         return echo == "ping-echo" and hello["client_ip"] == (CLIENT_SOURCE if on else "127.0.0.1")
+
+    def hello(self) -> tuple[dict, str]:
+        """A WebSocket through the TLS listener from CLIENT_SOURCE: the app's hello and its echo."""
+        return ws_hello(dial("127.0.0.1", self.listen[443], source=CLIENT_SOURCE), self.settings.server_name,
+                        tls=self.tls_context())
 
     def tls_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.dir / "tls" / "ca.pem"))
@@ -256,8 +260,7 @@ class Lab:
     def prove(self) -> dict:
         """A WebSocket through the SSL listener from 127.0.0.77, and a plain request to the TCP one."""
         s = self.settings
-        hello, echo = ws_hello(dial("127.0.0.1", self.listen[443], source=CLIENT_SOURCE), s.server_name,
-                               tls=self.tls_context())
+        hello, echo = self.hello()
         say(f"WebSocket via {self.tls_word} listener from {CLIENT_SOURCE}: the app saw client_ip={hello['client_ip']} "
             f"(X-Forwarded-For {hello['x_forwarded_for']}, proto {hello['x_forwarded_proto']}), echo {echo!r}")
         status, headers, _ = http_get(dial("127.0.0.1", self.listen[80], source=CLIENT_SOURCE), s.server_name, "/")

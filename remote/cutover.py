@@ -121,15 +121,16 @@ def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balan
                              code=ATTENTION)
                 return _stopped(run, verdict)
             detached = True
-        if detached or run.dropped_ports() - set(now.retired):
+        dropped = run.dropped_ports()
+        if detached or dropped - set(now.retired):
             # whoever moved the load balancer off those ports, and whenever: it may still send there
             # (a retired plain port: AWS itself drained its group for deregistrationDelay already)
             _drain(run)
         try:
             if turning_off and record:
                 record.delete()
-            elif record and not run.rolling_back and run.dropped_ports():
-                record.withdraw_plain(run.dropped_ports())  # written ahead: never a claim of a port no longer served
+            elif record and not run.rolling_back and dropped:
+                record.withdraw_plain(dropped)  # written ahead: never a claim of a port no longer served
             ready = run.go_live()                                             # 4
             if ready and not turning_off and record and record.needs(run.outcomes):
                 ready = run.lock_unchanged()                                  # 5

@@ -19,7 +19,7 @@ import tests.test_program_network as program
 from core.elb import PLAIN, PROXY, NetworkHealthCheck, network_listeners
 from core.settings import from_config, load
 from lab.__main__ import Lab
-from lab.client import dial, ws_hello
+from lab.client import dial
 from lab.elb import apply
 from lab.lb import LbState, Route, Server, config, elb_check, group_check
 from remote import aws as remote_aws
@@ -59,8 +59,7 @@ def fab(lab, *args):
 
 
 def client_ip_via_ssl_listener(lab) -> str:
-    hello, echo = ws_hello(dial("127.0.0.1", lab.listen[443], source="127.0.0.77"), lab.settings.server_name,
-                           tls=lab.tls_context())
+    hello, echo = lab.hello()
     assert echo == "ping-echo"
     return hello["client_ip"]
 
@@ -311,8 +310,7 @@ def test_a_port_change_under_a_listener_is_refused_before_any_change(network_lab
     assert "upload" not in result.stderr and "reload" not in result.stderr
     assert {h.name: remote_aws.read_record(lab.settings) for h in lab.settings.hosts} == before
     lab.wait_for_header(True)
-    hello, echo = ws_hello(dial("127.0.0.1", lab.listen[443], source="127.0.0.77"), lab.settings.server_name,
-                           tls=lab.tls_context())
+    hello, echo = lab.hello()
     assert echo == "ping-echo" and hello["client_ip"] == "127.0.0.77"  # still served, header and all
 
 
@@ -452,8 +450,7 @@ def test_turning_off_after_the_plain_ports_were_dropped_when_aws_refuses_the_swi
         assert all(all(serves(lab, p)) for p in (*plain, *s.proxy_ports))  # both port sets
         record = remote_aws.read_record(s)
         assert record is not None and record.plain_ports == sorted(plain)  # the proof step 1 wrote
-        hello, echo = ws_hello(dial("127.0.0.1", lab.listen[443], source="127.0.0.77"), s.server_name,
-                               tls=lab.tls_context())
+        hello, echo = lab.hello()
         assert echo == "ping-echo" and hello["client_ip"] == "127.0.0.77"  # still the header, still read
         proxy.clear()
         again = fab(lab, "rollout", "--apply")
