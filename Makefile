@@ -1,16 +1,20 @@
-# make test: everything the suite needs, then the suite. make lab: the whole system on loopback
+# make test: everything the suite needs, then the suite. make unit: the pure tests alone. make lab: the whole system on loopback
 # (make lab LB=network: the same with a network load balancer).
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 LB ?= classic
 
-.PHONY: test lab lab-down bench deps system-deps venv clean
+.PHONY: test unit lab lab-down bench deps system-deps venv clean
 
 test: deps
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/shellcheck core/session.sh scripts/*.sh .ci/run
 	$(VENV)/bin/mypy
 	$(PY) -m pytest
+
+unit: venv  # the pure tests only: no nginx, sshd, HAProxy or moto (under a minute)
+	$(PY) -m pytest -m "not integration"
 
 lab: deps
 	$(PY) -m lab up --lb $(LB)

@@ -34,7 +34,7 @@ from tests.support.moto import MotoServer
 from tests.support.nginx import Nginx
 from tests.support.procs import free_port, start_app, stop
 
-REPO = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
 
 
@@ -42,7 +42,7 @@ def run(argv: list[str], log: Path, env: dict | None = None) -> tuple[float, flo
     """Wall seconds, peak RSS (MiB) of the process, exit code."""
     with log.open("ab") as out:
         started = time.perf_counter()
-        proc = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(argv, cwd=PROJECT_DIR, stdout=out, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - started
     proc.returncode = os.waitstatus_to_exitcode(status)

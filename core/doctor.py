@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from core.gate import plan_for
-from core.plan import digest_of_link
+from core.live import digest_of_link
 from core.record import ReadinessRecord
 from core.settings import Settings
 
@@ -54,7 +54,7 @@ class BalancerFacts:
     listeners: list[tuple[str, int, str, int]] = field(default_factory=list)  # protocol, port, instance protocol, port
     # backend ports that get the header now: classic, those with the ProxyProtocol policy; network,
     # the proxy ports whose target group (PROXY v2) a listener forwards to
-    policy_ports: list[int] = field(default_factory=list)
+    header_ports: list[int] = field(default_factory=list)
     registered: list[str] = field(default_factory=list)
     health: dict[str, str] = field(default_factory=dict)  # instance -> InService / OutOfService (why)
     lab_endpoint: bool = False  # the lab's AWS endpoint (moto): keeps no listener instance protocol, knows no health
@@ -66,7 +66,7 @@ class BalancerFacts:
     groups: list[dict] = field(default_factory=list)
 
 
-def host_problems(s: Settings, h: HostFacts, policy_ports: list[int] | None) -> list[str]:
+def host_problems(s: Settings, h: HostFacts, header_ports: list[int] | None) -> list[str]:
     """What is wrong with one host, each with what to do; [] when it agrees with everything."""
     if h.error:
         return [f"cannot inspect: {h.error}"]
@@ -86,7 +86,7 @@ def host_problems(s: Settings, h: HostFacts, policy_ports: list[int] | None) -> 
     if h.locked_by:
         out.append(f"a run holds the rollout lock ({h.locked_by})")
     port_problems = network_port_problems if s.load_balancer.type == "network" else classic_port_problems
-    return out + port_problems(s, h.ports, policy_ports)
+    return out + port_problems(s, h.ports, header_ports)
 
 
 def probed_ports(s: Settings) -> dict[int, str]:
@@ -98,7 +98,7 @@ def probed_ports(s: Settings) -> dict[int, str]:
     return {p.http: "redirect", p.tls: "app"}
 
 
-def classic_port_problems(s: Settings, modes: dict[int, str], policy_ports: list[int] | None) -> list[str]:
+def classic_port_problems(s: Settings, modes: dict[int, str], header_ports: list[int] | None) -> list[str]:
     """Classic: a port must read the header exactly where the policy is on (or, the load balancer
     unknown, where the settings ask for it)."""
     out = []
@@ -106,31 +106,31 @@ def classic_port_problems(s: Settings, modes: dict[int, str], policy_ports: list
     for port, mode in sorted(modes.items()):
         if mode == NEITHER:
             out.append(f"port {port} answers neither with nor without a PROXY header")
-        elif policy_ports is not None and (mode == PROXY) != (port in policy_ports):
-            lb = "sends" if port in policy_ports else "does not send"
+        elif header_ports is not None and (mode == PROXY) != (port in header_ports):
+            lb = "sends" if port in header_ports else "does not send"
             out.append(f"port {port} {'reads' if mode == PROXY else 'does not read'} the PROXY header but the "
                        f"load balancer {lb} it: every request through it fails "
                        + ("(attach the policy: `pulumi up` once every host is ready)" if mode == PROXY
                           else "(run `fab rollout` with proxyProtocol: true)"))
-        elif mode != want and policy_ports is None:
+        elif mode != want and header_ports is None:
             out.append(f"port {port} {'reads' if mode == PROXY else 'does not read'} the PROXY header; the "
                        f"settings ask for {'it' if s.proxy_protocol else 'none'}: run `fab rollout`")
     return out
 
 
-def network_port_problems(s: Settings, modes: dict[int, str], sent: list[int] | None) -> list[str]:
+def network_port_problems(s: Settings, modes: dict[int, str], header_ports: list[int] | None) -> list[str]:
     """Network: the plain ports answer plain requests, always (their target groups send no header);
-    a proxy port reads the header whenever a listener forwards to its group (`sent`: those ports
+    a proxy port reads the header whenever a listener forwards to its group (`header_ports`: those ports
     now; None: unknown), and once proxy protocol is on. A proxy port nothing forwards to while
     proxy protocol is off may be served or not: nothing reaches it."""
-    found = (_network_port_problem(s, port, mode, sent) for port, mode in sorted(modes.items()))
+    found = (_network_port_problem(s, port, mode, header_ports) for port, mode in sorted(modes.items()))
     return [problem for problem in found if problem]
 
 
-def _network_port_problem(s: Settings, port: int, mode: str, sent: list[int] | None) -> str | None:
+def _network_port_problem(s: Settings, port: int, mode: str, header_ports: list[int] | None) -> str | None:
     p = s.ports
     plain = port in (p.http, p.tls)
-    forwarded = sent is not None and port in sent  # a listener forwards to this proxy port's group
+    forwarded = header_ports is not None and port in header_ports  # a listener forwards to this proxy port's group
     if port in s.retired and mode in (CLOSED, PLAIN):  # its group retired (Settings.retiring): nothing reaches it
         return None
     if mode == NEITHER:
@@ -140,8 +140,9 @@ def _network_port_problem(s: Settings, port: int, mode: str, sent: list[int] | N
             return None
         partner = p.proxy_http if port == p.http else p.proxy_tls  # its listener's proxy group's port
         why = " but its plain target group sends none" if mode == PROXY else ""
-        fails = sent is not None and partner not in sent  # the listener forwards to this plain port
-        back = mode == CLOSED and not s.proxy_protocol and sent is not None and partner in sent  # turning off
+        fails = header_ports is not None and partner not in header_ports  # the listener forwards to this plain port
+        # turning off: the listener goes back to this plain port
+        back = mode == CLOSED and not s.proxy_protocol and header_ports is not None and partner in header_ports
         todo = ("run `fab rollout --apply`: it serves the plain ports again before the listeners move back"
                 if back else "run `fab rollout`")
         return (f"port {port} {_ANSWERS[mode]}{why}"
@@ -162,8 +163,8 @@ def balancer_problems(s: Settings, lb: BalancerFacts | None, record: ReadinessRe
     """(problems, notes, the gate's view) for the load balancer, the gate computed exactly as
     the Pulumi program computes it (backends: loadBalancer.instances)."""
     backends = list(s.load_balancer.instances)
-    attached = list(lb.policy_ports) if lb else []
-    gated = plan_for(s, registered=lb.registered if lb else [], attached=attached, record=record,
+    header_ports = list(lb.header_ports) if lb else []
+    gated = plan_for(s, registered=lb.registered if lb else [], header_ports=header_ports, record=record,
                      record_problem=record_problem, present=lb.present if lb else None)
     decision = gated.decision
     gate = {"state": decision.state.value, "ports": list(decision.ports), "missing": decision.missing,
@@ -172,19 +173,20 @@ def balancer_problems(s: Settings, lb: BalancerFacts | None, record: ReadinessRe
     notes: list[str] = []
     if lb is None or not lb.exists:
         return [f"load balancer {s.load_balancer.name} does not exist: run `pulumi up`"], notes, gate
-    if decision.warn or (not s.proxy_protocol and attached):
+    if decision.warn or (not s.proxy_protocol and header_ports):
         problems.append(f"gate {decision.state.value}: {decision.message}")
     if s.retired:
         notes.append(f"plain port(s) {', '.join(map(str, sorted(s.retired)))} retired: their listeners forward to "
                      "the proxy groups and the plain groups hold no target; the hosts no longer serve them")
     if s.load_balancer.type == "network":
-        # a listener forwards to its proxy group when the decision covers that group's port (core.elb)
+        # a listener forwards to its proxy group when the decision covers that group's port
+        # (core.network.network_forwarding)
         want_ports = sorted(set(decision.ports) & set(s.proxy_ports))
         now = "the listeners send PROXY v2 to ports"
     else:
         want_ports, now = list(decision.ports), "the ProxyProtocol policy is on ports"
-    if sorted(lb.policy_ports) != want_ports:
-        problems.append(f"{now} {lb.policy_ports or 'none'}, the gate wants {want_ports or 'none'}: run `pulumi up`")
+    if sorted(lb.header_ports) != want_ports:
+        problems.append(f"{now} {lb.header_ports or 'none'}, the gate wants {want_ports or 'none'}: run `pulumi up`")
     for protocol, port, instance_protocol, instance_port in lb.listeners:
         if instance_protocol.upper() != "TCP":
             if lb.lab_endpoint:

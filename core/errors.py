@@ -20,3 +20,7 @@ class SettingsError(KitError):
 
 class RenderError(KitError):
     """A template could not be rendered (a bug in a template, not in the settings)."""
+
+
+class PlanError(KitError):
+    """The run cannot be planned: a bad --batch, no hosts, unknown hosts, hosts without instance IDs."""

@@ -67,21 +67,21 @@ def decide(
     backends: list[str],
     ports: list[int],
     record: ReadinessRecord | None,
-    attached: list[int],
+    header_ports: list[int],
     record_problem: str | None = None,
     load_balancer: str | None = None,
 ) -> Decision:
-    """`attached`: the ports that have the policy now, as the load balancer itself says (never a
+    """`header_ports`: the ports that have the policy now, as the load balancer itself says (never a
     marker of ours). Once attached, a port keeps the policy until proxy protocol is turned off;
     a port is newly attached only when the record proves every backend reads the header on it."""
     if not wanted:
         msg = ("proxy protocol off: detaching the policy; turn nginx's proxy_protocol off only after this update"
-               if attached else "proxy protocol off")
+               if header_ports else "proxy protocol off")
         return Decision((), GateState.OFF, message=msg)
     missing = missing_backends(env, backends, ports, record, record_problem, load_balancer)
     proven = [p for p in ports if not missing_backends(env, backends, [p], record, record_problem, load_balancer)]
-    kept = sorted(set(attached) - set(proven))  # on now, not proven (any more): kept, loudly
-    result = tuple(sorted(set(attached) | set(proven)))
+    kept = sorted(set(header_ports) - set(proven))  # on now, not proven (any more): kept, loudly
+    result = tuple(sorted(set(header_ports) | set(proven)))
     if not missing:
         return Decision(result, GateState.OPEN, message=f"every backend ready: policy on ports {_ports(result)}")
     listing = "; ".join(f"{i}: {why}" for i, why in sorted(missing.items()))
@@ -91,8 +91,8 @@ def decide(
             f"KEEPING the ProxyProtocol policy on ports {_ports(kept)} although the readiness record no longer "
             f"covers every backend there ({listing}). Detaching would break every ready host. Run `fab rollout` "
             "to refresh the record, or turn proxyProtocol off to detach."
-            + (f" Policy also on proven ports {_ports(sorted(set(proven) - set(attached)))}."
-               if set(proven) - set(attached) else ""),
+            + (f" Policy also on proven ports {_ports(sorted(set(proven) - set(header_ports)))}."
+               if set(proven) - set(header_ports) else ""),
         )
     on = f"; policy on the proven ports {_ports(result)} only" if result else ""
     return Decision(
@@ -116,7 +116,7 @@ class Plan:
 
 
 def plan(*, env: str, wanted: bool, instances: list[str], registered: list[str], ports: list[int],
-         record: ReadinessRecord | None, attached: list[int], record_problem: str | None = None,
+         record: ReadinessRecord | None, header_ports: list[int], record_problem: str | None = None,
          load_balancer: str | None = None, present: list[str] | None = None) -> Plan:
     """Safe scale-out: while the policy is (or is being) attached, an instance joins the load
     balancer only once the record proves it reads the header on every proxied port (else it
@@ -132,10 +132,10 @@ def plan(*, env: str, wanted: bool, instances: list[str], registered: list[str],
     # proxy groups hold instances before any listener forwards there); default: `registered`.
     leaving = [i for i in (registered if present is None else present) if i not in instances]
     decision = decide(env=env, wanted=wanted, backends=proven + leaving, ports=ports, record=record,
-                      attached=attached, record_problem=record_problem, load_balancer=load_balancer)
-    if not decision.ports and not attached:  # no header anywhere, now or while this update runs: nobody waits
+                      header_ports=header_ports, record_problem=record_problem, load_balancer=load_balancer)
+    if not decision.ports and not header_ports:  # no header anywhere, now or while this update runs: nobody waits
         decision = decide(env=env, wanted=wanted, backends=list(instances) + leaving, ports=ports, record=record,
-                          attached=attached, record_problem=record_problem, load_balancer=load_balancer)
+                          header_ports=header_ports, record_problem=record_problem, load_balancer=load_balancer)
         return Plan(decision, tuple(instances), {})
     if not decision.ports:  # being detached: a registration is not ordered after the detach, so it waits for it
         waiting = {i: "waits to join until the ProxyProtocol policy is detached: run `pulumi up` again after this "
@@ -147,11 +147,11 @@ def plan(*, env: str, wanted: bool, instances: list[str], registered: list[str],
     return Plan(decision, tuple(proven), waiting)
 
 
-def plan_for(s: Settings, *, registered: list[str], attached: list[int], record: ReadinessRecord | None,
+def plan_for(s: Settings, *, registered: list[str], header_ports: list[int], record: ReadinessRecord | None,
              record_problem: str | None = None, present: list[str] | None = None) -> Plan:
     """The plan for an environment: what the Pulumi program, the lab's applier and `fab status`
     all compute, from the same settings and what AWS has."""
     return plan(env=s.env, wanted=s.proxy_protocol, instances=list(s.load_balancer.instances), registered=registered,
-                ports=list(s.proxy_ports), record=record, attached=attached, load_balancer=s.load_balancer.name,
+                ports=list(s.proxy_ports), record=record, header_ports=header_ports, load_balancer=s.load_balancer.name,
                 present=present,
                 record_problem=record_problem or (None if record else f"no readiness record at {s.parameter_path}"))

@@ -7,25 +7,19 @@ carries them over the SSH connection to the host's own ports.
 
 from __future__ import annotations
 
-import ipaddress
-import struct
 from dataclasses import dataclass
 
 import h11
 
 from core import proxyproto
-from core.elb import HEALTH_PATH
+from core.listeners import HEALTH_PATH
 from core.settings import Settings
 
 PROBE_CLIENT = "192.0.2.10"  # a documentation address: what the probe's PROXY header claims
 PROBE_HEADER = proxyproto.v1(PROBE_CLIENT, "192.0.2.1", 40000, 443)  # a Classic ELB's (v1)
-# A network load balancer's (v2, TCP4): signature, version 2 + PROXY (0x21), TCP over IPv4 (0x11),
-# 12 bytes of addresses and ports.
-PROBE_HEADER_V2 = (proxyproto.V2_SIGNATURE + struct.pack("!BBH", 0x21, 0x11, 12)
-                   + ipaddress.IPv4Address(PROBE_CLIENT).packed + ipaddress.IPv4Address("192.0.2.1").packed
-                   + struct.pack("!HH", 40000, 443))
-# What a network load balancer's health check sends to a PROXY v2 group: LOCAL (0x20), no address.
-PROBE_LOCAL_V2 = proxyproto.V2_SIGNATURE + struct.pack("!BBH", 0x20, 0x00, 0)
+PROBE_HEADER_V2 = proxyproto.v2(PROBE_CLIENT, "192.0.2.1", 40000, 443)  # a network load balancer's (TCP4)
+# What a network load balancer's health check sends to a PROXY v2 group: LOCAL, no address.
+PROBE_LOCAL_V2 = proxyproto.v2_local()
 PROBE_PATH = "/wsgate-probe"
 UPSTREAM_HEADER = "x-upstream-status"  # set by the app location only: the app answered, not nginx
 

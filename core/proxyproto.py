@@ -17,10 +17,6 @@ def v1(src: str, dst: str, sport: int, dport: int) -> bytes:
     return f"PROXY {family} {src} {dst} {sport} {dport}\r\n".encode()
 
 
-def v1_unknown() -> bytes:
-    return b"PROXY UNKNOWN\r\n"
-
-
 def v2(src: str, dst: str, sport: int, dport: int) -> bytes:
     """A v2 PROXY command over TCP4 or TCP6, no TLVs."""
     s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)

@@ -18,7 +18,7 @@ from core.settings import InstanceId, Model, Port
 
 
 class RecordError(KitError):
-    """A readiness record cannot be read, or could not be put back after a rollback."""
+    """A readiness record cannot be read, or could not be put back after a failed run."""
 
 
 class ReadinessRecord(Model):

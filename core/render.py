@@ -14,8 +14,8 @@ from pathlib import Path
 
 import jinja2
 
-from core.elb import HEALTH_PATH
 from core.errors import RenderError
+from core.listeners import HEALTH_PATH
 from core.settings import Host, Settings
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "nginx"

@@ -57,8 +57,8 @@ def replacing(s: Settings, live: Live | None) -> list[str]:
 
 
 def refusal(s: Settings, reasons: list[str]) -> str:
-    """The error an operator reads, with the safe procedure (README: "Changes that replace the
-    load balancer")."""
+    """The error an operator reads, with the safe procedure
+    (docs/concepts.md#changes-that-replace-the-load-balancer)."""
     name = s.load_balancer.name
     steps = ("Subnets: add new ones only (`pulumi up`); " if s.load_balancer.type == "network" else
              "Subnets: change them in steps that keep one live subnet each time (add the new ones, `pulumi up`, "
@@ -68,4 +68,14 @@ def refusal(s: Settings, reasons: list[str]) -> str:
             f"hosts that read the header without it. Nothing was changed. {steps}"
             "Otherwise: put the new load balancer in a new environment (its own loadBalancer.name, the same "
             "hosts), `fab rollout` and `pulumi up` it, move DNS to its dnsName, then `pulumi destroy` this one "
-            "(README: Changes that replace the load balancer)")
+            "(docs/concepts.md#changes-that-replace-the-load-balancer)")
+
+
+def other_kind_refusal(s: Settings) -> str:
+    """Why a load balancer of the other kind under this name stands in the way: switching
+    `loadBalancer.type` would delete it while its hosts may read (or not read) the header it sends."""
+    other = "a Classic ELB" if s.load_balancer.type == "network" else "a network load balancer"
+    return (f"{other} named {s.load_balancer.name} exists, and loadBalancer.type is "
+            f"{s.load_balancer.type}: changing the kind would delete the live load balancer; create the new "
+            "kind as a new environment (its own loadBalancer.name), move DNS to it, then destroy the old one "
+            "(docs/troubleshooting.md#another-kind-under-the-name)")

@@ -164,7 +164,8 @@ CertificateArn = Annotated[
         "ACM or IAM certificate ARN",
     ),
 ]
-LbName = Annotated[str, _pattern(r"^(?!-)[A-Za-z0-9-]{1,32}(?<!-)$", "Classic ELB name (1-32 letters, digits, hyphens)")]
+LbName = Annotated[str, _pattern(r"^(?!-)[A-Za-z0-9-]{1,32}(?<!-)$",
+                                 "Classic ELB name (1-32 letters, digits, hyphens)")]
 ParameterPath = Annotated[str, _pattern(r"^(/[A-Za-z0-9_.-]+){2,}$", "Parameter Store path (/a/b, two levels or more)")]
 
 
@@ -248,7 +249,7 @@ class LoadBalancer(Model):
     access_logs: AccessLogs | None = None
     tags: dict[str, str] = {}
     # Who applies the stack for `fab rollout --apply`: `pulumi` (the Automation API), or a
-    # `module:Class` implementing remote.balancer.Balancer (the lab names its own).
+    # `module:Class` implementing remote.applier.Applier (the lab names its own).
     applier: Annotated[str, _pattern(r"^(pulumi|[a-z_][a-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*)$",
                                      "applier (pulumi, or module:Class)")] = "pulumi"
 
@@ -272,7 +273,8 @@ class LoadBalancer(Model):
             elif not self.subnets:
                 problems.append("a network load balancer needs subnets (one per availability zone)")
             if not self.vpc_id:
-                problems.append("a network load balancer needs vpcId (the VPC of its target groups and security groups)")
+                problems.append("a network load balancer needs vpcId (the VPC of its target groups and security "
+                                "groups)")
             if problems:
                 raise ValueError("; ".join(problems))
             return self

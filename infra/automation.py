@@ -1,7 +1,8 @@
-"""`pulumi up` / `pulumi preview` for one stack through the Automation API.
+"""`pulumi up` for one stack through the Automation API, and `PulumiStack`, the applier that
+`loadBalancer.applier: pulumi` names (remote.applier).
 
 Used by `fab rollout --apply`. The Automation API drives the `pulumi` CLI, which must be
-installed; without it these helpers refuse with a clear message instead of failing late.
+installed; without it `up` refuses with a clear message instead of failing late.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import KitError
+from core.settings import Settings
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -58,13 +60,12 @@ def up(env: str, *, on_output: Callable[[str], Any] = print, work_dir: Path = PR
     return {k: v.value for k, v in result.outputs.items()}
 
 
-def preview(env: str, *, on_output: Callable[[str], Any] = print, work_dir: Path = PROJECT_DIR,
-            env_vars: dict[str, str] | None = None) -> str:
-    """`pulumi preview` for stack `env`; returns the change summary."""
-    from pulumi import automation as auto
+class PulumiStack:
+    """The environment's Pulumi stack, updated through the Automation API (an applier)."""
 
-    stack = _stack(env, work_dir, env_vars)
-    try:
-        return str(stack.preview(on_output=on_output).change_summary)
-    except auto.errors.CommandError as exc:
-        raise PulumiError(f"pulumi preview -s {env} failed: {exc}") from None
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    def apply(self, note: Callable[[str], None]) -> dict[str, Any]:
+        note(f"pulumi up -s {self.settings.env} (Automation API)")
+        return up(self.settings.env, on_output=lambda line: note(line.rstrip()))

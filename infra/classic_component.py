@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
-from core.elb import health_check, listeners
 from core.gate import Decision
+from core.listeners import health_check, listeners
 from core.settings import Settings
 from infra.security import security_groups
 

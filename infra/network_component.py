@@ -4,7 +4,7 @@ Listeners TCP:80 and TLS:443. Each has two target groups: plain (instance port p
 ports.tls, no header) and proxy (ports.proxyHttp / ports.proxyTls, `proxy_protocol_v2` on). The
 hosts serve both ports all along, so the cutover is a switch of the listener's default action,
 never the PROXY attribute flipped on a group in use (which AWS does not apply atomically across
-its nodes). Which group each listener forwards to is the gate's: core.elb.network_forwarding.
+its nodes). Which group each listener forwards to is the gate's: core.network.network_forwarding.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
-from core.elb import TargetGroup, network_listeners
+from core.listeners import TargetGroup, network_listeners
 from core.settings import Settings
 from infra.security import security_groups
 
@@ -22,8 +22,8 @@ from infra.security import security_groups
 @dataclass(frozen=True)
 class NetworkLoadBalancerArgs:
     settings: Settings
-    forwarding: dict[int, str]  # listener port -> "plain" or "proxy" (core.elb.network_forwarding)
-    members: dict[str, tuple[str, ...]]  # group key -> the instances registered there (core.elb.network_members)
+    forwarding: dict[int, str]  # listener port -> "plain" or "proxy" (core.network.network_forwarding)
+    members: dict[str, tuple[str, ...]]  # group key -> the instances registered there (core.network.network_members)
 
 
 class WsGateNetworkLoadBalancer(pulumi.ComponentResource):

@@ -9,22 +9,20 @@ stores marks the gate: the load balancer itself is the truth.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pulumi
 import pulumi_aws as aws
 from pulumi.runtime.config import CONFIG
 
-from core.elb import network_layout
+from awsapi import balancer, classic, network
 from core.errors import KitError
-from core.gate import Decision, Plan, plan_for
+from core.gate import Plan, plan_for
+from core.network import NetworkState, network_layout, network_plan
 from core.record import ReadinessRecord, RecordError
 from core.settings import Settings, check_neighbours, from_config
-from infra.elb import LoadBalancerArgs, WsGateLoadBalancer
-from infra.nlb import NetworkLoadBalancerArgs, WsGateNetworkLoadBalancer
-
-if TYPE_CHECKING:
-    from remote.aws import NetworkState
+from infra.classic_component import LoadBalancerArgs, WsGateLoadBalancer
+from infra.network_component import NetworkLoadBalancerArgs, WsGateNetworkLoadBalancer
 
 
 def engine_config() -> dict[str, Any]:
@@ -64,13 +62,11 @@ def read_record(found: dict[str, str], s: Settings) -> tuple[ReadinessRecord | N
         return None, str(exc)
 
 
-def attached_now(s: Settings) -> list[int]:
-    """The ports that carry the ProxyProtocol policy now, as the load balancer itself says (the
-    same read `fab status` and `fab rollout` use), in `pulumi up` and in `pulumi preview`."""
-    from remote import aws as edge
-
+def header_ports_now(s: Settings) -> list[int]:
+    """The header ports: those that carry the ProxyProtocol policy now, as the load balancer itself
+    says (the same read `fab status` and `fab rollout` use), in `pulumi up` and in `pulumi preview`."""
     try:
-        return edge.proxy_protocol_ports(s)
+        return classic.header_ports(s)
     except KitError as exc:
         raise KitError(f"cannot read which ports have the ProxyProtocol policy now ({exc}); the gate will not "
                        "decide blind: the program needs elasticloadbalancing:Describe* on the load balancer") from None
@@ -78,26 +74,19 @@ def attached_now(s: Settings) -> list[int]:
 
 def registered_now(s: Settings) -> list[str]:
     """The instances registered with the load balancer now (none before it exists)."""
-    from remote import aws as edge
-
-    return [i["InstanceId"] for i in (edge.describe(s) or {}).get("Instances", [])]
+    return classic.registered(s)
 
 
 def refuse_replacement(s: Settings) -> None:
     """Stop before anything is declared when the settings would replace the live load balancer."""
-    from remote import aws as edge
-
-    edge.refuse_replacement(s)
+    balancer.refuse_replacement(s)
 
 
 def gate_plan(s: Settings) -> Plan:
     found = parameters(s)
     record, problem = read_record(found, s)
-    return plan_for(s, registered=registered_now(s), attached=attached_now(s), record=record, record_problem=problem)
-
-
-def gate(s: Settings) -> Decision:
-    return gate_plan(s).decision
+    return plan_for(s, registered=registered_now(s), header_ports=header_ports_now(s), record=record,
+                    record_problem=problem)
 
 
 def main() -> WsGateLoadBalancer | WsGateNetworkLoadBalancer:
@@ -140,17 +129,15 @@ def export(lb: WsGateLoadBalancer | WsGateNetworkLoadBalancer, gated: Plan) -> N
 
 def network_now(s: Settings) -> NetworkState | None:
     """The network load balancer as the ELBv2 API says it is now (None before it exists)."""
-    from remote import aws as edge
-
     try:
-        return edge.network_state(s)
+        return network.network_state(s)
     except KitError as exc:
         raise KitError(f"cannot read where the network load balancer's listeners forward now ({exc}); the gate "
                        "will not decide blind: the program needs elasticloadbalancing:Describe* on it") from None
 
 
 def network_gate_plan(s: Settings) -> tuple[Plan, dict[str, tuple[str, ...]], dict[int, str]]:
-    """The same gate over the proxy ports: `attached` is the proxy ports a listener forwards to now
+    """The same gate over the proxy ports: `header_ports` is the proxy ports a listener forwards to now
     with PROXY v2 on, `registered` the instances in the groups the listeners forward to, and every
     instance in any of the kit's groups must be proven before a listener moves to its proxy group.
     With it: who is registered in which group, and where each listener forwards. A listener whose
@@ -158,10 +145,8 @@ def network_gate_plan(s: Settings) -> tuple[Plan, dict[str, tuple[str, ...]], di
     (else the program stops before declaring anything)."""
     found = parameters(s)
     record, problem = read_record(found, s)
-    from remote import aws as edge
-
     state = network_now(s)
-    gated = edge.network_plan(s, state, record, problem)
+    gated = network_plan(s, state, record, problem)
     return gated, *network_layout(s, gated, state.now(s) if state else {}, record, problem)
 
 

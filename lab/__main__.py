@@ -24,15 +24,15 @@ from urllib.parse import urlparse
 
 import yaml
 
-from core.elb import HEALTH_PATH
 from core.errors import KitError
+from core.listeners import HEALTH_PATH
 from core.settings import Settings, load
 from lab import hosts as lab_hosts
 from lab import tls
 from lab.client import dial, http_get, ws_hello
-from lab.lb import LISTEN, StandIn
+from lab.standin import LISTEN, StandIn
 
-REPO = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parent.parent
 CLIENT_SOURCE = "127.0.0.77"  # the lab client's address: never the stand-in's (127.0.0.1)
 
 
@@ -44,8 +44,8 @@ class Lab:
     def __init__(self, env: str = "lab", directory: Path | None = None, listen: dict[int, int] | None = None,
                  kind: str = "classic"):
         self.env = env  # a name (Pulumi.<env>.yaml here) or a path to an environment file
-        self.settings: Settings = load(env, REPO)
-        self.env_file = Path(env) if env.endswith((".yaml", ".yml")) else REPO / f"Pulumi.{env}.yaml"
+        self.settings: Settings = load(env, PROJECT_DIR)
+        self.env_file = Path(env) if env.endswith((".yaml", ".yml")) else PROJECT_DIR / f"Pulumi.{env}.yaml"
         self.dir = Path(directory or Path(self.settings.ssh.known_hosts).parent.parent)
         self.listen = listen or LISTEN
         self.kind = kind  # "classic", or "network": `up` writes the environment with a network load balancer
@@ -81,7 +81,7 @@ class Lab:
 
     def _spawn(self, name: str, argv: list[str], wait: tuple[str, int] | None = None) -> int:
         log = (self.dir / f"{name}.log").open("ab")
-        proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(argv, cwd=PROJECT_DIR, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         if wait:
             lab_hosts.wait_port(*wait, timeout=30)
         pids = self._state().get("pids", {})
@@ -90,7 +90,7 @@ class Lab:
 
     def down(self) -> None:
         """Stop everything the lab started: the stand-in, nginx, sshd, the app, moto."""
-        from core.plan import Remote
+        from core.session import Remote
 
         pids = self._state().get("pids", {})
         nginx_pids = []
@@ -149,7 +149,7 @@ class Lab:
         if rollout:
             say(f"fab rollout --env {self.settings.env} --apply")
             result = subprocess.run([sys.executable, "-m", "fabric", "rollout", "--env", self.env, "--apply"],
-                                    cwd=REPO)
+                                    cwd=PROJECT_DIR)
             if result.returncode != 0:
                 raise KitError("fab rollout failed (see above); the lab is left running for a look")
             self.wait_for_header(True)
@@ -165,7 +165,7 @@ class Lab:
     def _write_network_env(self) -> None:
         """The environment with a network load balancer, in the lab endpoint's VPC and subnet (whose
         IDs exist only once the endpoint runs), written beside the lab's state; the lab uses it."""
-        from lab.elb import lab_network, network_config
+        from lab.applier import lab_network, network_config
 
         vpc, subnets = lab_network(self.settings)
         config = yaml.safe_load(self.base_env_file.read_text())["config"]
@@ -210,7 +210,7 @@ class Lab:
     def apply_load_balancer(self) -> None:
         """`pulumi up` where the CLI exists; otherwise the same calls with boto3 and the same gate."""
         from infra import automation
-        from lab.elb import apply, pulumi_stack
+        from lab.applier import apply, pulumi_stack
 
         kind = "network load balancer" if self.settings.load_balancer.type == "network" else "load balancer"
         if pulumi_stack(self.settings):
@@ -275,7 +275,7 @@ def stand_in(settings: Settings, directory: Path, listen: dict[int, int]) -> Sta
 
 def follow(env: str, directory: Path, listen: dict[int, int]) -> None:
     """The stand-in's loop: runs until SIGTERM, then stops HAProxy."""
-    running = stand_in(load(env, REPO), directory, listen)
+    running = stand_in(load(env, PROJECT_DIR), directory, listen)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

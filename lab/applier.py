@@ -3,7 +3,7 @@
 The same calls the Pulumi program's resources make, against the lab's own AWS endpoint only,
 with the same gate code deciding (core.gate.plan_for from what the endpoint has now): the
 ProxyProtocol policy on a Classic ELB; on a network load balancer, which target group each
-listener forwards to (core.elb.network_forwarding). Never used for a real AWS account: `apply`
+listener forwards to (core.network.network_forwarding). Never used for a real AWS account: `apply`
 refuses any environment whose endpoints are not on loopback.
 """
 
@@ -13,17 +13,17 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
-from core.elb import (
+from core.errors import KitError
+from core.gate import Plan, plan_for
+from core.listeners import (
     NetworkHealthCheck,
     NetworkListener,
     TargetGroup,
     health_check,
     listeners,
-    network_layout,
     network_listeners,
 )
-from core.errors import KitError
-from core.gate import Plan, plan_for
+from core.network import network_layout, network_plan
 from core.record import ReadinessRecord, RecordError
 from core.settings import Settings, stack_file
 
@@ -35,13 +35,15 @@ def apply(settings: Settings) -> dict[str, Any]:
     the Pulumi program exports."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from remote import aws  # botocore: only when applying (a rollout starts without it)
+    # botocore: only when applying (a rollout starts without it)
+    from awsapi.balancer import refuse_replacement
+    from awsapi.clients import is_lab
 
-    if not aws.is_lab(settings):
+    if not is_lab(settings):
         raise KitError(f"{settings.env}: the boto3 fallback only runs against a loopback AWS endpoint (the lab); "
                        "install the pulumi CLI for a real account")
     try:
-        aws.refuse_replacement(settings)  # as the program, before anything is decided
+        refuse_replacement(settings)  # as the program, before anything is decided
         return apply_network(settings) if settings.load_balancer.type == "network" else apply_classic(settings)
     except (ClientError, BotoCoreError) as exc:
         raise KitError(f"the lab's load balancer: {exc}") from None
@@ -55,10 +57,10 @@ def outputs(gated: Plan) -> dict[str, Any]:
 
 def read_record(settings: Settings) -> tuple[ReadinessRecord | None, str | None]:
     """The readiness record, or None and why (a record that does not parse proves nothing)."""
-    from remote import aws
+    from awsapi import parameters
 
     try:
-        return aws.read_record(settings), None
+        return parameters.read_record(settings), None
     except RecordError as exc:
         return None, str(exc)
 
@@ -66,12 +68,13 @@ def read_record(settings: Settings) -> tuple[ReadinessRecord | None, str | None]
 # --- Classic ELB ---------------------------------------------------------------------------------
 
 def apply_classic(settings: Settings) -> dict[str, Any]:
-    from remote import aws
+    from awsapi import classic
+    from awsapi.clients import client
 
     lb, s = settings.load_balancer, settings
-    elb = aws.client(settings, "elb")
+    elb = client(settings, "elb")
     name = lb.name
-    if aws.describe(settings) is None:
+    if classic.describe(settings) is None:
         elb.create_load_balancer(
             LoadBalancerName=name, AvailabilityZones=lb.availability_zones or ["us-east-1a"],
             Listeners=[{"Protocol": x.protocol.upper(), "LoadBalancerPort": x.lb_port, "InstanceProtocol": "TCP",
@@ -87,9 +90,9 @@ def apply_classic(settings: Settings) -> dict[str, Any]:
         "ConnectionSettings": {"IdleTimeout": lb.idle_timeout},
         "CrossZoneLoadBalancing": {"Enabled": lb.cross_zone},
         "ConnectionDraining": {"Enabled": lb.connection_draining > 0, "Timeout": lb.connection_draining or 300}})
-    registered = [i["InstanceId"] for i in (aws.describe(settings) or {}).get("Instances", [])]
+    registered = classic.registered(settings)
     record, problem = read_record(settings)
-    gated = plan_for(s, registered=registered, attached=aws.proxy_protocol_ports(settings), record=record,
+    gated = plan_for(s, registered=registered, header_ports=classic.header_ports(settings), record=record,
                      record_problem=problem)
     decision = gated.decision
     new = [i for i in gated.join if i not in registered]
@@ -103,7 +106,7 @@ def apply_classic(settings: Settings) -> dict[str, Any]:
             elb.create_load_balancer_policy(
                 LoadBalancerName=name, PolicyName=policy, PolicyTypeName="ProxyProtocolPolicyType",
                 PolicyAttributes=[{"AttributeName": "ProxyProtocol", "AttributeValue": "true"}])
-    for port in sorted(set(s.ports.proxied) | set(aws.proxy_protocol_ports(settings))):
+    for port in sorted(set(s.ports.proxied) | set(classic.header_ports(settings))):
         elb.set_load_balancer_policies_for_backend_server(
             LoadBalancerName=name, InstancePort=port, PolicyNames=[policy] if port in decision.ports else [])
     return outputs(gated)
@@ -116,12 +119,12 @@ def apply_network(settings: Settings) -> dict[str, Any]:
     ports a listener forwards to, the instances in the groups it forwards to), then the load
     balancer, its four target groups with every member registered, and the listeners forwarding to
     the group the gate chose."""
-    from remote import aws
+    from awsapi.network import network_state
 
     s = settings
-    state = aws.network_state(s)  # before any change, as the program reads it
+    state = network_state(s)  # before any change, as the program reads it
     record, problem = read_record(s)
-    gated = aws.network_plan(s, state, record, problem)
+    gated = network_plan(s, state, record, problem)
     members, forwarding = network_layout(s, gated, state.now(s) if state else {}, record, problem)
     arn = state.arn if state else _create_network_lb(s)
     nlb_listeners = network_listeners(s)
@@ -137,10 +140,10 @@ def apply_network(settings: Settings) -> dict[str, Any]:
 
 def _create_network_lb(s: Settings) -> str:
     """The NLB, created with its security group (an NLB gets one only at creation)."""
-    from remote import aws
+    from awsapi.clients import client
 
     lb = s.load_balancer
-    ec2, elbv2 = aws.client(s, "ec2"), aws.client(s, "elbv2")
+    ec2, elbv2 = client(s, "ec2"), client(s, "elbv2")
     group = ec2.create_security_group(GroupName=f"{lb.name}-lb", VpcId=lb.vpc_id,
                                       Description=f"wsgate {s.env}: load balancer listeners")["GroupId"]
     created = elbv2.create_load_balancer(
@@ -155,16 +158,17 @@ def _create_network_lb(s: Settings) -> str:
 def _target_group(s: Settings, g: TargetGroup) -> str:
     """The group's ARN, created if missing, with its attributes: PROXY v2 as its kind says (a group
     never changes its mind), client IP preservation off, the deregistration delay."""
-    from remote import aws
+    from awsapi.clients import client
 
-    elbv2 = aws.client(s, "elbv2")
+    elbv2 = client(s, "elbv2")
     try:
         arn = elbv2.describe_target_groups(Names=[g.name])["TargetGroups"][0]["TargetGroupArn"]
     except elbv2.exceptions.TargetGroupNotFoundException:
         arn = elbv2.create_target_group(
             Name=g.name, Protocol="TCP", Port=g.port, VpcId=s.load_balancer.vpc_id, TargetType="instance",
             Tags=[{"Key": "wsgate:env", "Value": s.env}, {"Key": "wsgate:listener", "Value": str(g.listener_port)},
-                  {"Key": "wsgate:kind", "Value": g.kind}], **_health_args(g.health))["TargetGroups"][0]["TargetGroupArn"]
+                  {"Key": "wsgate:kind", "Value": g.kind}],
+            **_health_args(g.health))["TargetGroups"][0]["TargetGroupArn"]
     elbv2.modify_target_group_attributes(TargetGroupArn=arn, Attributes=[
         {"Key": "proxy_protocol_v2.enabled", "Value": str(g.proxy_protocol_v2).lower()},
         {"Key": "preserve_client_ip.enabled", "Value": "false"},
@@ -184,9 +188,9 @@ def _health_args(h: NetworkHealthCheck) -> dict[str, Any]:
 def _members(s: Settings, arn: str, port: int, members: tuple[str, ...]) -> None:
     """Exactly `members` registered in the group, on its port (one port per group: moto keeps one
     registration per instance and group)."""
-    from remote import aws
+    from awsapi.clients import client
 
-    elbv2 = aws.client(s, "elbv2")
+    elbv2 = client(s, "elbv2")
     now = {t["Target"]["Id"] for t in elbv2.describe_target_health(TargetGroupArn=arn)["TargetHealthDescriptions"]
            if t.get("TargetHealth", {}).get("State") != "draining"}
     joining, leaving = sorted(set(members) - now), sorted(now - set(members))
@@ -199,9 +203,9 @@ def _members(s: Settings, arn: str, port: int, members: tuple[str, ...]) -> None
 def _listener(s: Settings, lb_arn: str, x: NetworkListener, target: str) -> None:
     """The listener, created if missing, forwarding to `target`. A switch sends only the default
     action (the other fields are unchanged; moto's modify_listener also refuses Protocol=TLS)."""
-    from remote import aws
+    from awsapi.clients import client
 
-    lb, elbv2 = s.load_balancer, aws.client(s, "elbv2")
+    lb, elbv2 = s.load_balancer, client(s, "elbv2")
     forward = [{"Type": "forward", "TargetGroupArn": target}]
     found = [ln for ln in elbv2.describe_listeners(LoadBalancerArn=lb_arn)["Listeners"] if ln["Port"] == x.port]
     if not found:
@@ -223,9 +227,9 @@ def _listener(s: Settings, lb_arn: str, x: NetworkListener, target: str) -> None
 def lab_network(settings: Settings) -> tuple[str, list[str]]:
     """The lab account's VPC and its subnet in the lab endpoint (found by tag, else created), as
     an account has them before a network load balancer is placed there: (VPC ID, subnet IDs)."""
-    from remote import aws
+    from awsapi.clients import client
 
-    ec2 = aws.client(settings, "ec2")
+    ec2 = client(settings, "ec2")
     tag = {"Name": "tag:wsgate:lab", "Values": ["network"]}
     vpcs = ec2.describe_vpcs(Filters=[tag])["Vpcs"]
     if vpcs:
@@ -255,8 +259,8 @@ def network_config(config: dict[str, Any], vpc: str, subnets: list[str]) -> dict
     return out
 
 
-class LabBalancer:
-    """The lab's load balancer side (remote.balancer.Balancer): `pulumi up` where the CLI is
+class LabApplier:
+    """The lab's applier (remote.applier.Applier): `pulumi up` where the CLI is
     installed and the environment is one of the project's stacks, else the boto3 calls above.
     Named by Pulumi.lab.yaml (`loadBalancer.applier`)."""
 
@@ -264,7 +268,7 @@ class LabBalancer:
         self.settings = settings
 
     def apply(self, note: Callable[[str], None]) -> dict[str, Any]:
-        from remote.balancer import PulumiStack
+        from infra.automation import PulumiStack
 
         if pulumi_stack(self.settings):
             return PulumiStack(self.settings).apply(note)

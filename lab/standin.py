@@ -24,9 +24,11 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from awsapi import classic, network
+from awsapi.clients import client
 from core.errors import KitError
+from core.network import TargetGroupState
 from core.settings import NLB_TLS_IDLE_TIMEOUT, Settings
-from remote import aws
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 LISTEN = {80: 18800, 443: 18443}  # load balancer listener port -> the stand-in's port on 127.0.0.1
@@ -89,15 +91,15 @@ def _addresses(settings: Settings) -> dict[str, str]:
 
 
 def classic_state(settings: Settings) -> LbState | None:
-    d = aws.describe(settings)
+    d = classic.describe(settings)
     if d is None:
         return None
     addresses = _addresses(settings)
-    attrs = aws.client(settings, "elb").describe_load_balancer_attributes(
+    attrs = client(settings, "elb").describe_load_balancer_attributes(
         LoadBalancerName=settings.load_balancer.name)["LoadBalancerAttributes"]
     idle = attrs["ConnectionSettings"]["IdleTimeout"]
     check = elb_check(d.get("HealthCheck", {}).get("Target", ""))
-    proxied = aws.proxy_protocol_ports(settings)
+    proxied = classic.header_ports(settings)
     members = sorted({(i["InstanceId"], addresses[i["InstanceId"]]) for i in d.get("Instances", [])
                       if i["InstanceId"] in addresses})
     routes = []
@@ -121,7 +123,7 @@ def elb_check(target: str) -> Check | None:
 
 
 def network_state(settings: Settings) -> LbState | None:
-    state = aws.network_state(settings)
+    state = network.network_state(settings)
     if state is None:
         return None
     addresses = _addresses(settings)
@@ -129,7 +131,7 @@ def network_state(settings: Settings) -> LbState | None:
                          for port, groups in state.listeners.items()))
 
 
-def _network_route(settings: Settings, port: int, groups: tuple[aws.TargetGroupState, ...], protocol: str,
+def _network_route(settings: Settings, port: int, groups: tuple[TargetGroupState, ...], protocol: str,
                    addresses: dict[str, str]) -> Route:
     tls = protocol == "TLS"
     idle = NLB_TLS_IDLE_TIMEOUT if tls else settings.load_balancer.idle_timeout  # TLS: fixed by AWS
@@ -143,7 +145,7 @@ def _network_route(settings: Settings, port: int, groups: tuple[aws.TargetGroupS
     return Route(port, tls, idle, group.name, servers, group_check(group))
 
 
-def group_check(group: aws.TargetGroupState) -> Check | None:
+def group_check(group: TargetGroupState) -> Check | None:
     """A target group's health check as a Check: with PROXY v2 on, every check carries a v2 LOCAL
     header, on whatever port it is made."""
     h = group.health

@@ -4,11 +4,14 @@ Turning the PROXY protocol on (or changing config while it is on):
   1. connect, lock and inspect every host; nothing changes;
   2. every AWS read the run depends on: the stored record, and where the load balancer sends
      traffic and the PROXY header now (a rollback: only when turning off, or with --apply);
+     a run that would break what the load balancer sends now is refused: nothing changed;
   3. upload and `nginx -t` every host; a failure discards every stage: nothing changed;
-  4. go live, batch by batch (swap, reload, probe);
+     a port some host stops serving first gets the load balancer's drain time (network:
+     `deregistrationDelay`) to move off it;
+  4. go live, batch by batch (swap, reload, probe), once the record claims nothing they stop serving;
   5. lock the hosts that had nothing to do and prove them under the lock;
   6. write the readiness record;
-     any failure (or Ctrl-C) from 4 to 6: every host this run may have changed goes back to
+     any failure (or Ctrl-C) from 4 to 6: every host this run may have changed is restored to
      exactly what it had, and the record is put back as it was (read back to prove it);
   7. with --apply, after the locks are released: `pulumi up`, then check through the AWS API
      that the header goes to exactly `settings.proxy_ports` (none, with the protocol off): a
@@ -20,24 +23,31 @@ host stops reading it: with --apply, `pulumi up` detaches the policy or moves th
 to the plain groups (checked through the AWS API; a network load balancer's then get
 `deregistrationDelay` seconds to move, while the hosts still read it); without it, a header
 still sent refuses the run. The record is deleted, then the hosts go live. Once this run stopped
-the header the hosts are not rolled back on a failure: the old config would reject every
+the header the hosts are not restored after a failure: the old config would reject every
 request the load balancer now sends. The failed hosts are named and the exit code says a
 person is needed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NoReturn
 
-from core.elb import drain_seconds
 from core.errors import KitError
-from core.plan import HostOutcome
+from core.listeners import drain_seconds
+from core.network import group_health, target_health
+from core.outcome import HostOutcome
 from core.render import served_ports
+from remote.applier import Applier
 from remote.background import Background
-from remote.balancer import Balancer, Traffic, header_ports, traffic
 from remote.readiness import ParameterRecord
 from remote.rollout import Rollout
+
+if TYPE_CHECKING:
+    from awsapi.balancer import Traffic
 
 OK, FAILED, ATTENTION, INTERRUPTED = 0, 1, 3, 130  # exit codes
 _RANK = {OK: 0, FAILED: 1, INTERRUPTED: 2, ATTENTION: 3}  # the code that says most wins
@@ -60,115 +70,219 @@ class Verdict:
         self.code = max(self.code, code, key=_RANK.__getitem__)
 
 
-def rollout(run: Rollout, record: ParameterRecord | None = None, balancer: Balancer | None = None,
+def rollout(run: Rollout, record: ParameterRecord | None = None, applier: Applier | None = None,
             apply: bool = False, now: Traffic | None = None) -> Verdict:
     """One rollout (or rollback, with trees None) in the order above (`now`: the load balancer's
     traffic, when the caller read it already to render)."""
-    verdict = Verdict()
-    turning_off = not run.settings.proxy_protocol
-    # The ports that get the header matter when turning off (refuse, or stop it) and for --apply
-    # (its check at the end needs the same read), overlapping step 1.
-    # Read on every run: it also refuses a load balancer of the other kind under this name.
-    # A rollback reads only what it needs (an emergency path must not wait on more of AWS).
-    reads = balancer and (turning_off or apply or not run.rolling_back)
-    read = now
-    traffic_read = Background(lambda: read if read else traffic(run.settings) if reads else Traffic([], []))
+    cut = _Cutover(run, record, applier, apply)
+    reading = cut.start_reading(now)  # in the background, overlapping step 1
     with run.guarded():
-        if not run.prepare():                                                 # 1
-            return _stopped(run, verdict)
-        try:                                                                  # 2
-            if record:
-                record.load()
-            now = traffic_read.result()
-            attached, forwarded = now.header, now.forwarded
-        except KitError as exc:
-            verdict.fail(f"before any change: {exc}")
-            return _stopped(run, verdict)
-        lost = sorted(set(forwarded) - served_ports(run.settings) - set(attached if turning_off else []))
-        if turning_off and attached and forwarded:  # the listeners go back to the plain ports: served now?
-            unserved = {run.settings.ports.http, run.settings.ports.tls} - run.live_ports()
-            retired = sorted(unserved & set(now.retired))
-            if retired and not run.rolling_back:
-                verdict.fail(f"the hosts no longer serve plain ports {retired} (the load balancer retired their "
-                             "groups) and the listeners would go back there: `fab rollout --apply` serves and "
-                             "proves them again first, then switches back; nothing was changed")
-                return _stopped(run, verdict)
-            if unserved and not run.rolling_back:
-                verdict.fail(f"the listeners would go back to plain ports {sorted(unserved)}, which no host serves "
-                             "yet: change ports.http/ports.tls while proxy protocol is on (the hosts then serve "
-                             "them before any listener moves back); nothing was changed")
-                return _stopped(run, verdict)
-        if lost and not run.rolling_back:
-            verdict.fail(f"the load balancer's listeners forward to ports {lost}, which the new config no longer "
-                         "serves: every request through them would fail until the listeners move. Change a port "
-                         "while no listener forwards to it (the plain ports while proxy protocol is on, the proxy "
-                         "ports while it is off); nothing was changed")
-            return _stopped(run, verdict)
-        if turning_off and attached and not apply:
-            verdict.fail(f"the load balancer still sends the PROXY header to ports {attached}: nginx must keep "
-                         "reading it until the load balancer stops. Run `pulumi up` with proxyProtocol: false "
-                         "first, or `fab rollout --apply`; nothing was changed")
-            return _stopped(run, verdict)
-        if not run.stage():                                                   # 3
-            return _stopped(run, verdict)
-        detached = False
-        if turning_off and attached:
-            assert balancer is not None
-            try:
-                _apply(run, balancer, want=[], before=attached)
-            except KitError as exc:
-                verdict.fail(f"stopping the PROXY header at the load balancer: {exc}; no host was changed",
-                             code=ATTENTION)
-                return _stopped(run, verdict)
-            detached = True
-        dropped = run.dropped_ports()
-        if detached or dropped - set(now.retired):
-            # whoever moved the load balancer off those ports, and whenever: it may still send there
-            # (a retired plain port: AWS itself drained its group for deregistrationDelay already)
-            _drain(run)
         try:
-            if turning_off and record:
-                record.delete()
-            elif record and not run.rolling_back and dropped:
-                record.withdraw_plain(dropped)  # written ahead: never a claim of a port no longer served
-            ready = run.go_live()                                             # 4
-            if ready and not turning_off and record and record.needs(run.outcomes):
-                ready = run.lock_unchanged()                                  # 5
-                if ready:
-                    record.write(run.outcomes)                                # 6
-        except Exception as exc:  # noqa: BLE001 - whatever fails after a swap, the hosts go back
-            ready = False
-            verdict.fail(str(exc) if isinstance(exc, KitError) else f"{type(exc).__name__}: {exc}")
-        if not ready:
-            if detached:
-                verdict.fail("the load balancer no longer sends the PROXY header, so no host was put back on a "
-                             "config that reads it; fix the failed hosts and run `fab rollout` again", code=ATTENTION)
-            else:
-                _roll_back(run, record, verdict)
-            return _stopped(run, verdict)
+            cut.lock_and_inspect()                                            # 1
+            cut.read_aws(reading)                                             # 2
+            cut.refuse_what_would_break()
+            cut.upload_and_test()                                             # 3
+            cut.stop_the_header()  # turning off: the load balancer stops sending it first
+            cut.drain()
+            with cut.restored_on_failure():  # any failure from 4 to 6
+                cut.withdraw_claims()
+                cut.go_live()                                                 # 4
+                if cut.record_needed():
+                    cut.lock_unchanged()                                      # 5
+                    cut.write_record()                                        # 6
+        except _Stop:
+            return cut.stopped()
         run.finish()
-    if run.interrupted.is_set():
-        verdict.fail("interrupted after the last step: every host is ready and recorded", INTERRUPTED)
-        return verdict
-    if apply and balancer and not detached:                                   # 7
+    cut.apply_and_check()                                                     # 7
+    return cut.verdict
+
+
+class _Stop(Exception):
+    """The run ends before its last step: the verdict and the hosts' table say why."""
+
+
+class _NotReady(Exception):
+    """A host step failed (the host's outcome says why): the hosts are put back."""
+
+
+class _Cutover:
+    """One run through the steps above: each method is a step, and keeps what the steps after it need."""
+
+    def __init__(self, run: Rollout, record: ParameterRecord | None, applier: Applier | None, apply: bool):
+        self.run, self.record, self.applier, self.apply = run, record, applier, apply
+        self.verdict = Verdict()
+        self.turning_off = not run.settings.proxy_protocol
+        self.now: Traffic | None = None  # where the load balancer sends traffic (step 2)
+        self.header_ports: list[int] = []  # the ports it sends the PROXY header to (step 2)
+        self.detached = False  # this run stopped the header (turning off)
+        self.dropped: set[int] = set()  # ports some host serves now and stops serving
+
+    def start_reading(self, now: Traffic | None) -> Background[Traffic]:
+        """The load balancer's traffic, read in the background. The ports that get the header matter
+        when turning off (refuse, or stop it) and for --apply (its check at the end needs the same
+        read). Read on every run: it also refuses a load balancer of the other kind under this name.
+        A rollback reads only what it needs (an emergency path must not wait on more of AWS)."""
+        reads = bool(self.applier and (self.turning_off or self.apply or not self.run.rolling_back))
+        return Background(lambda: now if now else _traffic(self.run.settings, reads))
+
+    def lock_and_inspect(self) -> None:
+        """1. Connect, lock and inspect every host; nothing changes."""
+        if not self.run.prepare():
+            raise _Stop
+
+    def read_aws(self, reading: Background) -> None:
+        """2. The stored record, and where the load balancer sends traffic and the header now."""
         try:
-            _apply(run, balancer, want=[] if turning_off else sorted(run.settings.proxy_ports), before=attached)
+            if self.record:
+                self.record.load()
+            now = reading.result()
         except KitError as exc:
-            verdict.fail(f"every host is ready and recorded, but {exc}")
+            self._stop(f"before any change: {exc}")
+        self.now, self.header_ports = now, now.header_ports
+
+    def refuse_what_would_break(self) -> None:
+        """2, still: a run that would leave a listener on a port no host serves, or the header sent
+        to hosts that stop reading it, is refused before any change (a rollback is never refused)."""
+        assert self.now is not None
+        run, s, forwarded = self.run, self.run.settings, self.now.forwarded
+        lost = sorted(set(forwarded) - served_ports(s) - set(self.header_ports if self.turning_off else []))
+        # the listeners go back to the plain ports: served now?
+        if self.turning_off and self.header_ports and forwarded:
+            unserved = {s.ports.http, s.ports.tls} - run.live_ports()
+            retired = sorted(unserved & set(self.now.retired))
+            if retired and not run.rolling_back:
+                self._stop(f"the hosts no longer serve plain ports {retired} (the load balancer retired their "
+                           "groups) and the listeners would go back there: `fab rollout --apply` serves and "
+                           "proves them again first, then switches back; nothing was changed")
+            if unserved and not run.rolling_back:
+                self._stop(f"the listeners would go back to plain ports {sorted(unserved)}, which no host serves "
+                           "yet: change ports.http/ports.tls while proxy protocol is on (the hosts then serve "
+                           "them before any listener moves back); nothing was changed")
+        if lost and not run.rolling_back:
+            self._stop(f"the load balancer's listeners forward to ports {lost}, which the new config no longer "
+                       "serves: every request through them would fail until the listeners move. Change a port "
+                       "while no listener forwards to it (the plain ports while proxy protocol is on, the proxy "
+                       "ports while it is off); nothing was changed")
+        if self.turning_off and self.header_ports and not self.apply:
+            self._stop(f"the load balancer still sends the PROXY header to ports {self.header_ports}: nginx must keep "
+                       "reading it until the load balancer stops. Run `pulumi up` with proxyProtocol: false "
+                       "first, or `fab rollout --apply`; nothing was changed")
+
+    def upload_and_test(self) -> None:
+        """3. Upload and `nginx -t` every host; a failure discards every stage: nothing changed."""
+        if not self.run.stage():
+            raise _Stop
+
+    def stop_the_header(self) -> None:
+        """Turning off: with --apply, `pulumi up` stops the header before any host stops reading it."""
+        if not (self.turning_off and self.header_ports):
+            return
+        assert self.applier is not None
+        try:
+            _apply(self.run, self.applier, want=[], before=self.header_ports)
+        except KitError as exc:
+            self._stop(f"stopping the PROXY header at the load balancer: {exc}; no host was changed", ATTENTION)
+        self.detached = True
+
+    def drain(self) -> None:
+        """Whoever moved the load balancer off the ports the hosts drop, and whenever: it may still
+        send there (a retired plain port: AWS itself drained its group for deregistrationDelay already)."""
+        assert self.now is not None
+        self.dropped = self.run.dropped_ports()
+        if self.detached or self.dropped - set(self.now.retired):
+            _drain(self.run)
+
+    @contextlib.contextmanager
+    def restored_on_failure(self) -> Iterator[None]:
+        """Any failure (or Ctrl-C) from 4 to 6: every host this run may have changed goes back to
+        exactly what it had, and the record as it was; once this run stopped the header, no host
+        goes back (the old config would reject what the load balancer now sends)."""
+        try:
+            yield
+            return
+        except _NotReady:
+            pass
+        except Exception as exc:  # noqa: BLE001 - whatever fails after a swap, the hosts go back
+            self.verdict.fail(str(exc) if isinstance(exc, KitError) else f"{type(exc).__name__}: {exc}")
+        if self.detached:
+            self.verdict.fail("the load balancer no longer sends the PROXY header, so no host was put back on a "
+                              "config that reads it; fix the failed hosts and run `fab rollout` again",
+                              code=ATTENTION)
+        else:
+            _restore(self.run, self.record, self.verdict)
+        raise _Stop
+
+    def withdraw_claims(self) -> None:
+        """Before any host goes live, the record stops claiming what the hosts stop serving: deleted
+        when turning off, or without the plain ports dropped (never a claim of a port no longer served)."""
+        if self.turning_off and self.record:
+            self.record.delete()
+        elif self.record and not self.run.rolling_back and self.dropped:
+            self.record.withdraw_plain(self.dropped)
+
+    def go_live(self) -> None:
+        """4. Go live, batch by batch (swap, reload, probe)."""
+        if not self.run.go_live():
+            raise _NotReady
+
+    def record_needed(self) -> bool:
+        """Whether steps 5 and 6 run: the record must change (never when turning off)."""
+        return not self.turning_off and self.record is not None and self.record.needs(self.run.outcomes)
+
+    def lock_unchanged(self) -> None:
+        """5. Lock the hosts that had nothing to do and prove them under the lock."""
+        if not self.run.lock_unchanged():
+            raise _NotReady
+
+    def write_record(self) -> None:
+        """6. Write the readiness record (every host's lock held)."""
+        assert self.record is not None
+        self.record.write(self.run.outcomes)
+
+    def apply_and_check(self) -> None:
+        """7. With --apply, after the locks are released: `pulumi up`, then check through the AWS API."""
+        if self.run.interrupted.is_set():
+            self.verdict.fail("interrupted after the last step: every host is ready and recorded", INTERRUPTED)
+            return
+        if not (self.apply and self.applier and not self.detached):
+            return
+        want = [] if self.turning_off else sorted(self.run.settings.proxy_ports)
+        try:
+            _apply(self.run, self.applier, want=want, before=self.header_ports)
+        except KitError as exc:
+            self.verdict.fail(f"every host is ready and recorded, but {exc}")
         except KeyboardInterrupt:
-            verdict.fail("interrupted during pulumi up: every host is ready and recorded; run `pulumi up` "
-                         "(or `fab status`) to see where the load balancer stands", INTERRUPTED)
-    return verdict
+            self.verdict.fail("interrupted during pulumi up: every host is ready and recorded; run `pulumi up` "
+                              "(or `fab status`) to see where the load balancer stands", INTERRUPTED)
+
+    def stopped(self) -> Verdict:
+        """The run ended early: unused stages discarded, hosts that never got their turn marked."""
+        self.run.stopped()
+        self.verdict.fail(None, INTERRUPTED if self.run.interrupted.is_set() else FAILED)
+        return self.verdict
+
+    def _stop(self, problem: str, code: int = FAILED) -> NoReturn:
+        self.verdict.fail(problem, code)
+        raise _Stop
 
 
-def _roll_back(run: Rollout, record: ParameterRecord | None, verdict: Verdict) -> None:
+def _traffic(settings, reads: bool) -> Traffic:
+    """Where the load balancer sends traffic now (an empty read when the run needs none); botocore
+    is imported here, in the background read, not before the first connection."""
+    from awsapi.balancer import Traffic, traffic
+
+    return traffic(settings) if reads else Traffic([], [])
+
+
+def _restore(run: Rollout, record: ParameterRecord | None, verdict: Verdict) -> None:
+    """After a failure: every host this run changed, and the record, back as they were."""
     all_back = False
     try:
-        all_back = run.roll_back()
+        all_back = run.restore()
         if not all_back:
-            verdict.fail("not every host could be put back: see ROLLBACK FAILED", code=ATTENTION)
+            verdict.fail("not every host could be put back: see RESTORE FAILED", code=ATTENTION)
     except Exception as exc:  # noqa: BLE001 - the record is still put back, the table still printed
-        verdict.fail(f"rolling back: {type(exc).__name__}: {exc}", code=ATTENTION)
+        verdict.fail(f"restoring: {type(exc).__name__}: {exc}", code=ATTENTION)
     if record:
         try:
             record.undo(all_back)
@@ -178,7 +292,7 @@ def _roll_back(run: Rollout, record: ParameterRecord | None, verdict: Verdict) -
 
 def _drain(run: Rollout) -> None:
     """The hosts keep reading the header while the load balancer moves off the ports it sent it to
-    (core.elb.drain_seconds); an interrupt ends the wait."""
+    (core.listeners.drain_seconds); an interrupt ends the wait."""
     seconds = drain_seconds(run.settings)
     if seconds:
         run.reporter.note(f"the hosts keep serving the ports they drop for {seconds}s while the load balancer "
@@ -186,16 +300,12 @@ def _drain(run: Rollout) -> None:
         run.interrupted.wait(seconds)
 
 
-def _stopped(run: Rollout, verdict: Verdict) -> Verdict:
-    run.stopped()
-    verdict.fail(None, INTERRUPTED if run.interrupted.is_set() else FAILED)
-    return verdict
-
-
-def _apply(run: Rollout, balancer: Balancer, want: list[int], before: list[int]) -> None:
+def _apply(run: Rollout, applier: Applier, want: list[int], before: list[int]) -> None:
     """`pulumi up`, then prove through the AWS API that the header goes to exactly the ports `want`
     (`before`: where it went when the run started; a switch is then followed by a health proof)."""
-    outputs = balancer.apply(run.reporter.note)
+    outputs = applier.apply(run.reporter.note)
+    from awsapi.balancer import header_ports
+
     have = header_ports(run.settings)
     if have != want:
         raise KitError(f"after pulumi up the load balancer sends the PROXY header to ports {have or 'none'}, "
@@ -210,14 +320,14 @@ def _healthy(run: Rollout, timeout: float = 300, every: float = 5) -> None:
     """A network load balancer does not health-check a group no listener uses: after a switch,
     prove every instance in the groups the listeners forward to now healthy (those waiting to join
     are the gate's: `fab status` names them)."""
-    from remote import aws
+    from awsapi.network import network_state
 
     deadline = time.monotonic() + timeout
     while True:
-        state = aws.network_state(run.settings)
+        state = network_state(run.settings)
         if state is None:
             raise KitError("the network load balancer is gone after pulumi up")
-        health = aws.target_health(aws.group_health(state))
+        health = target_health(group_health(state))
         sick = {i: health.get(i, "no health reported") for i in state.serving
                 if not health.get(i, "").startswith("InService")}
         if not sick:

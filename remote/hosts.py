@@ -3,16 +3,16 @@ with the load balancer (found through the AWS API)."""
 
 from __future__ import annotations
 
-from core.plan import PlanError
+from core.errors import PlanError
 from core.settings import Host, Settings
 
 
 def resolve(settings: Settings, only: str | None = None) -> list[Host]:
     """The hosts of the environment; `only` is a comma-separated subset of host names."""
     if settings.discover:
-        from remote import aws
+        from awsapi.balancer import registered_instances
 
-        found = aws.registered_instances(settings)
+        found = registered_instances(settings)
         if not found:
             raise PlanError(f"no instances are registered with load balancer {settings.load_balancer.name}, "
                             "and loadBalancer.instances names none")

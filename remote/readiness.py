@@ -1,5 +1,5 @@
 """The readiness record as a run sees it: read before any change, written or deleted once, and
-put back exactly as it was when the run rolls back.
+put back exactly as it was when the run restores the hosts after a failure.
 
 The stored record is fetched in the background as soon as this is made, so the AWS call (and
 importing botocore) overlaps connecting to the hosts; `load` waits for it and is the run's
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from core import record as records
 from core.errors import KitError
-from core.plan import HostOutcome
+from core.outcome import HostOutcome
 from core.probe import plain_proven, proven_ports
 from core.record import RecordError
 from core.settings import Settings
@@ -29,9 +29,9 @@ class ParameterRecord:
         self._fetch = Background(self._read, what=f"ssm get-parameter {settings.parameter_path}")
 
     def _read(self) -> str | None:
-        from remote import aws
+        from awsapi import parameters
 
-        return aws.read_record_text(self.settings)
+        return parameters.read_record_text(self.settings)
 
     def load(self) -> None:
         """Wait for the stored record; raise if it could not be read, or if it is another
@@ -68,31 +68,31 @@ class ParameterRecord:
         return True
 
     def write(self, outcomes: list[HostOutcome]) -> None:
-        from remote import aws
+        from awsapi import parameters
 
         new = self._new(outcomes)
         self._touched = True
-        aws.write_record(self.settings, new)
+        parameters.write_record(self.settings, new)
         self.reporter.note(f"readiness record written: {self.settings.parameter_path} "
                            f"({len(new.instances)} instance(s), ports {new.proxy_protocol_ports})")
 
     def delete(self) -> None:
         """No record: the hosts are about to stop reading the header."""
-        from remote import aws
+        from awsapi import parameters
 
         self.load()
         if self._stored is None:
             return
         self._touched = True
-        aws.delete_record(self.settings)
+        parameters.delete_record(self.settings)
         self.reporter.note(f"readiness record deleted: {self.settings.parameter_path}")
 
     def withdraw_plain(self, ports: set[int]) -> None:
         """Before the hosts stop serving `ports`: the stored record no longer claims them (else a
         `pulumi up` in the meantime could move a listener back to a retired plain group on the old
         proof, and a run killed before its own write would leave that claim behind). Put back by
-        `undo` when the run rolls back."""
-        from remote import aws
+        `undo` when the run restores the hosts."""
+        from awsapi import parameters
 
         self.load()
         old = self._parsed()
@@ -100,7 +100,7 @@ class ParameterRecord:
             return
         narrowed = old.model_copy(update={"plain_ports": sorted(set(old.plain_ports) - ports)})
         self._touched, self._narrowed = True, narrowed.to_json()
-        aws.put_record_text(self.settings, self._narrowed)
+        parameters.put_record_text(self.settings, self._narrowed)
         self.reporter.note(f"readiness record {self.settings.parameter_path} no longer claims plain ports "
                            f"{sorted(set(old.plain_ports) & ports)} (the hosts stop serving them)")
 
@@ -108,20 +108,20 @@ class ParameterRecord:
         """Put the record back as it was before this run (or delete it), and read it back to prove it.
         `all_back` False (a host could not be put back): a withdrawal of plain ports stays, since
         that host may serve them no more."""
-        from remote import aws
+        from awsapi import parameters
 
         if not self._touched:
             return
         path = self.settings.parameter_path
         target = self._stored if all_back or self._narrowed is None else self._narrowed
         try:
-            now = aws.read_record_text(self.settings)
+            now = parameters.read_record_text(self.settings)
             if now != target:  # the write (or delete) took effect: put it back
                 if target is None:
-                    aws.delete_record(self.settings)
+                    parameters.delete_record(self.settings)
                 else:
-                    aws.put_record_text(self.settings, target)
-                now = aws.read_record_text(self.settings)
+                    parameters.put_record_text(self.settings, target)
+                now = parameters.read_record_text(self.settings)
         except KitError as exc:
             raise RecordError(f"readiness record {path} could not be put back: {exc}. It may still name hosts "
                               f"that were restored: {self._manual(target)}") from None

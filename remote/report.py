@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from core.plan import HostOutcome
+from core.outcome import HostOutcome
 
 
 class Reporter:

@@ -1,4 +1,4 @@
-"""The host half of a run: each phase on every host, in parallel with a bound, and the rollback.
+"""The host half of a run: each phase on every host, in parallel with a bound, and the restore.
 
 The order of the phases (and what a failure between them means) is `remote/cutover.py`'s;
 this module does the work on the hosts:
@@ -7,16 +7,19 @@ this module does the work on the hosts:
 - stage: upload and `nginx -t` the whole staged tree (nothing live changes);
 - go live: per batch, swap, reload, probe;
 - lock the unchanged hosts and prove them under the lock, before the record is written;
-- roll back: every host this run may have changed goes back to exactly what it had.
+- restore (after a failure): every host this run may have changed goes back to exactly what it had.
 
 A host whose nginx already runs the target, from the release its `current` link names (the
 health port says both), needs nothing: no lock, no upload, no reload. Every other host's lock
-is held by its session (core.plan): the steps are requests to it. A host counts as possibly
-changed from the moment its swap request is sent; if its session is lost, the rollback
+is held by its session (core/session.sh): the steps are requests to it. A host counts as possibly
+changed from the moment its swap request is sent; if its session is lost, the restore
 reconnects (strict host keys, as ever) and waits for the host's lock to restore it.
 
-Ctrl-C never interrupts a step: it is noted, the steps in flight end, and the run rolls
-back; further interrupts while rolling back are deferred until every host is back.
+Ctrl-C never interrupts a step: it is noted, the steps in flight end, and the run restores
+the hosts it changed; further interrupts while restoring are deferred until every host is back.
+
+A rollback (`fab rollback`, trees None) is a run like any other whose target is each host's
+previous release; if it fails, it is restored the same way.
 """
 
 from __future__ import annotations
@@ -35,26 +38,12 @@ from dataclasses import dataclass
 
 from fabric import Connection
 
+from core.batches import split
 from core.errors import KitError
-from core.plan import (
-    DONE,
-    LOCKED,
-    LOCKED_EXIT,
-    STAGED,
-    SWAPPED,
-    HostOutcome,
-    LiveState,
-    Mode,
-    Remote,
-    Step,
-    digest_of_link,
-    nginx_error,
-    parse_files,
-    parse_state,
-    split,
-    tree_diff,
-)
+from core.live import LiveState, digest_of_link, nginx_error, parse_files, parse_state, tree_diff
+from core.outcome import HostOutcome, Step
 from core.render import Tree
+from core.session import DONE, LOCKED, LOCKED_EXIT, STAGED, SWAPPED, Mode, Remote
 from core.settings import Host, Settings
 from remote.probe import live, probe, wait_live
 from remote.report import Reporter
@@ -110,7 +99,7 @@ class Rollout:
         self._payloads: dict[str, bytes] = {}
         self.diffs: dict[str, str] = {}  # check: host -> unified diff of live vs new files
         self.interrupted = threading.Event()
-        self._rolling_back = False
+        self._restoring = False
         self._sigints = 0
         self._ended = threading.Event()
 
@@ -170,8 +159,8 @@ class Rollout:
             if self._sigints == seen:
                 continue
             seen = self._sigints
-            if self._rolling_back:
-                self.reporter.note("interrupt: rolling back; the interrupt is deferred until every host is back")
+            if self._restoring:
+                self.reporter.note("interrupt: restoring the hosts; the interrupt is deferred until every host is back")
             elif not self.interrupted.is_set():
                 self.reporter.note("interrupt: stopping after the steps in flight; every host this run changed "
                                    "will be put back")
@@ -236,17 +225,18 @@ class Rollout:
             if h.outcome.ok is None and not h.outcome.error:
                 h.outcome.error = why
 
-    def roll_back(self) -> bool:
-        """Every host this run may have changed goes back to what it had; False if any could not."""
+    def restore(self) -> bool:
+        """After a failure: every host this run may have changed goes back to what it had; False if
+        any could not."""
         todo = [h for h in self.hosts if h.touched]
         if not todo:
             return True
-        self._rolling_back = True
+        self._restoring = True
         if self.interrupted.is_set():
-            self.reporter.note("rolling back: further interrupts are deferred until it ends")
-        self.reporter.note(f"rolling back {len(todo)} host(s) this run changed")
+            self.reporter.note("restoring: further interrupts are deferred until it ends")
+        self.reporter.note(f"restoring {len(todo)} host(s) this run changed")
         self._each(todo, self._restore, quiet=True, always=True)
-        return not any(h.outcome.rollback_failed for h in todo)
+        return not any(h.outcome.restore_failed for h in todo)
 
     def check(self) -> bool:
         """Dry run: stage and test on every host, report what would change, change nothing live."""
@@ -265,7 +255,7 @@ class Rollout:
     def _each(self, hosts: list[_Host], fn: Callable[[_Host], None], quiet: bool = False,
               always: bool = False) -> bool:
         """Run `fn` on every host, `parallel` at a time; False if any host failed (or Ctrl-C came,
-        unless `always`: the rollback runs to its end)."""
+        unless `always`: the restore runs to its end)."""
         def guarded(h: _Host) -> bool:
             try:
                 if self.interrupted.is_set() and not always:
@@ -426,10 +416,10 @@ class Rollout:
                 note.ok, note.error = False, "restored: another host failed"
             self.reporter.restored(note)
         except KitError as exc:
-            note.ok, note.rollback_failed, note.step = False, True, step
+            note.ok, note.restore_failed, note.step = False, True, step
             known = (f"`current` was {h.before.current or 'absent'}, `previous` {h.before.previous or 'absent'} "
                      "before this run")
-            note.error = f"{note.error}; ROLLBACK FAILED: {exc} ({known})".lstrip("; ")
+            note.error = f"{note.error}; RESTORE FAILED: {exc} ({known})".lstrip("; ")
             self.reporter.failed(note)
 
     def _reconnect(self, h: _Host) -> None:

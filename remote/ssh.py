@@ -43,7 +43,7 @@ class HostKeyError(SshError):
 
 
 class Session:
-    """A command that holds a lock on the host and serves one request a line (core.plan._SESSION).
+    """A command that holds a lock on the host and serves one request a line (`session` in core/session.sh).
 
     Closing it closes its stdin: the command ends and the lock is released. A request that
     times out or loses the connection leaves the session `broken`: what the host did with
@@ -190,7 +190,7 @@ class Ssh:
         with self._lock:
             cached = self._gateways.get(spec)
             if isinstance(cached, Connection) and not (cached.transport and cached.transport.is_active()):
-                del self._gateways[spec]  # the bastion link dropped: open it again (a rollback may need it)
+                del self._gateways[spec]  # the bastion link dropped: open it again (a restore may need it)
             if spec not in self._gateways:
                 try:
                     *front, last = [part.strip() for part in spec.split(",")]

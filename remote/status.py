@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from rich.markup import escape
 from rich.table import Table
@@ -21,13 +22,17 @@ from core.doctor import (
     probed_ports,
 )
 from core.errors import KitError
-from core.plan import Remote, parse_state
+from core.live import parse_state
+from core.network import group_health, target_health
 from core.probe import PROBE_HEADER, PROBE_HEADER_V2, PROBE_PATH, Check
 from core.render import Tree
+from core.session import Remote
 from core.settings import Host, Settings
-from remote.balancer import Traffic
 from remote.probe import exchange, live
 from remote.ssh import PortClosed, Ssh
+
+if TYPE_CHECKING:
+    from awsapi.balancer import Traffic
 
 
 def _port_mode(ssh: Ssh, conn, settings: Settings, address: str, port: int, expect: str) -> str:
@@ -79,23 +84,23 @@ def _host(settings: Settings, host: Host, tree: Tree, ssh: Ssh) -> HostFacts:
 
 def _balancer(settings: Settings, now: Traffic | None = None) -> BalancerFacts:
     """`now`: the traffic read the task made already (its network state is used, not read again)."""
-    from remote import aws
+    from awsapi import classic, clients, ec2  # botocore: only once the hosts were inspected
 
     if settings.load_balancer.type == "network":
         return _network_balancer(settings, now)
-    d = aws.describe(settings)
+    d = classic.describe(settings)
     if d is None:
         return BalancerFacts(exists=False)
     registered = [i["InstanceId"] for i in d.get("Instances", [])]
-    ingress, unknown = aws.instance_ingress(settings, sorted(set(registered) | set(settings.load_balancer.instances)))
+    ingress, unknown = ec2.instance_ingress(settings, sorted(set(registered) | set(settings.load_balancer.instances)))
     return BalancerFacts(
         exists=True,
         listeners=[(x["Listener"]["Protocol"], x["Listener"]["LoadBalancerPort"], x["Listener"]["InstanceProtocol"],
                     x["Listener"]["InstancePort"]) for x in d.get("ListenerDescriptions", [])],
-        policy_ports=aws.proxy_protocol_ports(settings),
+        header_ports=classic.header_ports(settings),
         registered=registered,
-        health=aws.instance_health(settings),
-        lab_endpoint=aws.is_lab(settings),
+        health=classic.instance_health(settings),
+        lab_endpoint=clients.is_lab(settings),
         security_groups=list(d.get("SecurityGroups", [])),
         ingress=ingress,
         unknown=unknown,
@@ -104,27 +109,29 @@ def _balancer(settings: Settings, now: Traffic | None = None) -> BalancerFacts:
 
 def _network_balancer(settings: Settings, now: Traffic | None = None) -> BalancerFacts:
     """A network load balancer's facts: each listener with the target groups it forwards to now, the
-    proxy ports among them (`policy_ports`: they get PROXY v2), the instances in those groups and
+    proxy ports among them (`header_ports`: they get PROXY v2), the instances in those groups and
     their health there."""
-    from remote import aws
+    from awsapi import clients, ec2, network
 
-    state = now.state if now is not None else aws.network_state(settings)
+    state = now.state if now is not None else network.network_state(settings)
     if state is None:
         return BalancerFacts(exists=False)
-    ingress, unknown = aws.instance_ingress(settings, sorted(set(state.serving) | set(settings.load_balancer.instances)))
-    health = aws.group_health(state)
+    ingress, unknown = ec2.instance_ingress(settings,
+                                            sorted(set(state.serving) | set(settings.load_balancer.instances)))
+    health = group_health(state)
     return BalancerFacts(
         exists=True,
         # the instance side is the group's protocol: TCP (a TLS group would hide the header inside TLS)
-        listeners=[(state.protocols.get(port, "?"), port, g.protocol, g.port) for port, groups in state.listeners.items()
-                   for g in groups],
-        policy_ports=state.proxy_ports,
+        listeners=[(state.protocols.get(port, "?"), port, g.protocol, g.port)
+                   for port, groups in state.listeners.items() for g in groups],
+        header_ports=state.header_ports,
         registered=state.serving,
         present=list(state.present),
-        health=aws.target_health(health),
+        health=target_health(health),
         groups=[{"listener": port, "group": g.name, "port": g.port, "proxyProtocolV2": g.proxy_protocol_v2,
-                 "targets": health.get(g.name, {})} for port, groups in sorted(state.listeners.items()) for g in groups],
-        lab_endpoint=aws.is_lab(settings),
+                 "targets": health.get(g.name, {})}
+                for port, groups in sorted(state.listeners.items()) for g in groups],
+        lab_endpoint=clients.is_lab(settings),
         security_groups=list(state.security_groups),
         ingress=ingress,
         unknown=unknown,
@@ -135,7 +142,7 @@ def gather(settings: Settings, hosts: list[Host], trees: dict[str, Tree], ssh: S
            now: Traffic | None = None) -> dict:
     """Every fact and every verdict, as one JSON-able view; view["ok"] only when all agree. `now`:
     the load balancer's traffic as the task read it to render (not read again)."""
-    from remote import aws
+    from awsapi import parameters
 
     with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(hosts)))) as pool:
         facts = list(pool.map(lambda h: _host(settings, h, trees[h.name], ssh), hosts))
@@ -146,7 +153,7 @@ def gather(settings: Settings, hosts: list[Host], trees: dict[str, Tree], ssh: S
     try:
         lb = _balancer(settings, now)
         try:
-            record = aws.read_record(settings)
+            record = parameters.read_record(settings)
         except KitError as exc:
             record_problem = str(exc)
         problems, notes, gate = balancer_problems(settings, lb, record, record_problem)
@@ -157,7 +164,7 @@ def gather(settings: Settings, hosts: list[Host], trees: dict[str, Tree], ssh: S
     except KitError as exc:
         view["loadBalancer"] = {"problems": [f"cannot read the load balancer: {exc}"], "notes": []}
         view["gate"] = None
-    policy = lb.policy_ports if lb and lb.exists else None
+    policy = lb.header_ports if lb and lb.exists else None
     view["hosts"] = [{**asdict(f), "problems": host_problems(settings, f, policy)} for f in facts]
     view["ok"] = not view["loadBalancer"]["problems"] and not any(h["problems"] for h in view["hosts"])
     return view
@@ -175,9 +182,10 @@ def show(reporter, view: dict) -> None:
     reporter.out.print(t)
     lb = view["loadBalancer"]
     if lb.get("exists"):
-        reporter.message(f"load balancer: listeners {', '.join(f'{a}:{b} -> {c}:{d}' for a, b, c, d in lb['listeners'])}; "
-                         + (f"PROXY v2 to ports {lb['policy_ports'] or 'none'}" if lb["type"] == "network" else
-                            f"ProxyProtocol policy on ports {lb['policy_ports'] or 'none'}"))
+        routes = ", ".join(f"{a}:{b} -> {c}:{d}" for a, b, c, d in lb["listeners"])
+        reporter.message(f"load balancer: listeners {routes}; "
+                         + (f"PROXY v2 to ports {lb['header_ports'] or 'none'}" if lb["type"] == "network" else
+                            f"ProxyProtocol policy on ports {lb['header_ports'] or 'none'}"))
         for g in lb.get("groups", []):
             targets = ", ".join(f"{i} {word}" for i, word in sorted(g["targets"].items())) or "no targets"
             reporter.message(f"  listener {g['listener']} -> {g['group']} (port {g['port']}, PROXY v2 "
@@ -190,5 +198,5 @@ def show(reporter, view: dict) -> None:
         reporter.message(f"[red]load balancer: {escape(problem)}[/]", markup=True)
     if view.get("gate"):
         reporter.message(f"gate: {view['gate']['state']}: {view['gate']['message']}")
-    reporter.message("[green]status: everything agrees[/]" if view["ok"] else "[red]status: problems found[/]",
-                     markup=True)
+    reporter.message("[green]status: everything agrees[/]" if view["ok"] else "[red]status: problems found[/] "
+                     "(what each verdict means: docs/troubleshooting.md#fab-status-verdicts)", markup=True)

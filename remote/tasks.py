@@ -21,6 +21,7 @@ from core.errors import KitError
 from core.settings import Settings, load
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
+TROUBLESHOOTING = "docs/troubleshooting.md"  # every failure message, with what to do
 ENV_HELP = "environment name (reads Pulumi.<env>.yaml) or a path to a Pulumi.<env>.yaml file"
 
 
@@ -32,7 +33,7 @@ def _reported(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except KitError as exc:
-            raise Exit(f"error: {exc}", code=1) from None
+            raise Exit(f"error: {exc}\n(what it means and what to do: {TROUBLESHOOTING})", code=1) from None
         finally:
             # The process ends next: spare it the final collection over every object the
             # imports made (botocore's models, pydantic's schemas), about 0.15 s.
@@ -76,7 +77,7 @@ def _as_the_load_balancer_has_it(settings: Settings, strict: bool = False,
     protocol on, and a failed read is noted: the hosts are rendered serving every plain port."""
     if settings.load_balancer.type != "network" or not (settings.proxy_protocol or strict):
         return settings, None
-    from remote.balancer import traffic
+    from awsapi.balancer import traffic
 
     try:
         now = traffic(settings)
@@ -127,10 +128,10 @@ def check(c, env, hosts=None, parallel=10, json=False):
 
 def _run(env: str, trees_wanted: bool, parallel, batch, apply: bool, as_json: bool, what: str) -> None:
     """A rollout (trees) or a rollback (no trees), in the cutover order; report; exit with its code."""
-    from core.plan import batches
+    from core.batches import batches
     from core.render import render_hosts
     from remote import cutover
-    from remote.balancer import chosen
+    from remote.applier import chosen
     from remote.hosts import require_instance_ids
     from remote.readiness import ParameterRecord
     from remote.report import Reporter
@@ -141,7 +142,7 @@ def _run(env: str, trees_wanted: bool, parallel, batch, apply: bool, as_json: bo
     # a rollback is an emergency path: without the load balancer's word it probes every plain port
     settings, targets, trees, now = _prepare(env, strict=trees_wanted, note=reporter.note)
     batches(batch, len(targets))  # a bad --batch fails here, before any host is touched
-    if settings.proxy_protocol or (now and now.header):
+    if settings.proxy_protocol or (now and now.header_ports):
         require_instance_ids(targets)
 
     def one(s: Settings, trees, now, apply: bool, title: str):
@@ -179,7 +180,7 @@ def _run(env: str, trees_wanted: bool, parallel, batch, apply: bool, as_json: bo
             "json": "print JSON instead of a table"})
 @_reported
 def rollout(c, env, parallel=10, batch=None, apply=False, json=False):
-    """Render, upload, test, swap, reload and probe on every host; roll back on any failure."""
+    """Render, upload, test, swap, reload and probe on every host; restore every host on any failure."""
     _run(env, True, parallel, batch, apply, json, "rollout")
 
 
@@ -208,6 +209,8 @@ def _summary(reporter, as_json: bool, title: str, verdict, outcomes, steps=None)
         reporter.message(f"{o.host}: failed at {o.step.value}: {o.error}", error=True)
     for problem in verdict.problems:
         reporter.message(f"error: {problem}", error=True)
+    if not verdict.ok:
+        reporter.message(f"what each message means and what to do: {TROUBLESHOOTING}", error=True)
 
 
 @task(help={"env": ENV_HELP, "json": "print JSON instead of tables"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 import tempfile
 from pathlib import Path
 
@@ -15,11 +16,11 @@ from tests.support import procs
 from tests.support.fleet import Fleet
 from tests.support.moto import MotoServer
 
-REPO = procs.REPO
+PROJECT_DIR = procs.PROJECT_DIR
 
 
 def stack_config(env: str) -> dict:
-    return yaml.safe_load((REPO / f"Pulumi.{env}.yaml").read_text())["config"]
+    return yaml.safe_load((PROJECT_DIR / f"Pulumi.{env}.yaml").read_text())["config"]
 
 
 def settings_from(env: str = "lab", **changes) -> Settings:
@@ -73,7 +74,8 @@ def aws(moto_server):
     return moto_server
 
 
-_fleet_nets = itertools.count(10)  # each fleet on its own 127.0.N.0/24
+# each fleet on its own 127.0.N.0/24 (WSGATE_TEST_NET: where to start, for a second suite beside this one)
+_fleet_nets = itertools.count(int(os.environ.get("WSGATE_TEST_NET", "10")))
 
 
 @pytest.fixture
@@ -89,3 +91,14 @@ def fleet(request, tmp_path, app, aws):
     f = Fleet(tmp_path / "fleet", size, next(_fleet_nets), app, aws.url).start()
     yield f
     f.stop()
+
+
+REAL_SERVICES = {"moto_server", "app", "fleet"}  # fixtures that start real processes on loopback
+
+
+def pytest_collection_modifyitems(items):
+    """A test that starts a real service (moto server, the app, sshd and nginx) is an integration
+    test, whether its module says so or not: `make unit` runs the others."""
+    for item in items:
+        if REAL_SERVICES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)

@@ -11,9 +11,10 @@ import shutil
 import pytest
 import yaml
 
+import awsapi.classic
+import awsapi.parameters
 from core import record as records
 from infra import automation
-from remote import aws as remote_aws
 from tests.conftest import settings_from
 
 
@@ -46,8 +47,9 @@ def test_up_attaches_the_policy_once_every_backend_is_ready(aws, tmp_path):
 
     auto.create_stack(stack_name="lab", work_dir=str(project), opts=auto.LocalWorkspaceOptions(env_vars=env_vars))
 
-    s = settings_from("lab", **{k: v for k, v in doc["config"].items() if k.startswith(("aws:endpoints", "wsgate:loadBalancer"))})
-    remote_aws.write_record(s, records.build("lab", list(s.ports.proxied), {instance: "d" * 64}))
+    s = settings_from("lab", **{k: v for k, v in doc["config"].items()
+                                if k.startswith(("aws:endpoints", "wsgate:loadBalancer"))})
+    awsapi.parameters.write_record(s, records.build("lab", list(s.ports.proxied), {instance: "d" * 64}))
     outputs = automation.up("lab", work_dir=project, env_vars=env_vars)
     assert outputs["proxyProtocolGate"] == "open"
-    assert remote_aws.proxy_protocol_ports(s) == [18080, 18081]
+    assert awsapi.classic.header_ports(s) == [18080, 18081]

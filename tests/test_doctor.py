@@ -54,7 +54,7 @@ def test_security_groups_of_real_instances_are_read_and_judged(aws):
     """The read `fab status` makes, against a loopback AWS endpoint holding a real instance."""
     import boto3
 
-    from remote import aws as remote_aws
+    import awsapi.ec2
 
     s = settings_from("staging", **{"aws:endpoints": [{x: aws.url for x in ("ec2", "elb", "ssm", "sts")}]})
     ec2 = boto3.client("ec2", region_name=s.aws.region, endpoint_url=aws.url)
@@ -69,7 +69,7 @@ def test_security_groups_of_real_instances_are_read_and_judged(aws):
     image = ec2.describe_images()["Images"][0]["ImageId"]
     instance = ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1, SubnetId=subnet,
                                  SecurityGroupIds=[kit_sg, open_sg])["Instances"][0]["InstanceId"]
-    ingress, unknown = remote_aws.instance_ingress(s, [instance, "i-0000000000000dead"])
+    ingress, unknown = awsapi.ec2.instance_ingress(s, [instance, "i-0000000000000dead"])
     assert unknown == ["i-0000000000000dead"]
     problems = exposure_problems([80, 81], [lb_sg], ingress)
     assert len(problems) == 1 and problems[0].startswith(
@@ -138,11 +138,11 @@ def test_the_network_gate_is_compared_with_the_proxy_ports_the_listeners_forward
     s = network()
     instances = list(s.load_balancer.instances)
     lb = BalancerFacts(exists=True, listeners=[("TCP", 80, "TCP", 80), ("TLS", 443, "TCP", 81)],
-                       policy_ports=[], registered=instances, health={i: "InService" for i in instances})
+                       header_ports=[], registered=instances, health={i: "InService" for i in instances})
     problems, _, gate = balancer_problems(s, lb, None, None)
     assert gate["state"] == "closed"
     assert not any("the listeners send PROXY v2" in p for p in problems)  # closed: plain is what it wants
-    stuck = BalancerFacts(**{**lb.__dict__, "policy_ports": [83]})
+    stuck = BalancerFacts(**{**lb.__dict__, "header_ports": [83]})
     problems, _, gate = balancer_problems(s, stuck, None, None)
     assert gate["state"] == "sticky" and gate["ports"] == [83]
     assert not any("the listeners send PROXY v2" in p for p in problems)
@@ -159,7 +159,7 @@ def test_the_network_gate_is_compared_with_the_proxy_ports_the_listeners_forward
 def test_fab_status_reads_a_network_load_balancer_through_the_elbv2_api(aws):
     """The facts `fab status` gathers for a network load balancer (a loopback ELBv2 endpoint): each
     listener with the group it forwards to, the proxy ports among them, members and their health."""
-    from core.elb import PLAIN, PROXY
+    from core.listeners import PLAIN, PROXY
     from remote.status import _balancer
     from tests.test_program_network import INSTANCES, nlb_in_aws, settings_for
 
@@ -168,12 +168,12 @@ def test_fab_status_reads_a_network_load_balancer_through_the_elbv2_api(aws):
     nlb_in_aws(aws.url, {80: PLAIN, 443: PROXY})
     lb = _balancer(s)
     assert lb.exists and lb.listeners == [("TCP", 80, "TCP", 80), ("TLS", 443, "TCP", 83)]
-    assert lb.policy_ports == [83] and lb.registered == INSTANCES
+    assert lb.header_ports == [83] and lb.registered == INSTANCES
     assert lb.health == {i: "InService" for i in INSTANCES} and len(lb.security_groups) == 1
     assert [(g["listener"], g["port"], g["proxyProtocolV2"], g["targets"]) for g in lb.groups] == [
         (80, 80, False, {i: "healthy" for i in INSTANCES}), (443, 83, True, {i: "healthy" for i in INSTANCES})]
     # a host that serves the proxy app port plain while the TLS:443 listener forwards there
-    assert host_problems(s, ports(proxy_tls="plain"), lb.policy_ports) == [
+    assert host_problems(s, ports(proxy_tls="plain"), lb.header_ports) == [
         "port 83 does not read the PROXY header but the load balancer sends it: every request through it fails "
         "(run `fab rollout` with proxyProtocol: true)"]
     problems, _, gate = balancer_problems(s, lb, None, None)
@@ -189,7 +189,7 @@ def test_a_retired_plain_port_closed_is_no_problem_and_status_says_why():
 
 
 def group_state(name: str, port: int, v2: bool, targets=(), draining=(), healthy=True):
-    from remote.aws import TargetGroupState
+    from core.network import TargetGroupState
 
     return TargetGroupState(f"arn:{name}", name, port, v2, tuple(targets),
                             states={i: "healthy" if healthy else "initial" for i in targets}, draining=tuple(draining))
@@ -197,8 +197,8 @@ def group_state(name: str, port: int, v2: bool, targets=(), draining=(), healthy
 
 def network_state(s, forwards: dict[int, str], plain_targets=(), plain_draining=(), proxy_healthy=True):
     """A network load balancer as network_state reads it: each listener on the group `forwards` names."""
-    from core.elb import network_listeners
-    from remote.aws import NetworkState
+    from core.listeners import network_listeners
+    from core.network import NetworkState
 
     members = ("i-0123456789abcdef0", "i-0123456789abcdef1")
     groups, listeners = {}, {}
@@ -210,7 +210,7 @@ def network_state(s, forwards: dict[int, str], plain_targets=(), plain_draining=
 
 
 def test_a_plain_port_is_retired_only_once_aws_lists_no_target_in_its_group_not_even_a_draining_one():
-    from core.elb import PLAIN, PROXY
+    from core.listeners import PLAIN, PROXY
 
     s = network()
     on = {80: PROXY, 443: PROXY}
@@ -225,7 +225,8 @@ def test_a_plain_port_is_retired_only_once_aws_lists_no_target_in_its_group_not_
 
 
 def test_the_program_retires_a_plain_group_an_update_after_the_switch_and_keeps_it_retired():
-    from core.elb import PLAIN, PROXY, network_members
+    from core.listeners import PLAIN, PROXY
+    from core.network import network_members
 
     s = network()
     join = ("i-0123456789abcdef0", "i-0123456789abcdef1")
@@ -251,7 +252,8 @@ def test_a_plain_port_not_served_while_turning_off_names_the_command_that_serves
 
 
 def test_a_plain_group_is_retired_only_behind_a_listener_on_its_proxy_group():
-    from core.elb import PLAIN, PROXY, back_refusal, network_forwarding
+    from core.listeners import PLAIN, PROXY
+    from core.network import back_refusal, network_forwarding
 
     s = network(proxy_protocol=False)
     missing = network_state(s, {80: PLAIN, 443: PLAIN})

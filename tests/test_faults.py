@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from remote import aws as remote_aws
-from tests.conftest import REPO
+import awsapi.classic
+import awsapi.parameters
+from tests.conftest import PROJECT_DIR
 from tests.support.faults import AwsFaults, hanging_nginx
 from tests.support.procs import free_port
 from tests.test_rollout import driver, fab, live_digests, record, settings, targets
@@ -45,7 +46,7 @@ def record_text(fleet) -> str | None:
     """The stored record, read from moto itself (never through the fault injector)."""
     s = settings(fleet)
     direct = s.aws.model_copy(update={"endpoints": {k: fleet.aws_url for k in s.aws.endpoints}})
-    return remote_aws.read_record_text(s.model_copy(update={"aws": direct}))
+    return awsapi.parameters.read_record_text(s.model_copy(update={"aws": direct}))
 
 
 def snapshot(fleet) -> dict:
@@ -168,7 +169,8 @@ def test_first_rollout_onto_a_host_running_another_nginx_refuses_and_leaves_it_s
         result = fab(fleet, "rollout")
         assert result.returncode == 1
         assert f"h2: failed at lock: nginx pid {pid} (pid file {pid_file}) runs `nginx: master process" in result.stderr
-        assert "wsgate never signals an nginx it did not start" in result.stderr and "Handing a host over" in result.stderr
+        assert "wsgate never signals an nginx it did not start" in result.stderr
+        assert "handing-a-host-over" in result.stderr
         assert "Traceback" not in result.stderr
         # the other nginx still serves, same process; no host changed anything
         with socket.create_connection((h2.address, port), timeout=2) as s:
@@ -232,7 +234,7 @@ def test_connection_dropped_after_the_swap_is_reconnected_and_restored(fleet, sl
     verdict, outcomes = driver(fleet, once_swapped(h2, lambda: drop_connections(h2)))
     assert verdict.code == 1
     assert "connection lost" in outcomes["h2"].error
-    assert outcomes["h2"].restored and not outcomes["h2"].rollback_failed
+    assert outcomes["h2"].restored and not outcomes["h2"].restore_failed
     assert outcomes["h1"].restored and outcomes["h3"].restored
     assert_back(fleet, before)
 
@@ -249,14 +251,14 @@ def test_request_hanging_past_the_command_timeout_is_restored_once_the_host_lets
     assert_back(fleet, before)
 
 
-def test_host_gone_during_the_rollback_is_reported_rollback_failed(fleet, slow_nginx):
+def test_host_gone_during_the_restore_is_reported_restore_failed(fleet, slow_nginx):
     before = two_releases(fleet)
     h2 = fleet.hosts[1]
     slow_nginx(h2, 2)  # the host goes away between its swap and its answer
     verdict, outcomes = driver(fleet, once_swapped(h2, h2.stop))
     assert verdict.code == 3  # a person is needed
-    assert outcomes["h2"].rollback_failed and outcomes["h2"].result == "ROLLBACK FAILED"
-    assert "ROLLBACK FAILED" in outcomes["h2"].error and "cannot connect" in outcomes["h2"].error
+    assert outcomes["h2"].restore_failed and outcomes["h2"].result == "RESTORE FAILED"
+    assert "RESTORE FAILED" in outcomes["h2"].error and "cannot connect" in outcomes["h2"].error
     assert f"`current` was {before['hosts']['h2'][1]}" in outcomes["h2"].error
     assert outcomes["h1"].restored and outcomes["h3"].restored
     now = settle(fleet, {**before, "hosts": {**before["hosts"], "h2": snapshot(fleet)["hosts"]["h2"]}})
@@ -265,14 +267,14 @@ def test_host_gone_during_the_rollback_is_reported_rollback_failed(fleet, slow_n
     assert now["record"] == before["record"]
 
 
-# --- 4. the record survives a rollback --------------------------------------------------------
+# --- 4. the record survives a failed run -----------------------------------------------------
 
 def test_record_write_whose_answer_is_lost_is_put_back(fleet, faults):
     before = two_releases(fleet)
     faults.add("PutParameter", "drop", times=4)  # every attempt (botocore: 1 + 3 retries) reaches AWS, unanswered
     result = fab(fleet, "rollout")
     assert result.returncode == 1, str(faults.seen) + result.stdout + result.stderr
-    # the lost writes; then the rollback reads the record, puts it back, and reads it back
+    # the lost writes; then the restore reads the record, puts it back, and reads it back
     assert faults.seen[-7:] == ["PutParameter"] * 4 + ["GetParameter", "PutParameter", "GetParameter"]
     assert "put back as it was" in result.stderr
     assert_back(fleet, before)
@@ -311,7 +313,7 @@ def test_turning_off_with_apply_prepares_every_host_before_detaching(fleet):
     assert result.returncode == 0, result.stdout + result.stderr
     s = settings(fleet)
     on = sorted(s.ports.proxied)
-    assert remote_aws.proxy_protocol_ports(s) == on
+    assert awsapi.classic.header_ports(s) == on
     before = snapshot(fleet)
 
     fleet.set("wsgate:proxyProtocol", False)
@@ -321,19 +323,19 @@ def test_turning_off_with_apply_prepares_every_host_before_detaching(fleet):
     failed = fab(fleet, "rollout", "--apply")
     assert failed.returncode == 1
     assert "h2: failed at test" in failed.stderr
-    assert remote_aws.proxy_protocol_ports(s) == on  # never detached
+    assert awsapi.classic.header_ports(s) == on  # never detached
     assert_back(fleet, before)
 
     fleet.hosts[2].stop()  # unreachable: the same
     failed = fab(fleet, "rollout", "--apply")
     assert failed.returncode == 1 and "h3: failed at connect" in failed.stderr
-    assert remote_aws.proxy_protocol_ports(s) == on
+    assert awsapi.classic.header_ports(s) == on
     fleet.hosts[2].start()
     (h2.root / "logs" / "error.log").rmdir()
 
     done = fab(fleet, "rollout", "--apply")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert remote_aws.proxy_protocol_ports(s) == []
+    assert awsapi.classic.header_ports(s) == []
     assert record(fleet) is None
     assert live_digests(fleet) == targets(fleet)
 
@@ -366,7 +368,7 @@ def test_aws_read_refused_stops_the_run_before_any_swap(fleet, faults, action, a
 def fab_until(fleet, line_has: str, *args):
     """Start `fab rollout`; return it once a progress line contains `line_has` (with the lines so far)."""
     proc = subprocess.Popen([sys.executable, "-m", "fabric", "rollout", "--env", str(fleet.env_file), *args],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=PROJECT_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
     assert proc.stderr is not None
     for line in proc.stderr:
@@ -376,14 +378,14 @@ def fab_until(fleet, line_has: str, *args):
     raise AssertionError("never saw " + line_has + ":\n" + "".join(lines))
 
 
-def test_ctrl_c_while_going_live_rolls_back_and_defers_a_second_interrupt(fleet, slow_nginx):
+def test_ctrl_c_while_going_live_restores_and_defers_a_second_interrupt(fleet, slow_nginx):
     before = two_releases(fleet)
     slow_nginx(fleet.hosts[1], 2)
     proc, lines = fab_until(fleet, progress("h2", "swap"))
     proc.send_signal(signal.SIGINT)
     for line in proc.stderr:
         lines.append(line)
-        if "rolling back" in line:
+        if "restoring" in line:
             proc.send_signal(signal.SIGINT)
             break
     try:
@@ -455,9 +457,9 @@ def test_stale_stages_are_cleaned_under_the_lock_and_check_takes_no_rollout_lock
     assert not stale.exists() and "h1: removed 1 stage(s) left by interrupted runs" in result.stderr
 
 
-# --- 12. a rollback after a port change is verified on the restored release's ports --------------
+# --- 12. a restore after a port change is verified on the restored release's ports ---------------
 
-def test_rollback_after_a_health_port_change_is_verified_on_the_old_port(fleet):
+def test_restore_after_a_health_port_change_is_verified_on_the_old_port(fleet):
     before = two_releases(fleet)
     h2 = fleet.hosts[1]
     with contextlib.closing(socket.socket()) as blocker:
@@ -466,6 +468,6 @@ def test_rollback_after_a_health_port_change_is_verified_on_the_old_port(fleet):
         fleet.set("wsgate:ports", {"health": blocker.getsockname()[1]})  # h2 cannot take it
         result = fab(fleet, "rollout")
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "ROLLBACK FAILED" not in result.stdout + result.stderr
+    assert "RESTORE FAILED" not in result.stdout + result.stderr
     assert "h2: failed at probe" in result.stderr
     assert_back(fleet, before)

@@ -31,7 +31,7 @@ def situations(draw):
             record = build(env, ports, served)
     attached = draw(st.lists(st.sampled_from([80, 81, 82]), unique=True))  # 82: a port the config left
     return dict(env="staging", wanted=draw(st.booleans()), backends=backends, ports=PORTS,
-                record=record, attached=sorted(attached))
+                record=record, header_ports=sorted(attached))
 
 
 def proven(record, backends, port):
@@ -43,7 +43,7 @@ def proven(record, backends, port):
 @given(situations())
 def test_gate_rules(situation):
     d = decide(**situation)
-    wanted, attached, record, backends = (situation["wanted"], situation["attached"], situation["record"],
+    wanted, attached, record, backends = (situation["wanted"], situation["header_ports"], situation["record"],
                                           situation["backends"])
     # Off is the only way to detach, and it always detaches.
     if not wanted:
@@ -72,7 +72,7 @@ def test_gate_rules(situation):
 @pytest.mark.parametrize("attached", [[], [80, 81]])
 def test_no_backends_never_opens_the_gate(attached):
     record = build("staging", PORTS, {"i-0123456789abcdef0": "a" * 64})
-    d = decide(env="staging", wanted=True, backends=[], ports=PORTS, record=record, attached=attached)
+    d = decide(env="staging", wanted=True, backends=[], ports=PORTS, record=record, header_ports=attached)
     assert d.state == (GateState.STICKY if attached else GateState.CLOSED)
     assert "no backend instances configured" in d.message
 
@@ -80,16 +80,16 @@ def test_no_backends_never_opens_the_gate(attached):
 def test_a_port_change_keeps_the_old_port_and_attaches_the_new_one_only_when_proven():
     backends = ["i-0123456789abcdef0"]
     old = build("staging", [80, 81], {backends[0]: "a" * 64})
-    d = decide(env="staging", wanted=True, backends=backends, ports=[80, 82], record=old, attached=[80, 81])
+    d = decide(env="staging", wanted=True, backends=backends, ports=[80, 82], record=old, header_ports=[80, 81])
     assert d.ports == (80, 81) and d.state is GateState.STICKY  # 82 is not proven: not attached
     new = build("staging", [80, 82], {backends[0]: "b" * 64})
-    d = decide(env="staging", wanted=True, backends=backends, ports=[80, 82], record=new, attached=[80, 81])
+    d = decide(env="staging", wanted=True, backends=backends, ports=[80, 82], record=new, header_ports=[80, 81])
     assert d.ports == (80, 81, 82)
 
 
 def test_an_unreadable_record_is_a_reason_not_a_crash():
     d = decide(env="staging", wanted=True, backends=["i-0123456789abcdef0"], ports=PORTS, record=None,
-               attached=[], record_problem="readiness record is not valid: boom")
+               header_ports=[], record_problem="readiness record is not valid: boom")
     assert d.missing == {"i-0123456789abcdef0": "readiness record is not valid: boom"}
 
 
@@ -119,13 +119,13 @@ def test_scale_out_rules(situation, data):
     instances = situation["backends"]
     registered = data.draw(st.lists(st.sampled_from(instances), unique=True) if instances else st.just([]))
     p = plan(env="staging", wanted=situation["wanted"], instances=instances, registered=registered, ports=PORTS,
-             record=situation["record"], attached=situation["attached"])
+             record=situation["record"], header_ports=situation["header_ports"])
     assert set(p.join) | set(p.waiting) == set(instances) and not set(p.join) & set(p.waiting)
-    if not p.decision.ports and not situation["attached"]:  # no header anywhere: every instance joins
+    if not p.decision.ports and not situation["header_ports"]:  # no header anywhere: every instance joins
         assert set(p.join) == set(instances)
     else:  # the header is (being) sent or detached: an instance joins only registered already, or proven
         for i in p.join:
-            live = set(p.decision.ports or situation["attached"]) & set(PORTS)  # a port the config left: inert
+            live = set(p.decision.ports or situation["header_ports"]) & set(PORTS)  # a port the config left: inert
             assert i in registered or all(proven(situation["record"], [i], port) for port in live)
         for i, why in p.waiting.items():
             assert i not in registered and why.startswith("waits to join")
@@ -134,8 +134,8 @@ def test_scale_out_rules(situation, data):
 def test_a_record_for_another_load_balancer_proves_nothing():
     record = build("staging", PORTS, {"i-0123456789abcdef0": "a" * 64}, load_balancer="wsgate-other")
     d = decide(env="staging", wanted=True, backends=["i-0123456789abcdef0"], ports=PORTS, record=record,
-               attached=[], load_balancer="wsgate-staging")
+               header_ports=[], load_balancer="wsgate-staging")
     assert d.ports == () and d.missing == {"i-0123456789abcdef0": "record is for load balancer 'wsgate-other'"}
     same = decide(env="staging", wanted=True, backends=["i-0123456789abcdef0"], ports=PORTS, record=record,
-                  attached=[], load_balancer="wsgate-other")
+                  header_ports=[], load_balancer="wsgate-other")
     assert same.ports == tuple(PORTS)

@@ -125,7 +125,7 @@ class Runs(RuleBasedStateMachine):
                 record = records.ReadinessRecord.from_json(self.record_text)
             except records.RecordError as exc:
                 problem = str(exc)
-        gated = plan_for(s, registered=sorted(self.registered), attached=sorted(self.attached), record=record,
+        gated = plan_for(s, registered=sorted(self.registered), header_ports=sorted(self.attached), record=record,
                          record_problem=problem)
         want_ports, join = set(gated.decision.ports), set(gated.join)
         ops = sorted([("attach", str(p)) for p in want_ports - self.attached]

@@ -15,16 +15,20 @@ import time
 
 import pytest
 
+import awsapi.classic
+import awsapi.clients
+import awsapi.network
+import awsapi.parameters
 import tests.test_program_network as program
-from core.elb import PLAIN, PROXY, NetworkHealthCheck, network_listeners
+from awsapi.balancer import header_ports
+from core.listeners import PLAIN, PROXY, NetworkHealthCheck, network_listeners
+from core.network import TargetGroupState
 from core.settings import from_config, load
 from lab.__main__ import Lab
+from lab.applier import apply
 from lab.client import dial
-from lab.elb import apply
-from lab.lb import LbState, Route, Server, config, elb_check, group_check
-from remote import aws as remote_aws
-from remote.balancer import header_ports
-from tests.conftest import REPO, stack_config
+from lab.standin import LbState, Route, Server, config, elb_check, group_check
+from tests.conftest import PROJECT_DIR, stack_config
 from tests.support.labenv import lab_env
 from tests.support.load import KINDS, Held, Load
 
@@ -55,7 +59,7 @@ def network_lab(tmp_path):
 
 def fab(lab, *args):
     return subprocess.run([sys.executable, "-m", "fabric", args[0], "--env", lab.env, *args[1:]],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300)
 
 
 def client_ip_via_ssl_listener(lab) -> str:
@@ -65,7 +69,7 @@ def client_ip_via_ssl_listener(lab) -> str:
 
 
 def proxy_ports(lab):
-    return remote_aws.proxy_protocol_ports(lab.settings)
+    return awsapi.classic.header_ports(lab.settings)
 
 
 def test_the_whole_flow(lab):
@@ -73,12 +77,12 @@ def test_the_whole_flow(lab):
     # Before: policy off, no header, traffic works; the app sees the load balancer's address.
     assert proxy_ports(lab) == []
     assert client_ip_via_ssl_listener(lab) == "127.0.0.1"
-    assert remote_aws.read_record(s) is None
+    assert awsapi.parameters.read_record(s) is None
 
     result = fab(lab, "rollout", "--apply")
     assert result.returncode == 0, result.stdout + result.stderr
 
-    record = remote_aws.read_record(s)
+    record = awsapi.parameters.read_record(s)
     assert set(record.instances) == {h.instance_id for h in s.hosts}
     assert proxy_ports(lab) == sorted(s.ports.proxied)
     lab.wait_for_header(True)
@@ -100,7 +104,7 @@ def test_one_broken_host_keeps_the_policy_off_and_traffic_flowing(lab):
     assert result.returncode == 1
     assert "failed at test" in result.stderr
     assert proxy_ports(lab) == []
-    assert remote_aws.read_record(lab.settings) is None
+    assert awsapi.parameters.read_record(lab.settings) is None
     assert client_ip_via_ssl_listener(lab) == "127.0.0.1"
 
 
@@ -125,7 +129,7 @@ def test_an_open_websocket_survives_a_config_rollout(lab):
             lab.env_file.write_text(lab.env_file.read_text().replace("workerShutdownTimeout: 30",
                                                                      "workerShutdownTimeout: 31"))
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "fabric", "rollout", "--env", lab.env, cwd=REPO,
+                sys.executable, "-m", "fabric", "rollout", "--env", lab.env, cwd=PROJECT_DIR,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
             out, err = await proc.communicate()
             assert proc.returncode == 0, (out + err).decode()
@@ -193,7 +197,7 @@ def set_proxy_protocol(lab, on: bool) -> None:
 
 def listener_kinds(lab) -> dict[int, str]:
     """Listener port -> the kind of target group it forwards to now, as the ELBv2 API says."""
-    state = remote_aws.network_state(lab.settings)
+    state = awsapi.network.network_state(lab.settings)
     assert state is not None
     return {port: PROXY if all(g.proxy_protocol_v2 for g in groups) else PLAIN
             for port, groups in state.listeners.items()}
@@ -237,7 +241,7 @@ def test_network_listener_switch_under_load(network_lab, capsys):
                        f"WebSockets dropped ({held.echoes} echoes)")
         dropped[step] = held.dropped
         groups = registered(s)
-        record = remote_aws.read_record(s)
+        record = awsapi.parameters.read_record(s)
         if step == "on":  # the switching update keeps the plain groups
             assert all(port in groups for port in plain) and all(all(serves(lab, p)) for p in plain)
         elif step == "retire the plain groups":  # deregistered; the hosts still serve the ports
@@ -298,7 +302,7 @@ def test_a_port_change_under_a_listener_is_refused_before_any_change(network_lab
     lab = network_lab
     set_proxy_protocol(lab, True)
     assert fab(lab, "rollout", "--apply").returncode == 0
-    before = {h.name: remote_aws.read_record(lab.settings) for h in lab.settings.hosts}
+    before = {h.name: awsapi.parameters.read_record(lab.settings) for h in lab.settings.hosts}
     doc = yaml.safe_load(lab.env_file.read_text())
     old = doc["config"]["wsgate:ports"]["proxyTls"]
     doc["config"]["wsgate:ports"]["proxyTls"] = old + 7
@@ -308,7 +312,7 @@ def test_a_port_change_under_a_listener_is_refused_before_any_change(network_lab
     assert f"the load balancer's listeners forward to ports [{old}], which the new config no longer serves" in (
         result.stdout + result.stderr)
     assert "upload" not in result.stderr and "reload" not in result.stderr
-    assert {h.name: remote_aws.read_record(lab.settings) for h in lab.settings.hosts} == before
+    assert {h.name: awsapi.parameters.read_record(lab.settings) for h in lab.settings.hosts} == before
     lab.wait_for_header(True)
     hello, echo = lab.hello()
     assert echo == "ping-echo" and hello["client_ip"] == "127.0.0.77"  # still served, header and all
@@ -321,20 +325,21 @@ def test_the_stand_in_sends_and_checks_as_each_kind_of_load_balancer():
     classic = Route(443, True, 60, "port_81", (Server("i-1", "127.0.1.1", 81, "send-proxy"),),
                     elb_check("HTTP:8081/healthz"))
     assert "    server i-1 127.0.1.1:81 send-proxy check port 8081 inter 1s fall 2 rise 2" in \
-        config(LbState((classic,)), REPO / "cert.pem").splitlines()
+        config(LbState((classic,)), PROJECT_DIR / "cert.pem").splitlines()
     tcp = NetworkHealthCheck("TCP", "traffic-port")
     http = NetworkHealthCheck("HTTP", "8081", "/healthz", "200")
-    group = remote_aws.TargetGroupState("arn", "lb-proxy-83", 83, True, ("i-1",), tcp)
+    group = TargetGroupState("arn", "lb-proxy-83", 83, True, ("i-1",), tcp)
     route = Route(443, True, 350, group.name, (Server("i-1", "127.0.1.1", 83, "send-proxy-v2"),), group_check(group))
-    lines = config(LbState((route,)), REPO / "cert.pem").splitlines()
+    lines = config(LbState((route,)), PROJECT_DIR / "cert.pem").splitlines()
     assert "    server i-1 127.0.1.1:83 send-proxy-v2 check inter 1s fall 2 rise 2 check-send-proxy" in lines
     assert "    option httpchk GET /healthz" not in lines and LbState((route,)).header is True
-    overridden = group_check(remote_aws.TargetGroupState("arn", "lb-proxy-83", 83, True, ("i-1",), http))
+    overridden = group_check(TargetGroupState("arn", "lb-proxy-83", 83, True, ("i-1",), http))
     assert (overridden.path, overridden.port, overridden.send_proxy) == ("/healthz", 8081, True)  # fails, as on AWS
-    plain = group_check(remote_aws.TargetGroupState("arn", "lb-plain-81", 81, False, ("i-1",), http))
+    plain = group_check(TargetGroupState("arn", "lb-plain-81", 81, False, ("i-1",), http))
     assert (plain.path, plain.port, plain.send_proxy) == ("/healthz", 8081, False)
     # one group behind both listeners (drift, not what the kit makes): still two distinct backends
-    both = config(LbState((route, Route(80, False, 350, group.name, route.servers, route.check))), REPO / "cert.pem")
+    both = config(LbState((route, Route(80, False, 350, group.name, route.servers, route.check))),
+                  PROJECT_DIR / "cert.pem")
     assert [ln for ln in both.splitlines() if ln.startswith("backend ")] == [
         "backend lb-proxy-83_via_443", "backend lb-proxy-83_via_80"]
 
@@ -387,7 +392,7 @@ def test_the_lab_applier_decides_as_the_program(aws, monkeypatch, scenario):
 
 def applied_kinds(s) -> dict[int, str]:
     """Listener port -> the kind of group (by its name) it forwards to in the lab endpoint."""
-    state = remote_aws.network_state(s)
+    state = awsapi.network.network_state(s)
     assert state is not None
     proxy_names = {x.proxy.name for x in network_listeners(s)}
     return {port: PROXY if [g.name for g in groups] and all(g.name in proxy_names for g in groups) else PLAIN
@@ -396,7 +401,7 @@ def applied_kinds(s) -> dict[int, str]:
 
 def registered(s) -> dict[int, list[str]]:
     """Instance port -> the instances registered in the group of that port, in the lab endpoint."""
-    elbv2 = remote_aws.client(s, "elbv2")
+    elbv2 = awsapi.clients.client(s, "elbv2")
     out = {}
     for g in (g for x in network_listeners(s) for g in (x.plain, x.proxy)):
         arn = elbv2.describe_target_groups(Names=[g.name])["TargetGroups"][0]["TargetGroupArn"]
@@ -448,7 +453,7 @@ def test_turning_off_after_the_plain_ports_were_dropped_when_aws_refuses_the_swi
         assert "stopping the PROXY header at the load balancer" in out and "no host was changed" in out
         assert listener_kinds(lab) == {80: PROXY, 443: PROXY}
         assert all(all(serves(lab, p)) for p in (*plain, *s.proxy_ports))  # both port sets
-        record = remote_aws.read_record(s)
+        record = awsapi.parameters.read_record(s)
         assert record is not None and record.plain_ports == sorted(plain)  # the proof step 1 wrote
         hello, echo = lab.hello()
         assert echo == "ping-echo" and hello["client_ip"] == "127.0.0.77"  # still the header, still read
@@ -456,7 +461,7 @@ def test_turning_off_after_the_plain_ports_were_dropped_when_aws_refuses_the_swi
         again = fab(lab, "rollout", "--apply")
         assert again.returncode == 0, again.stdout + again.stderr
         assert "step 1 of 2" not in again.stdout + again.stderr  # the plain groups hold targets again
-        assert listener_kinds(lab) == {80: PLAIN, 443: PLAIN} and remote_aws.read_record(s) is None
+        assert listener_kinds(lab) == {80: PLAIN, 443: PLAIN} and awsapi.parameters.read_record(s) is None
         assert all(all(serves(lab, p)) for p in plain) and not any(any(serves(lab, p)) for p in s.proxy_ports)
     finally:
         proxy.stop()

@@ -3,7 +3,7 @@
 prefix of its operations (registrations and listener changes in any order Pulumi may take, a
 listener only after its own group's registrations, deregistrations last), the record deleted,
 and deregistration delays running out. The load balancer's state carries over between runs, as
-in AWS; every decision is the kit's own: `remote.aws.network_plan` and `core.elb.network_layout`
+in AWS; every decision is the kit's own: `core.network.network_plan` and `core.network.network_layout`
 (the program), `NetworkState.retired` and `Settings.retiring` (which plain ports the hosts drop),
 `served_ports`, `proven_ports` and `plain_proven` (what a rollout serves and records), and the
 order of `remote/cutover.py` and `remote/tasks.py` (refusals, the two-step turn-off).
@@ -26,11 +26,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from core import record as records
-from core.elb import PLAIN, PROXY, network_layout, network_listeners
 from core.errors import KitError
+from core.listeners import PLAIN, PROXY, network_listeners
+from core.network import NetworkState, TargetGroupState, network_layout, network_plan
 from core.probe import plain_proven, proven_ports
 from core.render import served_ports
-from remote.aws import NetworkState, TargetGroupState, network_plan
 from tests.conftest import settings_from
 
 ENV = "staging"

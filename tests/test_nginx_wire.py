@@ -155,7 +155,7 @@ def test_forged_header_from_outside_the_load_balancer_subnet_is_not_believed(edg
 
 
 def test_unknown_proxy_source_keeps_the_peer_address(edge):
-    sock = dial(BIND, edge["ports"]["tls"], preface=proxyproto.v1_unknown())
+    sock = dial(BIND, edge["ports"]["tls"], preface=b"PROXY UNKNOWN\r\n")
     status, _, body = http_get(sock, NAME)
     assert status == 200 and json.loads(body)["client_ip"] == "127.0.0.1"
 
@@ -220,7 +220,8 @@ def nlb(app, tmp_path_factory):
 
 
 def test_network_proxy_ports_through_haproxy_v2_see_the_clients_own_address(nlb):
-    hello, echo = ws_hello(dial("127.0.0.1", nlb["lb"]["proxyTls"], source=CLIENT), NAME, {"X-Forwarded-For": "6.6.6.6"})
+    hello, echo = ws_hello(dial("127.0.0.1", nlb["lb"]["proxyTls"], source=CLIENT), NAME,
+                           {"X-Forwarded-For": "6.6.6.6"})
     assert (hello["client_ip"], hello["x_forwarded_for"], echo) == (CLIENT, CLIENT, "ping-echo")
     status, headers, _ = http_get(dial("127.0.0.1", nlb["lb"]["proxyHttp"], source=CLIENT), NAME, "/x")
     assert (status, headers["location"], headers["x-config-digest"]) == (301, f"https://{NAME}/x", nlb["digest"])

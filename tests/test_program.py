@@ -1,6 +1,6 @@
 """The Pulumi program under Pulumi's mock runtime, with the gate fed by a real record.
 
-The readiness record is written by the same code `fab rollout` uses (remote/aws.py) into a
+The readiness record is written by the same code `fab rollout` uses (awsapi/parameters.py) into a
 real AWS API endpoint on loopback (moto server); the program's Parameter Store invokes are
 answered from that endpoint. So the two halves cannot drift apart.
 """
@@ -15,6 +15,7 @@ import boto3
 import pulumi
 import pytest
 
+import awsapi.parameters
 from core import record as records
 from tests.conftest import settings_from, stack_config
 
@@ -94,7 +95,7 @@ def run(env: str, aws_url: str, **changes):
         from infra import program as prog
 
         lb = prog.main()
-        decision = prog.gate(prog.settings())
+        decision = prog.gate_plan(prog.settings()).decision
         exports.update(state=decision.state.value, missing=decision.missing, message=decision.message)
         return lb.dns_name.apply(lambda dns: exports.update(dns=dns))
 
@@ -122,10 +123,9 @@ def settings_for(env, aws_url):
 
 
 def write_record(env, aws_url, instances, ports=None, digest="d" * 64):
-    from remote import aws as remote_aws
-
     s = settings_for(env, aws_url)
-    remote_aws.write_record(s, records.build(env, ports or list(s.ports.proxied), {i: digest for i in instances}))
+    served = {i: digest for i in instances}
+    awsapi.parameters.write_record(s, records.build(env, ports or list(s.ports.proxied), served))
 
 
 def mark_attached(env, aws_url, ports=None, registered=None):
@@ -303,10 +303,8 @@ def test_explicit_off_detaches_even_when_attached_and_ready(aws):
 
 
 def test_record_for_another_environment_does_not_open_the_gate(aws):
-    from remote import aws as remote_aws
-
     s = settings_for("staging", aws.url)
-    remote_aws.write_record(s, records.build("prod", [80, 81], {i: "d" * 64 for i in STAGING_INSTANCES}))
+    awsapi.parameters.write_record(s, records.build("prod", [80, 81], {i: "d" * 64 for i in STAGING_INSTANCES}))
     _, exports, _ = run("staging", aws.url)
     assert exports["state"] == "closed"
     assert set(exports["missing"].values()) == {"record is for environment 'prod'"}

@@ -15,9 +15,14 @@ import boto3
 import pulumi
 import pytest
 
+import awsapi.balancer
+import awsapi.clients
+import awsapi.network
+import awsapi.parameters
 from core import record as records
-from core.elb import PLAIN, PROXY, network_forwarding, network_listeners, target_group_name
-from core.errors import SettingsError
+from core.errors import KitError, SettingsError
+from core.listeners import PLAIN, PROXY, network_listeners, target_group_name
+from core.network import network_forwarding
 from tests.conftest import settings_from, stack_config
 from tests.test_program import Recorder, Warnings, engine_format
 
@@ -51,7 +56,8 @@ class NetworkRecorder(Recorder):
     def new_resource(self, args):
         resource_id, outputs = super().new_resource(args)
         if args.typ == NLB:
-            outputs["arn"] = f"arn:aws:elasticloadbalancing:{REGION}:123456789012:loadbalancer/net/{args.inputs['name']}/1"
+            name = args.inputs["name"]
+            outputs["arn"] = f"arn:aws:elasticloadbalancing:{REGION}:123456789012:loadbalancer/net/{name}/1"
             outputs["dnsName"] = f"{args.inputs['name']}-1.elb.{REGION}.amazonaws.com"
         elif args.typ == TARGET_GROUP:
             outputs["arn"] = f"arn:aws:elasticloadbalancing:{REGION}:123456789012:targetgroup/{args.inputs['name']}/1"
@@ -125,10 +131,9 @@ def _live_placement(config: dict, aws_url: str) -> None:
 
 def write_record(aws_url: str, instances: list[str], ports: list[int] | None = None,
                  plain: list[int] | None = None) -> None:
-    from remote import aws as remote_aws
 
     s = settings_for(aws_url)
-    remote_aws.write_record(s, records.build("staging", ports or list(s.proxy_ports),
+    awsapi.parameters.write_record(s, records.build("staging", ports or list(s.proxy_ports),
                                              {i: "d" * 64 for i in instances}, plain_ports=plain))
 
 
@@ -200,7 +205,8 @@ def test_health_checks_plain_groups_on_the_health_port_proxy_groups_on_their_own
     mocks, _, _ = run(aws.url, monkeypatch)
     for port in (80, 81):  # no header: the plain health port, as the Classic ELB's check
         check = mocks.group(port).inputs["healthCheck"]
-        assert (check["protocol"], check["port"], check["path"], check["matcher"]) == ("HTTP", "8081", "/healthz", "200")
+        got = (check["protocol"], check["port"], check["path"], check["matcher"])
+        assert got == ("HTTP", "8081", "/healthz", "200")
     for port in (82, 83):  # a v2 LOCAL header comes with every check: the proxy_protocol port itself
         check = mocks.group(port).inputs["healthCheck"]
         assert (check["protocol"], check["port"]) == ("TCP", "traffic-port") and "path" not in check
@@ -360,31 +366,27 @@ def test_with_both_listeners_on_plain_every_instance_joins(aws, monkeypatch):
 # --- the ELBv2 reads -----------------------------------------------------------------------
 
 def test_the_elbv2_state_as_the_gate_reads_it(aws):
-    from remote import aws as remote_aws
-
     s = settings_for(aws.url)
-    assert remote_aws.network_state(s) is None and remote_aws.proxy_listener_ports(s) == []
+    assert awsapi.network.network_state(s) is None and awsapi.balancer.header_ports(s) == []
     nlb_in_aws(aws.url, {80: PLAIN, 443: PROXY}, registered={"tls-proxy": INSTANCES[:1], "http-plain": INSTANCES})
-    state = remote_aws.network_state(s)
+    state = awsapi.network.network_state(s)
     assert state is not None
     assert {port: [(g.name, g.port, g.proxy_protocol_v2, g.targets) for g in groups]
             for port, groups in state.listeners.items()} == {
         80: [("wsgate-staging-plain-80", 80, False, tuple(INSTANCES))],
         443: [("wsgate-staging-proxy-83", 83, True, tuple(INSTANCES[:1]))]}
-    assert remote_aws.proxy_listener_ports(s) == [83] and state.serving == INSTANCES
+    assert awsapi.balancer.header_ports(s) == [83] and state.serving == INSTANCES
 
 
 def test_a_network_environment_is_the_lab_only_with_every_endpoint_on_loopback(aws):
-    from remote import aws as remote_aws
-
-    assert remote_aws.is_lab(settings_for(aws.url))
+    assert awsapi.clients.is_lab(settings_for(aws.url))
     without = [{s: aws.url for s in ("ec2", "elb", "ssm")}]
-    assert not remote_aws.is_lab(settings_from("staging", **{"aws:endpoints": without,
+    assert not awsapi.clients.is_lab(settings_from("staging", **{"aws:endpoints": without,
                                                              "wsgate:loadBalancer": network_lb()}))
     real = [{**without[0], "elbv2": "https://elasticloadbalancing.eu-west-1.amazonaws.com"}]
-    assert not remote_aws.is_lab(settings_from("staging", **{"aws:endpoints": real,
+    assert not awsapi.clients.is_lab(settings_from("staging", **{"aws:endpoints": real,
                                                              "wsgate:loadBalancer": network_lb()}))
-    assert remote_aws.is_lab(settings_from("lab"))  # the shipped lab (classic) still is
+    assert awsapi.clients.is_lab(settings_from("lab"))  # the shipped lab (classic) still is
 
 
 # --- pure: forwarding ----------------------------------------------------------------------
@@ -520,8 +522,8 @@ def test_an_instance_left_in_a_proxy_group_holds_the_switch_back_until_it_is_gon
 def test_switching_the_kind_of_a_live_load_balancer_is_refused(aws, monkeypatch):
     """A Classic ELB of this name would be deleted (and its hosts' header ports misread): refused
     by the program and by the read every `fab rollout` makes."""
+    from awsapi.balancer import header_ports
     from core.errors import KitError
-    from remote.balancer import header_ports
 
     elb = boto3.client("elb", region_name=REGION, endpoint_url=aws.url)
     elb.create_load_balancer(LoadBalancerName="wsgate-staging", AvailabilityZones=[f"{REGION}a"], Listeners=[
@@ -533,8 +535,6 @@ def test_switching_the_kind_of_a_live_load_balancer_is_refused(aws, monkeypatch)
 
 
 def test_a_classic_environment_is_refused_over_a_network_load_balancer_of_its_name_but_not_over_an_alb(aws):
-    from remote import aws as remote_aws
-
     ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=aws.url)
     elbv2 = boto3.client("elbv2", region_name=REGION, endpoint_url=aws.url)
     vpc = ec2.create_vpc(CidrBlock="10.7.0.0/16")["Vpc"]["VpcId"]
@@ -548,9 +548,12 @@ def test_a_classic_environment_is_refused_over_a_network_load_balancer_of_its_na
                                            "wsgate:loadBalancer": {**stack_config("staging")["wsgate:loadBalancer"],
                                                                    "name": name}})
 
-    assert remote_aws.other_kind(classic("web-alb")) is None
-    assert "a network load balancer named web-nlb exists, and loadBalancer.type is classic" in (
-        remote_aws.other_kind(classic("web-nlb")) or "")
+    assert not awsapi.balancer.other_kind(classic("web-alb"))
+    awsapi.balancer.refuse_replacement(classic("web-alb"))  # an ALB of that name is not in the way
+    assert awsapi.balancer.other_kind(classic("web-nlb"))
+    refused = "a network load balancer named web-nlb exists, and loadBalancer.type is classic"
+    with pytest.raises(KitError, match=refused):
+        awsapi.balancer.refuse_replacement(classic("web-nlb"))
 
 
 # --- retiring the plain groups, and coming back to them -------------------------------------------
@@ -623,9 +626,8 @@ def test_a_missing_record_is_named_when_a_retired_plain_group_cannot_be_used_aga
 
 def test_a_withdrawn_plain_port_stays_withdrawn_when_a_host_could_not_be_put_back(aws):
     """The rollout that drops plain ports takes them out of the record before any host goes live.
-    Rolled back with every host put back: the record is as it was. With a host not put back (it
+    Every host put back after a failure: the record is as it was. With a host not put back (it
     may serve them no more): the record keeps the withdrawal."""
-    from remote import aws as remote_aws
     from remote.readiness import ParameterRecord
 
     class Notes:
@@ -634,15 +636,15 @@ def test_a_withdrawn_plain_port_stays_withdrawn_when_a_host_could_not_be_put_bac
 
     s = settings_for(aws.url)
     write_record(aws.url, INSTANCES, plain=[80, 81])
-    original = remote_aws.read_record_text(s)
+    original = awsapi.parameters.read_record_text(s)
     for all_back, plain in ((True, [80, 81]), (False, [81])):
         record = ParameterRecord(s, Notes())
         record.withdraw_plain({80})
-        assert remote_aws.read_record(s).plain_ports == [81]
+        assert awsapi.parameters.read_record(s).plain_ports == [81]
         record.undo(all_back)
-        assert remote_aws.read_record(s).plain_ports == plain
+        assert awsapi.parameters.read_record(s).plain_ports == plain
         if all_back:
-            assert remote_aws.read_record_text(s) == original
+            assert awsapi.parameters.read_record_text(s) == original
         else:
             write_record(aws.url, INSTANCES, plain=[80, 81])
 

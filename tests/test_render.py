@@ -12,7 +12,7 @@ import crossplane
 import pytest
 
 from core.render import DIGEST_FILE, render, render_hosts
-from tests.conftest import REPO, settings_from
+from tests.conftest import PROJECT_DIR, settings_from
 
 
 def parsed(tree, tmp_path):
@@ -104,7 +104,7 @@ def test_without_proxy_protocol_nothing_reads_a_header(tmp_path):
     assert "proxy_protocol" not in text
 
 
-def run_fab(*args, cwd=REPO):
+def run_fab(*args, cwd=PROJECT_DIR):
     return subprocess.run([sys.executable, "-m", "fabric", *args], cwd=cwd, capture_output=True, text=True)
 
 
@@ -119,7 +119,7 @@ def test_fab_render_writes_the_tree_and_prints_the_digest(tmp_path):
 
 def test_fab_render_with_bad_settings_names_the_key_and_writes_nothing(tmp_path):
     env = tmp_path / "Pulumi.broken.yaml"
-    env.write_text((REPO / "Pulumi.staging.yaml").read_text().replace(
+    env.write_text((PROJECT_DIR / "Pulumi.staging.yaml").read_text().replace(
         "wsgate:serverName: ws.staging.example.com", "wsgate:serverName: 'ws.example.com; }'"))
     result = run_fab("render", "--env", str(env), "--out", str(tmp_path / "out"))
     assert result.returncode == 1
@@ -192,7 +192,8 @@ def named_servers(tree, tmp_path) -> dict[str, set[str]]:
             found = list(inside(server["block"]))
             if any(d["directive"] == "server_name" and d["args"] != ["_"] for d in found):
                 for listen in (d for d in server["block"] if d["directive"] == "listen"):
-                    out[listen["args"][0]] |= {d["directive"] for d in found if d["directive"] in ("return", "proxy_pass")}
+                    out[listen["args"][0]] |= {d["directive"] for d in found
+                                               if d["directive"] in ("return", "proxy_pass")}
     return out
 
 
@@ -227,7 +228,7 @@ def test_network_release_manifest_names_the_proxy_ports_and_the_tree_is_clean_un
     assert result.returncode == 0 and json.loads(result.stdout) == [], result.stdout + result.stderr
 
 
-# --- plain ports the load balancer retired (remote.aws.NetworkState.retired) ----------------------
+# --- plain ports the load balancer retired (core.network.NetworkState.retired) ----------------------
 
 def test_a_retired_plain_port_is_neither_served_nor_probed_nor_claimed(tmp_path):
     from core.probe import checks, plain_proven, proven_ports

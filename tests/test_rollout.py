@@ -12,10 +12,10 @@ import time
 
 import pytest
 
+import awsapi.parameters
 from core.render import render_hosts
 from core.settings import load
-from remote import aws as remote_aws
-from tests.conftest import REPO
+from tests.conftest import PROJECT_DIR
 from tests.support.fleet import keygen
 
 pytestmark = pytest.mark.integration
@@ -24,7 +24,7 @@ FLEET_SIZE = 3
 
 def fab(fleet, *args, timeout=120, env=None):
     return subprocess.run([sys.executable, "-m", "fabric", *args[:1], "--env", str(fleet.env_file), *args[1:]],
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+                          cwd=PROJECT_DIR, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def settings(fleet):
@@ -50,7 +50,7 @@ def targets(fleet) -> dict[str, str]:
 
 
 def record(fleet):
-    return remote_aws.read_record(settings(fleet))
+    return awsapi.parameters.read_record(settings(fleet))
 
 
 def test_happy_path_then_a_rerun_is_a_no_op(fleet):
@@ -132,7 +132,7 @@ def test_a_record_path_holding_another_environments_record_is_never_overwritten(
     before, _ = baseline(fleet)
     s = settings(fleet)
     theirs = records.build("prod", [80, 81], {"i-0123456789abcdef9": "e" * 64}, load_balancer="wsgate-prod")
-    remote_aws.write_record(s, theirs)
+    awsapi.parameters.write_record(s, theirs)
     fleet.set("wsgate:nginx", {"workerShutdownTimeout": 7})  # a change to roll out
     result = fab(fleet, "rollout")
     assert result.returncode == 1

@@ -6,12 +6,12 @@ import pytest
 
 from core.errors import SettingsError
 from core.settings import load
-from tests.conftest import REPO, _camel, settings_from
+from tests.conftest import PROJECT_DIR, _camel, settings_from
 
 
 @pytest.mark.parametrize("env", ["lab", "staging"])
 def test_shipped_environments_load(env):
-    s = load(env, REPO)
+    s = load(env, PROJECT_DIR)
     assert s.env == env
     assert s.proxy_protocol is True
     assert s.read_timeout >= s.load_balancer.idle_timeout
@@ -129,7 +129,7 @@ def test_invalid_environment_name_is_refused(tmp_path):
 
 def test_environment_may_be_given_as_a_file(tmp_path):
     path = tmp_path / "Pulumi.other.yaml"
-    path.write_text((REPO / "Pulumi.lab.yaml").read_text())
+    path.write_text((PROJECT_DIR / "Pulumi.lab.yaml").read_text())
     assert load(str(path)).env == "other"
 
 
@@ -164,7 +164,7 @@ def _twin(tmp_path, env: str, edit) -> None:
     """An environment file beside the lab's, made from it and edited."""
     import yaml
 
-    doc = yaml.safe_load((REPO / "Pulumi.lab.yaml").read_text())
+    doc = yaml.safe_load((PROJECT_DIR / "Pulumi.lab.yaml").read_text())
     edit(doc["config"])
     (tmp_path / f"Pulumi.{env}.yaml").write_text(yaml.safe_dump(doc))
 
@@ -180,8 +180,10 @@ def test_two_environments_sharing_a_record_or_a_load_balancer_are_refused(tmp_pa
     with pytest.raises(SettingsError) as caught:
         load("green", tmp_path)
     message = str(caught.value)
-    assert "wsgate:record.parameterPath = '/shared/readiness': environment 'blue' (Pulumi.blue.yaml) uses the same" in message
-    assert "wsgate:loadBalancer.name = 'wsgate-lab': environment 'lab' (Pulumi.lab.yaml) manages a load balancer" in message
+    assert ("wsgate:record.parameterPath = '/shared/readiness': environment 'blue' (Pulumi.blue.yaml) uses the same"
+            in message)
+    assert ("wsgate:loadBalancer.name = 'wsgate-lab': environment 'lab' (Pulumi.lab.yaml) manages a load balancer"
+            in message)
     with pytest.raises(SettingsError, match="environment 'green'"):
         load("blue", tmp_path)
 

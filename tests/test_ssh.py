@@ -45,7 +45,7 @@ def test_a_bastion_is_used_and_its_host_key_checked_too(fleet):
 
 
 def test_sudo_wraps_every_remote_command(fleet):
-    from core.plan import Remote
+    from core.session import Remote
 
     fleet.set("wsgate:ssh", {"sudo": True})
     s = load(str(fleet.env_file))

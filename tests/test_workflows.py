@@ -9,9 +9,9 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import PROJECT_DIR
 
-WORKFLOWS = REPO / ".github" / "workflows"
+WORKFLOWS = PROJECT_DIR / ".github" / "workflows"
 
 
 def actionlint() -> str:
@@ -40,7 +40,7 @@ def test_preview_posts_a_comment_for_every_aws_stack():
     assert "pull_request" in wf[True]  # YAML reads the `on:` key as True
     job = wf["jobs"]["preview"]
     stacks = set(job["strategy"]["matrix"]["stack"])
-    aws_envs = {p.name.split(".")[1] for p in REPO.glob("Pulumi.*.yaml")} - {"lab"}
+    aws_envs = {p.name.split(".")[1] for p in PROJECT_DIR.glob("Pulumi.*.yaml")} - {"lab"}
     assert stacks == aws_envs
     pulumi_step = next(s for s in job["steps"] if s.get("uses", "").startswith("pulumi/actions@"))
     assert pulumi_step["with"]["command"] == "preview"

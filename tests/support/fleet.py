@@ -63,7 +63,7 @@ class Fleet:
             "wsgate:loadBalancer": {
                 "name": f"wsgate-{env}", "certificateArn": "arn:aws:iam::123456789012:server-certificate/fleet",
                 "availabilityZones": ["us-east-1a"], "subnetCidrs": ["127.0.0.1/32"], "idleTimeout": 60,
-                "instances": [h.instance_id for h in self.hosts], "applier": "lab.elb:LabBalancer",
+                "instances": [h.instance_id for h in self.hosts], "applier": "lab.applier:LabApplier",
             },
             "wsgate:app": {"upstreams": [f"{app[0]}:{app[1]}"]},
             "wsgate:nginx": {"root": "/nonexistent", "pidFile": "logs/nginx.pid", "logDir": "logs",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lab.hosts import wait_port  # noqa: F401  (one waiter for lab and tests)
 
-REPO = Path(__file__).resolve().parents[2]
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 
 def free_port(address: str = "127.0.0.1") -> int:
@@ -42,7 +42,7 @@ def start_app(address: str, port: int, log: Path) -> subprocess.Popen:
     out = log.open("ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "lab.app", "--listen", f"{address}:{port}"],
-        cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+        cwd=PROJECT_DIR, stdout=out, stderr=subprocess.STDOUT,
     )
     wait_port(address, port)
     return proc

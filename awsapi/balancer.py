@@ -1,0 +1,86 @@
+"""The environment's load balancer, of either kind: where it sends traffic and the PROXY header
+now, which instances it has, and whether the settings would replace it or another kind stands
+under its name. Every answer is read from AWS, never from a marker of ours."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from awsapi import classic, ec2, network
+from awsapi.clients import loopback
+from core.errors import KitError
+from core.network import NetworkState
+from core.replacement import Live, other_kind_refusal, refusal, replacing
+from core.settings import Settings
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What the load balancer does now, from one read."""
+
+    header_ports: list[int]  # instance ports it sends the PROXY header to
+    # network: every instance port a listener forwards to. Classic: not read; a change of its
+    # listeners' instance ports has the cutover window (docs/concepts.md#the-cutover-window).
+    forwarded: list[int]
+    # network: the plain ports the hosts may stop serving (core.network.NetworkState.retired)
+    retired: list[int] = field(default_factory=list)
+    # network: the read these came from (None: no such load balancer), for a task that needs more of it
+    state: NetworkState | None = field(default=None, compare=False, repr=False)
+
+
+def traffic(settings: Settings) -> Traffic:
+    """Where the load balancer sends traffic now, as AWS says; a load balancer of the other kind
+    under this name is refused."""
+    if other_kind(settings):
+        raise KitError(other_kind_refusal(settings))
+    if settings.load_balancer.type == "network":
+        state = network.network_state(settings)
+        if state is None:
+            return Traffic([], [])
+        return Traffic(state.header_ports, state.forwarded_ports, state.retired(settings), state)
+    return Traffic(classic.header_ports(settings), [])
+
+
+def header_ports(settings: Settings) -> list[int]:
+    """The header ports: where the load balancer sends the PROXY header now (`traffic`)."""
+    return traffic(settings).header_ports
+
+
+def other_kind(settings: Settings) -> bool:
+    """A load balancer of the other kind stands under this name. Asked only where that API has an
+    endpoint (the lab may have none)."""
+    is_network = settings.load_balancer.type == "network"
+    service = "elb" if is_network else "elbv2"
+    endpoints = settings.aws.endpoints
+    if service not in endpoints and any(loopback(url) for url in endpoints.values()):
+        return False  # a loopback endpoint without that API: never ask a real one from here
+    if is_network:
+        return classic.describe(settings) is not None
+    return (network.describe_v2(settings) or {}).get("Type") == "network"  # an ALB of this name is not ours
+
+
+def refuse_replacement(settings: Settings) -> None:
+    """Stop before any change when the settings would replace the live load balancer (the Pulumi
+    program and the lab's applier both ask, before they decide anything)."""
+    if other_kind(settings):
+        raise KitError(other_kind_refusal(settings))
+    if settings.load_balancer.type == "network":
+        described = network.describe_network(settings)
+        live = Live.network(described) if described else None
+    else:
+        described = classic.describe(settings)
+        live = Live.classic(described) if described else None
+    reasons = replacing(settings, live)
+    if reasons:
+        raise KitError(refusal(settings, reasons))
+
+
+def registered_instances(settings: Settings) -> dict[str, str]:
+    """The load balancer's instances: those registered, and those configured that wait to join
+    (they must be rolled out to be proven): instance ID -> private IP address."""
+    if settings.load_balancer.type == "network":
+        state = network.network_state(settings)
+        registered = list(state.present) if state else []
+    else:
+        registered = classic.registered(settings)
+    return ec2.private_addresses(settings, sorted(set(registered) | set(settings.load_balancer.instances)))

@@ -1,0 +1,96 @@
+"""What a host has live, as its session (or `inspect`) reports it, and how to read nginx's answers.
+
+Pure: parsers of what core/session.sh prints. A run reads the live state before it changes
+anything; a failure puts exactly that state back (`LiveState.restore_line`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from dataclasses import dataclass
+
+from core.session import Remote
+
+
+@dataclass(frozen=True)
+class LiveState:
+    """What a host's session (or `inspect`) reported before anything changed."""
+
+    current: str  # `releases/<digest>` or ""
+    previous: str
+    nginx: str  # no | ours | foreign
+    pid: str
+    cmdline: str
+    manifest: dict
+    stale: int = 0
+
+    @classmethod
+    def parse(cls, stdout: str) -> LiveState:
+        s = parse_state(stdout)
+        try:
+            manifest = json.loads(s.get("manifest") or "{}")
+        except ValueError:
+            manifest = {}
+        return cls(current=s.get("current", ""), previous=s.get("previous", ""), nginx=s.get("nginx", "no"),
+                   pid=s.get("pid", ""), cmdline=s.get("cmdline", ""),
+                   manifest=manifest if isinstance(manifest, dict) else {},
+                   stale=int(s["stale"]) if s.get("stale", "").isdigit() else 0)
+
+    def restore_line(self) -> bytes:
+        """The `restore` request's payload: these links, and nginx running or not."""
+        return f"{self.current}|{self.previous}|{'yes' if self.nginx == 'ours' else 'no'}".encode()
+
+    def foreign(self, remote: Remote) -> str | None:
+        """Why the host is not ours to change (an nginx we did not start), or None."""
+        if self.nginx != "foreign":
+            return None
+        return (f"nginx pid {self.pid or '?'} (pid file {remote.pid_file}) runs `{self.cmdline.strip() or '?'}`, "
+                f"not {remote.root}/current/nginx.conf: wsgate never signals an nginx it did not start. "
+                "Hand the host over first (docs/operations.md#handing-a-host-over)")
+
+
+def parse_state(stdout: str) -> dict[str, str]:
+    """The `key<TAB>value` lines of `inspect` and of a session's start."""
+    out = {}
+    for line in stdout.splitlines():
+        key, sep, value = line.partition("\t")
+        if sep:
+            out[key] = value.strip()
+    return out
+
+
+def parse_files(stdout: str) -> dict[str, str]:
+    """The answer to the session's `show`: path -> content."""
+    parts = stdout.split("\0")[:-1]  # the last part is what follows the last file: a newline
+    return {parts[i]: parts[i + 1] for i in range(0, len(parts) - 1, 2)}
+
+
+def tree_diff(live: dict[str, str], new: dict[str, str]) -> str:
+    """A unified diff, file by file, from the live tree to the new one."""
+    out: list[str] = []
+    for name in sorted(set(live) | set(new)):
+        a, b = live.get(name), new.get(name)
+        if a != b:
+            out.extend(difflib.unified_diff(
+                (a or "").splitlines(keepends=True), (b or "").splitlines(keepends=True),
+                fromfile=f"live/{name}" if a is not None else "/dev/null",
+                tofile=f"new/{name}" if b is not None else "/dev/null"))
+    return "".join(out)
+
+
+def digest_of_link(link: str) -> str | None:
+    """`releases/<digest>` -> digest."""
+    name = link.rstrip("/").rsplit("/", 1)[-1] if link else ""
+    return name if re.fullmatch(r"[0-9a-f]{64}", name) else None
+
+
+def nginx_error(output: str) -> str:
+    """nginx's own error line out of `nginx -t` (or reload) output."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    for marker in ("[emerg]", "[alert]", "[crit]", "[error]"):
+        for line in lines:
+            if marker in line:
+                return line
+    return lines[-1] if lines else "no output"

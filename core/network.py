@@ -1,0 +1,188 @@
+"""A network load balancer: the state its ELBv2 API describes (read by `awsapi.network`) and the
+decisions over it: where each listener forwards, who is registered in which target group, which
+plain ports are retired, and when a move back to a plain group is refused. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from core.errors import KitError
+from core.gate import Plan, plan_for
+from core.listeners import PLAIN, PROXY, NetworkHealthCheck, network_listeners
+from core.record import ReadinessRecord
+from core.settings import Settings
+
+
+def network_forwarding(decision_ports: tuple[int, ...] | list[int], s: Settings) -> dict[int, str]:
+    """Listener port -> PLAIN or PROXY: a listener forwards to its proxy group exactly when the
+    gate's decision covers that group's port. Switching is one listener change; the hosts serve
+    both ports all along. A proxy port the gate keeps that is no longer the configured one (the
+    setting changed) does not keep its listener on proxy: the new group's port is unproven, and
+    the plain group is always safe (client addresses are lost until it is proven, no request)."""
+    return {x.port: PROXY if x.proxy.port in decision_ports else PLAIN for x in network_listeners(s)}
+
+
+@dataclass(frozen=True)
+class ListenerNow:
+    """One network listener as the ELBv2 API says it is now (NetworkState.now)."""
+
+    forwards: str | None  # PLAIN or PROXY: the kit's group of that kind it forwards to; None: elsewhere or absent
+    proxy_healthy: bool  # its proxy group has targets and every one is `healthy`
+    plain_retired: bool  # it forwards to its proxy group, and its plain group exists with no target registered
+    plain_drained: bool = False  # retired, and not even a draining target left: the hosts may drop its port
+
+
+UNSEEN = ListenerNow(None, False, False)  # a listener the load balancer does not have (yet)
+
+
+def network_members(s: Settings, forwarding: dict[int, str], now: dict[int, ListenerNow],
+                    join: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """Group key -> the instances registered in it. Every member in every group, except the plain
+    group of a listener that stays on its proxy group: that one is retired (its members
+    deregistered, so AWS drains them for `deregistrationDelay` and then lists none; only then do
+    the hosts stop serving its port, NetworkState.retired). Retiring starts only in an
+    update after the one that switched (the listener forwards to the proxy group already, every
+    target healthy there: the switch is in use), and a retired group stays empty while its listener
+    stays on proxy."""
+    out: dict[str, tuple[str, ...]] = {}
+    for x in network_listeners(s):
+        was = now.get(x.port, UNSEEN)
+        retire = forwarding[x.port] == PROXY and was.forwards == PROXY and (was.plain_retired or was.proxy_healthy)
+        out[x.plain.key] = () if retire else join
+        out[x.proxy.key] = join
+    return out
+
+
+def back_refusal(s: Settings, forwarding: dict[int, str], now: dict[int, ListenerNow],
+                 record: ReadinessRecord | None, members: tuple[str, ...], record_problem: str | None = None
+                 ) -> str | None:
+    """Why a listener must not move back to its plain group now (None: it may): its plain group was
+    retired (no target registered), so the hosts may no longer serve its port, and the readiness
+    record does not prove every member serving it again (`fab rollout --apply` does that before it
+    switches back). `record`: this environment's record (None: none, or not this environment's,
+    `record_problem` says why)."""
+    stuck = [x for x in network_listeners(s)
+             if forwarding[x.port] == PLAIN and now.get(x.port, UNSEEN).plain_retired
+             and now[x.port].forwards != PLAIN and not (record and record.proves_plain(x.plain.port, list(members)))]
+    if not stuck:
+        return None
+    names = ", ".join(f"listener {x.port} (plain port {x.plain.port})" for x in stuck)
+    proof = ("the readiness record does not prove every instance serving the plain port"
+             + (f" ({record_problem})" if record_problem and not record else ""))
+    if s.proxy_protocol:  # not a turn-off: a proxy port the gate cannot keep (changed, or not proven)
+        what = ("its proxy port is not proven (ports.proxyHttp/proxyTls changed, or the record does not cover "
+                "it): put the proxy ports back and change them only while proxy protocol is off")
+    else:
+        what = "run `fab rollout --apply`: it serves and proves the plain ports again, then switches back"
+    return (f"{names} would move back to its plain target group, which was retired: the hosts may no longer "
+            f"serve the plain port and {proof}, so every request through it would fail. Nothing was changed; {what}")
+
+
+def network_layout(s: Settings, gated: Plan, now: dict[int, ListenerNow], record: ReadinessRecord | None,
+                   record_problem: str | None = None) -> tuple[dict[str, tuple[str, ...]], dict[int, str]]:
+    """(group key -> members, listener port -> PLAIN or PROXY) for the gate's plan and what AWS has
+    now (NetworkState.now); refuses a move back to a retired plain group not proven."""
+    forwarding = network_forwarding(gated.decision.ports, s)
+    foreign = record.foreign(s.env, s.load_balancer.name) if record else None
+    own = None if foreign else record
+    refused = back_refusal(s, forwarding, now, own, gated.join, foreign or (None if record else record_problem))
+    if refused:
+        raise KitError(refused)
+    return network_members(s, forwarding, now, gated.join), forwarding
+
+
+@dataclass(frozen=True)
+class TargetGroupState:
+    arn: str
+    name: str
+    port: int  # the instance port
+    proxy_protocol_v2: bool
+    targets: tuple[str, ...]  # instances registered in it (draining ones are leaving: not counted)
+    health: NetworkHealthCheck | None = None  # its health check (None: off)
+    protocol: str = "TCP"  # to the instances: TCP, or TLS (where the header would travel inside TLS)
+    states: dict[str, str] = field(default_factory=dict)  # instance -> `healthy`, or its state and why
+    draining: tuple[str, ...] = ()  # instances deregistered, still within the deregistration delay
+
+
+@dataclass(frozen=True)
+class NetworkState:
+    """A network load balancer as the ELBv2 API describes it now."""
+
+    arn: str
+    listeners: dict[int, tuple[TargetGroupState, ...]]  # listener port -> the groups it forwards to
+    protocols: dict[int, str] = field(default_factory=dict)  # listener port -> "TCP" or "TLS"
+    present: tuple[str, ...] = ()  # instances in any of the kit's groups, forwarded to or not
+    security_groups: tuple[str, ...] = ()  # the load balancer's own
+    groups: dict[str, TargetGroupState] = field(default_factory=dict)  # the kit's groups that exist, by name
+
+    def now(self, settings: Settings) -> dict[int, ListenerNow]:
+        """Per listener of the kit: which of its groups it forwards to, whether every target of its
+        proxy group is healthy, and whether its plain group is retired (ListenerNow)."""
+        out = {}
+        for x in network_listeners(settings):
+            forwarded = self.listeners.get(x.port, ())
+            # PROXY: the header goes out there, whichever proxy port (an old one after a setting change)
+            forwards = (PLAIN if [g.name for g in forwarded] == [x.plain.name]
+                        else PROXY if forwarded and all(g.proxy_protocol_v2 for g in forwarded) else None)
+            proxy, plain = self.groups.get(x.proxy.name), self.groups.get(x.plain.name)
+            out[x.port] = ListenerNow(
+                forwards=forwards,
+                proxy_healthy=proxy is not None and bool(proxy.targets) and all(
+                    proxy.states.get(i) == "healthy" for i in proxy.targets),
+                # only ever retired from the proxy side: an empty plain group of a listener not on its
+                # proxy group (a first update cut short, say) is just not filled yet
+                plain_retired=forwards == PROXY and plain is not None and not plain.targets,
+                plain_drained=forwards == PROXY and plain is not None and not (plain.targets or plain.draining))
+        return out
+
+    def retired(self, settings: Settings) -> list[int]:
+        """The plain instance ports the hosts may stop serving: their listener forwards to its proxy
+        group and their plain group holds no target, not even a draining one (so the load balancer
+        forwarded there last at least `deregistrationDelay` ago, by AWS's own clock)."""
+        now = self.now(settings)
+        return sorted(x.plain.port for x in network_listeners(settings)
+                      if now[x.port].forwards == PROXY and now[x.port].plain_drained)
+
+    @property
+    def header_ports(self) -> list[int]:
+        """The header ports: instance ports that get the PROXY header now: those of a `proxy_protocol_v2` group that a
+        listener forwards to."""
+        return sorted({g.port for groups in self.listeners.values() for g in groups if g.proxy_protocol_v2})
+
+    @property
+    def forwarded_ports(self) -> list[int]:
+        """Instance ports the listeners send traffic to now, with the header or without."""
+        return sorted({g.port for groups in self.listeners.values() for g in groups})
+
+    @property
+    def serving(self) -> list[str]:
+        """Instances registered in a group a listener forwards to. A group no listener uses is not
+        the load balancer's (the API does not list it with it) and sends nothing to anyone."""
+        return sorted({i for groups in self.listeners.values() for g in groups for i in g.targets})
+
+
+def network_plan(settings: Settings, state: NetworkState | None, record: ReadinessRecord | None,
+                 record_problem: str | None) -> Plan:
+    """The gate for a network load balancer as it is now: the Pulumi program's and the lab's."""
+    return plan_for(settings, registered=state.serving if state else [],
+                    header_ports=state.header_ports if state else [],
+                    present=list(state.present) if state else [], record=record, record_problem=record_problem)
+
+
+def group_health(state: NetworkState) -> dict[str, dict[str, str]]:
+    """Target group name -> instance ID -> its state there (`healthy`, or the state and why), over
+    the groups the listeners forward to now (as `awsapi.network.network_state` read them)."""
+    return {g.name: dict(g.states) for forwarded in state.listeners.values() for g in forwarded}
+
+
+def target_health(groups: dict[str, dict[str, str]]) -> dict[str, str]:
+    """Instance ID -> InService, or OutOfService (group: why), healthy only when healthy in every
+    group (`group_health`): what `instance_health` says of a Classic ELB."""
+    out: dict[str, str] = {}
+    for name, targets in sorted(groups.items()):
+        for instance, word in sorted(targets.items()):
+            if word == "healthy":
+                out.setdefault(instance, "InService")
+            elif not out.get(instance, "").startswith("OutOfService"):
+                out[instance] = f"OutOfService ({name}: {word})"
+    return out

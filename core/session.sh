@@ -1,0 +1,172 @@
+# shellcheck shell=sh
+# shellcheck disable=SC2153,SC2154  # R, N, P and the rest are assigned by the head (below), not here
+# The host side of wsgate, in POSIX sh (plus util-linux's `flock` and coreutils' `timeout`).
+#
+# Not run as a file: core/session.py sends it as one `sh -c` command (without its comment and
+# blank lines, so a heredoc here holds neither), after a head that sets `set -e` and the values
+# below (each quoted), and before one entry point: `inspect` or `session`.
+#
+#   R      the root (nginx.root, or the host's root)      N     the nginx binary
+#   P      nginx's pid file
+# and for `session` only:
+#   OWNER  this run's id (the owner file names it)        STAGE the stage's name under releases/
+#   TARGET the digest `live` makes current                MODE  x (exclusive) or s (shared)
+#   WAIT   seconds to wait for the lock (0: never)        T     ssh.commandTimeout, per nginx call
+#   IDLE   ssh.idleTimeout                                KEEP  how many of the newest releases stay
+#   LOCKED_EXIT  the exit code when another run holds the lock
+#   MARK_LOCKED, MARK_STAGED, MARK_SWAPPED, MARK_DONE  the lines the controller waits for
+#
+# Every value from settings arrives quoted in the head; every request is a fixed word.
+
+# What the pid file names: NGX = no | ours (started from ROOT/current/nginx.conf) | foreign
+# (anything else: the packaged nginx, another prefix); NPID = the pid file's live process,
+# NCMD = its command line. The kit signals only `ours`. Builtins where they do: a process
+# costs milliseconds on a busy host.
+nginx_state() {
+  NGX=no; NPID=""; NCMD=""
+  { read -r NPID < "$P"; } 2>/dev/null || { NPID=""; return 0; }
+  if [ -z "$NPID" ] || ! { kill -0 "$NPID" 2>/dev/null || [ -d "/proc/$NPID" ]; }; then NPID=""; return 0; fi
+  NCMD=$({ tr '\0\n' '  ' < "/proc/$NPID/cmdline" || ps -o args= -p "$NPID"; } 2>/dev/null)
+  case " $NCMD " in *" -c $R/current/nginx.conf "*) NGX=ours ;; *) NGX=foreign ;; esac
+}
+
+state_report() {
+  nginx_state
+  printf 'nginx\t%s\npid\t%s\ncmdline\t%s\n' "$NGX" "$NPID" "$NCMD"
+}
+
+# Both entry points start here: the binary exists, the layout's directories too.
+prelude() {
+  [ -x "$N" ] || { echo "nginx binary $N not found" >&2; exit 127; }
+  mkdir -p "$R/releases" "$R/logs" "$R/tmp"
+}
+
+# `fab status`: the live state, one `key<TAB>value` a line, without taking the lock. `locked`
+# names the run that holds it (a shared try never blocks a rollout for more than an instant).
+inspect() {
+  prelude
+  printf 'current\t%s\nprevious\t%s\n' \
+    "$(readlink "$R/current" 2>/dev/null || true)" "$(readlink "$R/previous" 2>/dev/null || true)"
+  state_report
+  if [ -e "$R/.rollout.lock" ]; then
+    exec 9<"$R/.rollout.lock"
+    if flock -n -s 9; then printf 'locked\t\n'
+    else printf 'locked\t%s\n' "$(cat "$R/.rollout.owner" 2>/dev/null || echo '?')"; fi
+  fi
+}
+
+# The per-host session: take the host's rollout lock, report the live state, then serve one
+# request a line. The lock (an flock on fd 9) lasts exactly as long as the session, and the
+# session ends on its own when its stdin closes or when no request (or heartbeat `ping`) came
+# for IDLE seconds (a watchdog ends it; a payload that stops halfway counts as waiting): a
+# controller that dies or loses the network leaves the lock behind for at most IDLE seconds
+# plus a third of them, plus the request then running, bounded by T. MODE `x` (rollout) cleans
+# stale stages and names itself in the owner file; `s` (check) writes nothing but its own stage.
+session() {
+  prelude
+  exec 9>>"$R/.rollout.lock"
+  if [ "$WAIT" -gt 0 ]; then flock "-$MODE" -w "$WAIT" 9; else flock "-$MODE" -n 9; fi || {
+    printf 'locked\t%s\n' "$(cat "$R/.rollout.owner" 2>/dev/null)"; exit "$LOCKED_EXIT"; }
+  STALE=0
+  if [ "$MODE" = x ]; then
+    printf '%s\n' "$OWNER" > "$R/.rollout.owner"
+    for d in "$R"/releases/.stage-*; do if [ -e "$d" ]; then rm -rf "$d"; STALE=$((STALE + 1)); fi; done
+    rm -f "$R"/.session.*  # left by sessions that were killed (none runs beside an exclusive lock)
+  fi
+  BEFORE=$(readlink "$R/current" 2>/dev/null || true)
+  PREVIOUS=$(readlink "$R/previous" 2>/dev/null || true)
+  printf 'current\t%s\nprevious\t%s\nstale\t%s\n' "$BEFORE" "$PREVIOUS" "$STALE"
+  state_report
+  printf 'manifest\t%s\n' "$(tr -d '\n' < "$R/current/release.json" 2>/dev/null)"
+  echo "$MARK_LOCKED"
+  set +e
+  exec 2>&1  # from here on, every answer carries its errors
+  S="$R/releases/$STAGE"
+  watchdog
+  serve
+}
+
+ngx() { timeout "$T" "$N" -p "$R/" -c "$@" 9>&-; }
+
+reload() {
+  nginx_state
+  case $NGX in
+    ours) ngx "$R/current/nginx.conf" -s reload ;;
+    no) ngx "$R/current/nginx.conf" ;;
+    *) echo "the pid file $P names an nginx wsgate did not start (pid $NPID): not signalling it"; return 1 ;;
+  esac
+}
+
+put() {  # put NAME TARGET: the link ROOT/NAME -> TARGET, atomically; an empty TARGET removes it
+  if [ -n "$2" ]; then ln -sfn "$2" "$R/$1.new" && mv -T "$R/$1.new" "$R/$1"; else rm -f "$R/$1"; fi
+}
+
+switch() {  # switch TARGET: `current` -> TARGET, `previous` -> what `current` was
+  old=$(readlink "$R/current" 2>/dev/null || true); { [ -z "$old" ] || put previous "$old"; } && put current "$1"
+}
+
+prune() {  # keep the KEEP newest releases, and any release a link names (now or at the start)
+  keep=" $BEFORE $PREVIOUS $(readlink "$R/current" 2>/dev/null) $(readlink "$R/previous" 2>/dev/null) "
+  # shellcheck disable=SC2010  # newest first needs ls -t; the names are digests (no newline, no space)
+  ls -1t "$R/releases" | grep -v '^\.' | tail -n +$((KEEP + 1)) | while read -r d; do
+    case "$keep" in *" releases/$d "*) ;; *) rm -rf "$R/releases/$d";; esac
+  done
+}
+
+# The idle clock: a watchdog that ends this shell (and so the lock) after IDLE seconds spent
+# waiting for a request. The shell writes its state to a file with builtins (`w K` while
+# waiting for the K-th request, `b` while one runs): a request costs no process.
+watchdog() {
+  F="$R/.session.$$"
+  echo b > "$F"
+  trap 'kill "$WD" 2>/dev/null; rm -f "$F"' EXIT
+  (
+    tick=$((IDLE / 3)); [ "$tick" -ge 1 ] || tick=1  # one wake-up per tick: a short run sees none
+    n=0; last=""
+    while kill -0 "$$" 2>/dev/null; do
+      sleep "$tick"
+      { read -r state < "$F"; } 2>/dev/null || exit 0
+      if [ "${state%% *}" = w ] && [ "$state" = "$last" ]; then n=$((n + tick)); else n=0; fi
+      last=$state
+      if [ "$n" -ge "$IDLE" ]; then kill -TERM "$$" 2>/dev/null; exit 0; fi
+    done
+  ) 9>&- >/dev/null 2>&1 </dev/null &
+  WD=$!
+}
+
+# One request a line, until stdin closes: ping, stage (+ a base64 tar line), discard, live,
+# back, reload, restore (+ `current|previous|yes-or-no`), show. Each answer ends `MARK_DONE rc`.
+serve() {
+  K=0
+  while K=$((K + 1)); echo "w $K" > "$F"; IFS= read -r cmd; do
+    case "$cmd" in stage|restore) IFS= read -r payload || break ;; esac  # still on the idle clock
+    echo b > "$F"
+    case "$cmd" in
+      ping) rc=0 ;;
+      stage) rm -rf "$S" && mkdir -p "$S" && printf '%s' "$payload" | base64 -d | tar -xf - -C "$S" \
+               && echo "$MARK_STAGED" && ngx "$S/nginx.conf" -t; rc=$? ;;
+      discard) rm -rf "$S"; rc=$? ;;
+      live) D="$R/releases/$TARGET"
+            { [ ! -d "$S" ] || { [ -d "$D" ] && rm -rf "$S"; } || mv -T "$S" "$D"; } \
+              && [ -d "$D" ] && switch "releases/$TARGET" && echo "$MARK_SWAPPED" && { prune; reload; }; rc=$? ;;
+      back) if [ -z "$PREVIOUS" ] || [ ! -d "$R/$PREVIOUS" ]; then echo "the previous release ${PREVIOUS:-(none)} is not on the host"; rc=1
+            else switch "$PREVIOUS" && echo "$MARK_SWAPPED" && reload; rc=$?; fi ;;
+      reload) reload; rc=$? ;;
+      restore) IFS='|' read -r WC WP WR <<EOF_RESTORE
+$payload
+EOF_RESTORE
+               # the links as they were, and whether nginx ran
+               nginx_state; st=$NGX; was_pid=$NPID
+               if [ "$st" = foreign ]; then reload; rc=$?  # refuses, and says why
+               elif [ -n "$WC" ] && [ ! -d "$R/$WC" ]; then echo "release $WC is gone"; rc=1
+               elif [ -n "$WP" ] && [ ! -d "$R/$WP" ]; then echo "release $WP is gone"; rc=1
+               else put current "$WC" && put previous "$WP" && echo "$MARK_SWAPPED" && \
+                    if [ "$WR" = yes ]; then reload; elif [ "$st" = ours ]; then kill -QUIT "$was_pid"; fi; rc=$?; fi ;;
+      show) if cd "$R/current" 2>/dev/null; then
+              find . -type f | sort | while read -r f; do printf '%s\0' "${f#./}"; cat "$f"; printf '\0'; done; cd /
+            fi; echo; rc=0 ;;
+      *) echo "unknown request: $cmd"; rc=2 ;;
+    esac
+    echo "$MARK_DONE $rc"
+  done
+}
