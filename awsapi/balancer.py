@@ -10,7 +10,7 @@ from awsapi import classic, ec2, network
 from awsapi.clients import loopback
 from core.errors import KitError
 from core.network import NetworkState
-from core.replacement import Live, other_kind_refusal, refusal, replacing
+from core.replacement import Live, other_kind_refusal, refusal, renamed_refusal, replacing
 from core.settings import Settings
 
 
@@ -19,13 +19,16 @@ class Traffic:
     """What the load balancer does now, from one read."""
 
     header_ports: list[int]  # instance ports it sends the PROXY header to
-    # network: every instance port a listener forwards to. Classic: not read; a change of its
-    # listeners' instance ports has the cutover window (docs/concepts.md#the-cutover-window).
+    # every instance port a listener forwards to now (classic: its listeners' instance ports)
     forwarded: list[int]
     # network: the plain ports the hosts may stop serving (core.network.NetworkState.retired)
     retired: list[int] = field(default_factory=list)
     # network: the read these came from (None: no such load balancer), for a task that needs more of it
     state: NetworkState | None = field(default=None, compare=False, repr=False)
+    # the instances it sends traffic to now (network: in a group a listener forwards to)
+    registered: list[str] = field(default_factory=list)
+    # network: the instances in any of the kit's groups, forwarded to or not (None: `registered`)
+    present: list[str] | None = None
 
 
 def traffic(settings: Settings) -> Traffic:
@@ -37,8 +40,11 @@ def traffic(settings: Settings) -> Traffic:
         state = network.network_state(settings)
         if state is None:
             return Traffic([], [])
-        return Traffic(state.header_ports, state.forwarded_ports, state.retired(settings), state)
-    return Traffic(classic.header_ports(settings), [])
+        return Traffic(state.header_ports, state.forwarded_ports, state.retired(settings), state,
+                       registered=state.serving, present=list(state.present))
+    listeners = (classic.describe(settings) or {}).get("ListenerDescriptions", [])
+    forwarded = sorted({int(x["Listener"]["InstancePort"]) for x in listeners})
+    return Traffic(classic.header_ports(settings), forwarded, registered=classic.registered(settings))
 
 
 def header_ports(settings: Settings) -> list[int]:
@@ -73,6 +79,23 @@ def refuse_replacement(settings: Settings) -> None:
     reasons = replacing(settings, live)
     if reasons:
         raise KitError(refusal(settings, reasons))
+    if live is None:
+        others = renamed_from(settings)
+        if others:
+            raise KitError(renamed_refusal(settings, others))
+
+
+def renamed_from(settings: Settings) -> list[str]:
+    """The load balancers of this environment (tag `wsgate:env`, which both kinds and the lab's
+    applier set) under another name than `loadBalancer.name`: what a rename would replace. Each
+    API is asked only where it has an endpoint (the lab may have only one of them)."""
+    endpoints, out = settings.aws.endpoints, []
+    lab = any(loopback(url) for url in endpoints.values())
+    for service, api in (("elb", classic), ("elbv2", network)):
+        if lab and service not in endpoints:
+            continue
+        out += [n for n in api.names_tagged(settings, "wsgate:env", settings.env) if n != settings.load_balancer.name]
+    return sorted(out)
 
 
 def registered_instances(settings: Settings) -> dict[str, str]:

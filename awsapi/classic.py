@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from awsapi.clients import by_name, call, client
+from awsapi.clients import by_name, call, client, pages
 from core.settings import Settings
 
 
@@ -47,3 +47,16 @@ def instance_health(settings: Settings) -> dict[str, str]:
                   LoadBalancerName=settings.load_balancer.name)["InstanceStates"]
     return {s["InstanceId"]: s["State"] + (f" ({s['Description']})" if s.get("Description") not in (None, "N/A")
                                            else "") for s in states}
+
+
+def names_tagged(settings: Settings, key: str, value: str) -> list[str]:
+    """The names of the Classic ELBs in the region whose tag `key` is `value`."""
+    elb = client(settings, "elb")
+    names = [d["LoadBalancerName"] for d in pages("elb describe-load-balancers", elb, "describe_load_balancers",
+                                                   "LoadBalancerDescriptions")]
+    out = []
+    for i in range(0, len(names), 20):  # DescribeTags takes 20 names a call
+        found = call("elb describe-tags", elb.describe_tags, LoadBalancerNames=names[i:i + 20])["TagDescriptions"]
+        out += [d["LoadBalancerName"] for d in found
+                if any(t["Key"] == key and t.get("Value") == value for t in d.get("Tags", []))]
+    return sorted(out)

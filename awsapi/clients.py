@@ -7,24 +7,71 @@ them at its loopback endpoint); credentials come from the usual chain.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.retries.standard import RetryEventAdapter, ThrottlingErrorDetector
 
 from core.errors import KitError
 from core.settings import Settings
 
-_CONFIG = Config(connect_timeout=5, read_timeout=20, retries={"max_attempts": 3, "mode": "standard"})
-SERVICES = ("elb", "elbv2", "ssm", "ec2")  # every AWS API the kit calls
+# Adaptive: botocore's exponential backoff with jitter, and a client-side rate that slows down
+# once AWS throttles (a fleet's worth of describes shares the account's API rate with everyone
+# else). 8 attempts in all (the first and 7 retries): a throttled call backs off up to about 70 s
+# before it fails.
+ATTEMPTS = 8
+_CONFIG = Config(connect_timeout=5, read_timeout=20, retries={"total_max_attempts": ATTEMPTS, "mode": "adaptive"})
+SERVICES = ("elb", "elbv2", "ssm", "ec2", "acm", "iam")  # every AWS API the kit calls
+# IDs per describe call (EC2 InstanceIds, instance-id filter values, GroupIds): AWS documents no
+# maximum for these lists; a bounded request stays small and quick to retry.
+IDS_PER_CALL = 200
+# Instances per register/deregister call (RegisterTargets, DeregisterTargets,
+# RegisterInstancesWithLoadBalancer): AWS documents no maximum either, but rejects large ones
+# at times; 100 is what Kubernetes' AWS cloud provider settled on.
+REGISTER_PER_CALL = 100
+_T = TypeVar("_T")
 
 
 class AwsError(KitError):
     """An AWS API call failed: names the call and the cause."""
+
+
+class _Throttled:
+    """Counts the calls AWS throttled at least once in this process, as botocore's own retry logic
+    tells a throttle from other errors (it retries them with backoff; one that still fails raises)."""
+
+    _MARK = "wsgate_throttled"  # in a call's request context, shared by its attempts
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls = 0
+        self._detector = ThrottlingErrorDetector(RetryEventAdapter())
+
+    def __call__(self, **kwargs: Any) -> None:  # botocore's needs-retry event; None leaves the decision to it
+        context = kwargs["request_dict"]["context"]
+        if not context.get(self._MARK) and self._detector.is_throttling_error(**kwargs):
+            context[self._MARK] = True
+            with self._lock:
+                self._calls += 1
+
+    @property
+    def calls(self) -> int:
+        with self._lock:
+            return self._calls
+
+
+_throttled = _Throttled()
+
+
+def throttled_calls() -> int:
+    """How many AWS calls of this process were throttled (and retried with backoff) so far."""
+    return _throttled.calls
 
 
 @cache
@@ -33,8 +80,10 @@ def _client(service: str, region: str, endpoint: str | None):
     if endpoint and loopback(endpoint):  # the lab's endpoint: never hand it real credentials
         keys = {"aws_access_key_id": "lab", "aws_secret_access_key": "lab"}
     # botocore itself: boto3 would add nothing here but its import time.
-    return botocore.session.get_session().create_client(service, region_name=region, endpoint_url=endpoint,
-                                                         config=_CONFIG, **keys)
+    api = botocore.session.get_session().create_client(service, region_name=region, endpoint_url=endpoint,
+                                                        config=_CONFIG, **keys)
+    api.meta.events.register("needs-retry", _throttled)
+    return api
 
 
 def loopback(url: str) -> bool:
@@ -77,6 +126,12 @@ def pages(what: str, api, operation: str, key: str, **kwargs: Any) -> list[dict]
         raise AwsError(f"{what}: {exc}") from None
 
 
+def chunks(items: Sequence[_T], size: int) -> Iterator[list[_T]]:
+    """`items` in consecutive lists of at most `size` (for APIs that bound a list per call)."""
+    for start in range(0, len(items), size):
+        yield list(items[start:start + size])
+
+
 def error_code(exc: ClientError) -> str:
     return exc.response.get("Error", {}).get("Code", "")
 
@@ -85,8 +140,9 @@ def by_name(settings: Settings, service: str, names: str, key: str) -> dict | No
     """The load balancer named `loadBalancer.name` as `service` (elb, elbv2) describes it, or None."""
     name = settings.load_balancer.name
     api = client(settings, service)
-    try:
-        found = api.describe_load_balancers(**{names: [name]})[key]
+    try:  # the paginator: DescribeLoadBalancers pages (one name: one page, but never a lost marker)
+        found = [d for page in api.get_paginator("describe_load_balancers").paginate(**{names: [name]})
+                 for d in page[key]]
     except ClientError as exc:
         if error_code(exc) in ("LoadBalancerNotFound", "AccessPointNotFound"):
             return None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from awsapi.clients import call, client
+from awsapi.clients import IDS_PER_CALL, chunks, client, pages
 from core.doctor import Ingress
 from core.settings import Settings
 
@@ -12,7 +12,9 @@ def private_addresses(settings: Settings, instances: list[str]) -> dict[str, str
     if not instances:
         return {}
     ec2 = client(settings, "ec2")
-    reservations = call("ec2 describe-instances", ec2.describe_instances, InstanceIds=sorted(instances))["Reservations"]
+    reservations = [r for batch in chunks(sorted(instances), IDS_PER_CALL)
+                    for r in pages("ec2 describe-instances", ec2, "describe_instances", "Reservations",
+                                   InstanceIds=batch)]
     return {i["InstanceId"]: i.get("PrivateIpAddress", "") for r in reservations for i in r["Instances"]}
 
 
@@ -23,8 +25,9 @@ def instance_ingress(settings: Settings, instances: list[str]) -> tuple[dict[str
         return {}, []
     ec2 = client(settings, "ec2")
     # A filter, not InstanceIds: an unknown ID is reported, not an error for all of them.
-    found = call("ec2 describe-instances", ec2.describe_instances,
-                 Filters=[{"Name": "instance-id", "Values": sorted(instances)}])["Reservations"]
+    found = [r for batch in chunks(sorted(instances), IDS_PER_CALL)
+             for r in pages("ec2 describe-instances", ec2, "describe_instances", "Reservations",
+                            Filters=[{"Name": "instance-id", "Values": batch}])]
     groups_of: dict[str, set[str]] = {}
     for reservation in found:
         for i in reservation["Instances"]:
@@ -33,9 +36,9 @@ def instance_ingress(settings: Settings, instances: list[str]) -> tuple[dict[str
             groups_of[i["InstanceId"]] = ids
     wanted = sorted(set().union(*groups_of.values())) if groups_of else []
     rules: dict[str, list[Ingress]] = {}
-    if wanted:
-        for g in call("ec2 describe-security-groups", ec2.describe_security_groups,
-                      GroupIds=wanted)["SecurityGroups"]:
+    for batch in chunks(wanted, IDS_PER_CALL):
+        for g in pages("ec2 describe-security-groups", ec2, "describe_security_groups", "SecurityGroups",
+                       GroupIds=batch):
             label = f"{g['GroupId']} ({g.get('GroupName', '')})"
             rules[g["GroupId"]] = [
                 Ingress(label, str(p.get("IpProtocol", "-1")), p.get("FromPort"), p.get("ToPort"), source)

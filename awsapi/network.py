@@ -75,8 +75,8 @@ def _forwarded(actions: list[dict]) -> list[str]:
 
 def _target_group(settings: Settings, arn: str) -> TargetGroupState:
     elbv2 = client(settings, "elbv2")
-    (group,) = call(f"elbv2 describe-target-groups {arn}", elbv2.describe_target_groups,
-                     TargetGroupArns=[arn])["TargetGroups"]
+    (group,) = pages(f"elbv2 describe-target-groups {arn}", elbv2, "describe_target_groups", "TargetGroups",
+                      TargetGroupArns=[arn])
     attributes = call(f"elbv2 describe-target-group-attributes {arn}", elbv2.describe_target_group_attributes,
                        TargetGroupArn=arn)["Attributes"]
     health = call(f"elbv2 describe-target-health {arn}", elbv2.describe_target_health,
@@ -110,3 +110,16 @@ def _health_check(group: dict) -> NetworkHealthCheck | None:
     return NetworkHealthCheck(protocol=protocol, port=str(group.get("HealthCheckPort", "traffic-port")),
                               path=group.get("HealthCheckPath") if http else None,
                               matcher=(group.get("Matcher") or {}).get("HttpCode") if http else None, **timing)
+
+
+def names_tagged(settings: Settings, key: str, value: str) -> list[str]:
+    """The names of the ELBv2 load balancers in the region whose tag `key` is `value`."""
+    elbv2 = client(settings, "elbv2")
+    found = {d["LoadBalancerArn"]: d["LoadBalancerName"]
+             for d in pages("elbv2 describe-load-balancers", elbv2, "describe_load_balancers", "LoadBalancers")}
+    arns, out = sorted(found), []
+    for i in range(0, len(arns), 20):  # DescribeTags takes 20 resources a call
+        tagged = call("elbv2 describe-tags", elbv2.describe_tags, ResourceArns=arns[i:i + 20])["TagDescriptions"]
+        out += [found[d["ResourceArn"]] for d in tagged
+                if any(t["Key"] == key and t.get("Value") == value for t in d.get("Tags", []))]
+    return sorted(out)

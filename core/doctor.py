@@ -4,11 +4,15 @@ every disagreement out, each with what to do. Pure: `remote/status.py` gathers t
 
 from __future__ import annotations
 
+import re
+import shlex
 from dataclasses import dataclass, field
 
 from core.gate import plan_for
+from core.listeners import listeners
 from core.live import digest_of_link
 from core.record import ReadinessRecord
+from core.render import Tree
 from core.settings import Settings
 
 PROXY, PLAIN, NEITHER = "proxy", "plain", "neither"  # how a port answers: with the header, without, or not at all
@@ -30,6 +34,10 @@ class HostFacts:
     live: str | None = None  # the digest nginx answers with
     locked_by: str | None = None  # the run holding the rollout lock, if any
     ports: dict[int, str] = field(default_factory=dict)  # port -> PROXY | PLAIN | NEITHER | CLOSED (probed_ports)
+    # what nginx logged since `current` last changed (logged_script): port -> {BROKEN: n, BAD: n}
+    logged: dict[int, dict[str, int]] = field(default_factory=dict)
+    logged_since: str = ""  # when `current` last changed, in the host's local time ("": unknown)
+    logged_gaps: list[str] = field(default_factory=list)  # why a count may be short (a log too big, unreadable)
 
 
 @dataclass(frozen=True)
@@ -195,7 +203,9 @@ def balancer_problems(s: Settings, lb: BalancerFacts | None, record: ReadinessRe
             elif s.proxy_protocol:
                 problems.append(f"listener {protocol}:{port} -> {instance_protocol}:{instance_port}: the instance "
                                 "protocol must be TCP for the PROXY header to reach nginx")
+    problems += listener_problems(s, lb)
     problems += exposure_problems(list(s.proxy_ports), lb.security_groups, lb.ingress)
+    problems += unnamed_problems(s, lb)
     for instance in lb.unknown:
         if lb.lab_endpoint:
             notes.append(f"{instance}: security groups not checked (this AWS endpoint runs no instances)")
@@ -213,6 +223,38 @@ def balancer_problems(s: Settings, lb: BalancerFacts | None, record: ReadinessRe
     return problems, notes, gate
 
 
+def listener_problems(s: Settings, lb: BalancerFacts) -> list[str]:
+    """Every listener the settings declare exists (a certificate AWS refused leaves no 443 listener), and
+    a Classic one forwards to the port the hosts serve it on (it changes only by delete and create)."""
+    have = {port: (protocol, instance_port) for protocol, port, _, instance_port in lb.listeners}
+    out = []
+    for want in listeners(s):
+        key = "ports.http" if want.lb_port == 80 else "ports.tls"
+        if want.lb_port not in have:
+            why = (" (a certificate AWS refused, not issued or in another region, leaves none: check "
+                   "loadBalancer.certificateArn)" if want.protocol == "ssl" else "")
+            out.append(f"no listener on port {want.lb_port}: nothing reaches the hosts through it{why}; "
+                       "run `pulumi up`")
+        elif s.load_balancer.type == "classic" and have[want.lb_port][1] != want.instance_port:
+            protocol, port = have[want.lb_port]
+            out.append(f"listener {protocol}:{want.lb_port} forwards to instance port {port}, which the hosts do "
+                       f"not serve ({key} is {want.instance_port}): every request through it fails; `pulumi up` "
+                       f"recreates it on {want.instance_port} (new connections refused in between, open "
+                       f"WebSockets cut), or set {key} back to {port} and run `fab rollout`")
+    return out
+
+
+def unnamed_problems(s: Settings, lb: BalancerFacts) -> list[str]:
+    """An instance the load balancer has that loadBalancer.instances does not name (an Auto Scaling
+    group, the console): no rollout reaches it, and the gate's proof does not cover it."""
+    named = set(s.load_balancer.instances)
+    header = f" and the PROXY header on ports {sorted(lb.header_ports)}" if lb.header_ports else ""
+    return [f"{instance} is registered with the load balancer but loadBalancer.instances does not name it (an "
+            f"Auto Scaling group, the console?): no rollout reaches or proves it, yet it gets traffic{header}; "
+            "add it to loadBalancer.instances (and the hosts) and run `fab rollout`, or deregister it"
+            for instance in sorted((set(lb.registered) | set(lb.present or [])) - named)]
+
+
 def exposure_problems(ports: list[int], lb_groups: list[str], ingress: dict[str, list[Ingress]]) -> list[str]:
     """Every rule on a backend instance that lets anything but the load balancer reach a port
     that reads the PROXY header: whoever reaches it can claim any client address."""
@@ -225,3 +267,109 @@ def exposure_problems(ports: list[int], lb_groups: list[str], ingress: dict[str,
                            f"{rule.source}, beyond the load balancer: anyone there can forge a PROXY header "
                            "(remove the rule; the kit's instance group admits the load balancer only)")
     return out
+
+
+# --- the hosts' own evidence: what nginx logged since the release went live -------------------
+
+BROKEN, BAD = "brokenHeader", "badRequest"  # closed while reading the PROXY header; answered 400
+LOG_BYTES = 8 * 1024 * 1024  # of each log, only its last 8 MiB are read
+LOG_SECONDS = 10  # each log's count is cut off after this long
+_LOG_DIRECTIVE = re.compile(r"^\s*(error_log|access_log)\s+([^\s;]+)", re.MULTILINE)
+# Both leave out connections from the host itself (`own`): the kit's own probes, over SSH.
+# nginx's error log: an entry starts with its local time; the one for a connection closed while
+# reading the PROXY header ends (maybe lines later: the bytes it got are quoted raw) with
+# "while reading PROXY protocol, client: C, server: ADDRESS:PORT"
+_ERROR_AWK = r"""
+BEGIN { split(own, o, " "); for (i in o) self[o[i]] = 1 }
+/^[0-9][0-9][0-9][0-9]\/[0-9][0-9]\/[0-9][0-9] [0-9][0-9]:[0-9][0-9]:[0-9][0-9] / { t = substr($0, 1, 19) }
+/ while reading PROXY protocol, client: .*, server: / {
+  c = $0; sub(/.* while reading PROXY protocol, client: /, "", c); sub(/, server: .*/, "", c)
+  p = $0; sub(/.*, server: /, "", p); sub(/.*:/, "", p); sub(/[^0-9].*/, "", p)
+  if (t >= since && p != "" && !(c in self)) n[p]++
+}
+END { for (p in n) print "brokenHeader", p, n[p] }
+"""
+# elb_log (nginx/http.d/00-base.conf.j2): ... [$time_local] "$request" $status ... $server_port $remote_addr
+_ACCESS_AWK = r"""
+BEGIN { split(own, o, " "); for (i in o) self[o[i]] = 1 }
+/" 400 [0-9]+ "/ {
+  if (!match($0, /\[[0-9][0-9]\/[A-Z][a-z][a-z]\/[0-9][0-9][0-9][0-9]:[0-9][0-9]:[0-9][0-9]:[0-9][0-9]/)) next
+  d = substr($0, RSTART + 1, RLENGTH - 1)
+  m = (index("JanFebMarAprMayJunJulAugSepOctNovDec", substr(d, 4, 3)) + 2) / 3
+  t = sprintf("%s/%02d/%s %s", substr(d, 8, 4), m, substr(d, 1, 2), substr(d, 13, 8))
+  if (t >= since && $(NF - 1) ~ /^[0-9]+$/ && !($NF in self)) n[$(NF - 1)]++
+}
+END { for (p in n) print "badRequest", p, n[p] }
+"""
+
+
+def log_files(tree: Tree) -> tuple[list[str], list[str]]:
+    """(error logs, access logs) as the rendered config names them (relative: under ROOT, nginx's -p)."""
+    found: dict[str, set[str]] = {"error_log": set(), "access_log": set()}
+    for name, text in tree.files.items():
+        if name.endswith(".conf"):
+            for directive, path in _LOG_DIRECTIVE.findall(text):
+                if path not in ("off", "stderr") and not path.startswith("syslog:"):
+                    found[directive].add(path)
+    return sorted(found["error_log"]), sorted(found["access_log"])
+
+
+def logged_script(root: str, tree: Tree, own: list[str]) -> str:
+    """A POSIX sh script for the host: since when `current` was last swapped (its own mtime: the last
+    rollout or rollback), per port, the connections nginx closed while reading the PROXY header and
+    the 400s it answered, but those from `own` (the host's addresses the kit probes from). Bounded:
+    the last LOG_BYTES of each log, LOG_SECONDS each."""
+    errors, accesses = log_files(tree)
+    peers = shlex.quote(" ".join(own))
+
+    def each(paths: list[str], awk: str) -> str:
+        return "".join(
+            f"f={shlex.quote(path)}\n"
+            "if [ ! -e \"$f\" ]; then :; elif [ ! -r \"$f\" ]; then echo \"unreadable $f\"; else\n"
+            f"  [ \"$(wc -c < \"$f\")\" -gt {LOG_BYTES} ] && echo \"partial $f\"\n"
+            f"  tail -c {LOG_BYTES} \"$f\" | timeout {LOG_SECONDS} awk -v since=\"$since\" -v own={peers} "
+            f"{shlex.quote(awk)} || echo \"unread $f\"\n"
+            "fi\n" for path in paths)
+
+    return (f"cd {shlex.quote(root)} || exit 0\n"
+            "t=$(stat -c %Y current 2>/dev/null) || exit 0\n"
+            "since=$(date -d \"@$t\" '+%Y/%m/%d %H:%M:%S') || exit 0\n"
+            "echo \"since $since\"\n" + each(errors, _ERROR_AWK) + each(accesses, _ACCESS_AWK))
+
+
+def parse_logged(text: str) -> tuple[dict[int, dict[str, int]], str, list[str]]:
+    """`logged_script`'s output: (port -> counts, since, gaps)."""
+    counts: dict[int, dict[str, int]] = {}
+    since, gaps = "", []
+    for line in text.splitlines():
+        word, _, rest = line.partition(" ")
+        if word == "since":
+            since = rest
+        elif word in (BROKEN, BAD) and len(rest.split()) == 2 and all(x.isdigit() for x in rest.split()):
+            port, n = map(int, rest.split())
+            per = counts.setdefault(port, {BROKEN: 0, BAD: 0})
+            per[word] += n
+        elif word in ("partial", "unreadable", "unread"):
+            gaps.append({"partial": f"{rest}: only its last {LOG_BYTES // (1024 * 1024)} MiB read",
+                         "unreadable": f"{rest}: not readable by the SSH user (set ssh.sudo)",
+                         "unread": f"{rest}: not read within {LOG_SECONDS}s"}[word])
+    return counts, since, gaps
+
+
+def host_notes(h: HostFacts, used: list[int]) -> list[str]:
+    """The host's own evidence that it and the load balancer disagree, on the ports the load balancer
+    forwards to (`used`). Notes, not problems: a Classic cutover's window leaves such lines too."""
+    since = f"since {h.logged_since}" if h.logged_since else "since `current` last changed"
+    out = []
+    for port in sorted(set(h.logged) & set(used)):
+        broken, bad = h.logged[port].get(BROKEN, 0), h.logged[port].get(BAD, 0)
+        if broken:
+            out.append(f"port {port}: nginx closed {broken} connection(s) without a valid PROXY header {since} "
+                       "(`broken header` in its error log): the load balancer sent none there, or something else "
+                       "reaches the port; if it grows outside a cutover window, compare the header ports with "
+                       "the port's setting (`pulumi up`) and the security groups")
+        if bad:
+            out.append(f"port {port}: nginx answered {bad} request(s) with 400 {since}: a PROXY header on a port "
+                       "that does not read it (the load balancer sends it: `fab rollout` with proxyProtocol: "
+                       "true), or malformed requests; if it grows outside a cutover window, run `fab rollout`")
+    return out + [f"logs: {gap}" for gap in h.logged_gaps]

@@ -155,3 +155,30 @@ def plan_for(s: Settings, *, registered: list[str], header_ports: list[int], rec
                 ports=list(s.proxy_ports), record=record, header_ports=header_ports, load_balancer=s.load_balancer.name,
                 present=present,
                 record_problem=record_problem or (None if record else f"no readiness record at {s.parameter_path}"))
+
+
+def follow_refusal(s: Settings, *, reached: set[str], registered: list[str], header_ports: list[int],
+                   record: ReadinessRecord, present: list[str] | None = None) -> str | None:
+    """Why the load balancer could not follow a rollout that turns the header on (or keeps it on),
+    computed before any host goes live (None: it can). `reached`: the instances the rollout's hosts
+    are; `record`: the readiness record that rollout would write. Two ways it cannot:
+    - an instance the gate waits for (named in loadBalancer.instances, registered, or in one of a
+      network load balancer's groups) is not one of the rollout's hosts: the gate would stay
+      closed for it forever while every host reads the header;
+    - the gate over the record about to be written would still not send the header to every
+      proxy port."""
+    if not s.proxy_protocol:
+        return None
+    waited = set(s.load_balancer.instances) | set(registered) | set(present or [])
+    unreached = sorted(waited - reached)
+    if unreached:
+        return (f"the gate would wait for instance(s) {', '.join(unreached)}, which no host of this rollout is "
+                "(wsgate:hosts): every host would read the PROXY header while the load balancer never sends it. "
+                "Add them to wsgate:hosts (or set wsgate:discover: true), or remove them from loadBalancer.instances "
+                "and deregister them; nothing was changed")
+    gated = plan_for(s, registered=registered, header_ports=header_ports, record=record, present=present)
+    short = sorted(set(s.proxy_ports) - set(gated.decision.ports))
+    if short:
+        return (f"even with this rollout recorded, the gate would not send the PROXY header to port(s) "
+                f"{_ports(short)}: {gated.decision.message}; nothing was changed")
+    return None

@@ -122,7 +122,9 @@ def network_listeners(s: Settings) -> list[NetworkListener]:
 def drain_seconds(s: Settings) -> int:
     """How long, once the load balancer stopped sending the PROXY header, the hosts keep reading it
     before a turn-off takes it away. Network: `loadBalancer.deregistrationDelay`, as for a target
-    leaving a group: a listener change reaches the load balancer's nodes over time (AWS states no
-    bound), and until it has, new connections still go to the proxy groups' ports. Classic: none,
+    leaving a group, and never less than `loadBalancer.switchDrain` (a delay of 0 must not make it
+    0): a listener change reaches the load balancer's nodes over time (AWS states no bound; users
+    report about 75 s), and until it has, new connections still go to the proxy groups' ports. Classic: none,
     the policy goes off in place (the cutover window: docs/concepts.md#the-cutover-window)."""
-    return s.load_balancer.deregistration_delay if s.load_balancer.type == "network" else 0
+    lb = s.load_balancer
+    return max(lb.deregistration_delay, lb.switch_drain) if lb.type == "network" else 0

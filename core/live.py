@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from core.session import Remote
 
@@ -41,6 +41,24 @@ class LiveState:
     def restore_line(self) -> bytes:
         """The `restore` request's payload: these links, and nginx running or not."""
         return f"{self.current}|{self.previous}|{'yes' if self.nginx == 'ours' else 'no'}".encode()
+
+    def running(self, digest: str, manifest: dict) -> LiveState:
+        """This state with `current` naming the release nginx runs (`digest`, with its manifest):
+        a restore then brings back what ran, not what the link named."""
+        return replace(self, current=f"releases/{digest}", manifest=manifest)
+
+    def disagreement(self, running: str | None, target: str, remote: Remote) -> str | None:
+        """Why this host must not be changed: the kit's nginx runs `running`, another release than
+        `current` names (a run cut short between swap and reload, or a hand edit), so a restore,
+        which reloads what `current` names, would end serving neither. None when they agree, when
+        what runs is unknown, or when it runs `target` (its restore brings `target` back)."""
+        if self.nginx != "ours" or not running or running in (digest_of_link(self.current), target):
+            return None
+        return (f"nginx runs {running[:12]} but `current` names {self.current or 'nothing'}: after a failure "
+                "the restore would load what `current` names, not what runs, so the host is not touched. "
+                f"Reconcile it first: `ln -sfn releases/{running} {remote.root}/current` (keeps what runs) or "
+                f"`{remote.nginx} -p {remote.root}/ -c {remote.root}/current/nginx.conf -s reload` (runs what "
+                "`current` names), then run again (docs/troubleshooting.md#nginx-runs-another-release)")
 
     def foreign(self, remote: Remote) -> str | None:
         """Why the host is not ours to change (an nginx we did not start), or None."""

@@ -79,3 +79,15 @@ def other_kind_refusal(s: Settings) -> str:
             f"{s.load_balancer.type}: changing the kind would delete the live load balancer; create the new "
             "kind as a new environment (its own loadBalancer.name), move DNS to it, then destroy the old one "
             "(docs/troubleshooting.md#another-kind-under-the-name)")
+
+
+def renamed_refusal(s: Settings, others: list[str]) -> str:
+    """Why settings naming a load balancer that does not exist, while this environment's live one
+    exists under another name, are refused: `pulumi up` would create a new load balancer without
+    the header (its gate starts closed) and delete the live one that DNS points at."""
+    return (f"loadBalancer.name is {s.load_balancer.name}, but environment {s.env}'s load balancer in AWS is "
+            f"{', '.join(others)} (tag wsgate:env={s.env}), and {s.load_balancer.name} does not exist: "
+            "`pulumi up` would create a new load balancer without the PROXY header and delete the live one "
+            "that DNS points at. Nothing was changed. Put loadBalancer.name back; to move to a new load balancer, "
+            "make it a new environment and move DNS "
+            "(docs/concepts.md#changes-that-replace-the-load-balancer)")

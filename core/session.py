@@ -25,6 +25,7 @@ from importlib.resources import files
 from core.settings import Host, Settings
 
 LOCKED_EXIT = 75  # the session's exit code when another run holds the lock
+LOCK_FAILED_EXIT = 71  # its exit code when `flock` itself fails (missing, or any error but a held lock)
 STAGED = "wsgate: staged"  # printed once the uploaded tree is unpacked, before `nginx -t`
 SWAPPED = "wsgate: swapped"  # printed once `current` points at the new release, before the reload
 LOCKED = "wsgate: locked"  # printed once the rollout lock is held (and the state reported)
@@ -73,8 +74,9 @@ class Remote:
         return self.wrap(f"set -e; {assigned}\n{SCRIPT}\n{entry}\n")
 
     def inspect(self) -> str:
-        """The live state, one `key<TAB>value` a line, without a lock (for `fab status`)."""
-        return self._command("inspect")
+        """The live state, one `key<TAB>value` a line, without a lock and without creating anything
+        (for `fab status`: a doctor changes nothing; `root<TAB>missing` when ROOT is not there)."""
+        return self._command("inspect", LOCK_FAILED_EXIT=str(LOCK_FAILED_EXIT))
 
     def session(self, owner: str, stage: str, target: str = "", mode: Mode = Mode.ROLLOUT, wait: int = 0) -> str:
         """The session command (see `session` in core/session.sh). Requests: ping, stage (+ a
@@ -84,5 +86,5 @@ class Remote:
         return self._command(
             "session", OWNER=owner, STAGE=stage, TARGET=target, MODE=mode.value, WAIT=str(wait),
             T=str(self.command_timeout), IDLE=str(self.idle_timeout), KEEP=str(KEEP_RELEASES),
-            LOCKED_EXIT=str(LOCKED_EXIT), MARK_LOCKED=LOCKED, MARK_STAGED=STAGED, MARK_SWAPPED=SWAPPED,
-            MARK_DONE=DONE)
+            LOCKED_EXIT=str(LOCKED_EXIT), LOCK_FAILED_EXIT=str(LOCK_FAILED_EXIT), MARK_LOCKED=LOCKED,
+            MARK_STAGED=STAGED, MARK_SWAPPED=SWAPPED, MARK_DONE=DONE)

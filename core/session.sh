@@ -14,6 +14,7 @@
 #   WAIT   seconds to wait for the lock (0: never)        T     ssh.commandTimeout, per nginx call
 #   IDLE   ssh.idleTimeout                                KEEP  how many of the newest releases stay
 #   LOCKED_EXIT  the exit code when another run holds the lock
+#   LOCK_FAILED_EXIT  the exit code when `flock` itself fails (missing, or an error other than a held lock)
 #   MARK_LOCKED, MARK_STAGED, MARK_SWAPPED, MARK_DONE  the lines the controller waits for
 #
 # Every value from settings arrives quoted in the head; every request is a fixed word.
@@ -35,23 +36,41 @@ state_report() {
   printf 'nginx\t%s\npid\t%s\ncmdline\t%s\n' "$NGX" "$NPID" "$NCMD"
 }
 
-# Both entry points start here: the binary exists, the layout's directories too.
+# Both entry points start here: the binary exists. Only a session creates the layout's
+# directories: `inspect` (a doctor) changes nothing.
 prelude() {
   [ -x "$N" ] || { echo "nginx binary $N not found" >&2; exit 127; }
-  mkdir -p "$R/releases" "$R/logs" "$R/tmp"
 }
 
-# `fab status`: the live state, one `key<TAB>value` a line, without taking the lock. `locked`
-# names the run that holds it (a shared try never blocks a rollout for more than an instant).
+# Any command that touches the tree, bounded by T (a hung filesystem must not hold the lock past
+# the idle limit) and without fd 9 (a child left hanging must not hold the lock either).
+bounded() { timeout "$T" "$@" 9>&-; }
+
+# try_lock FLOCK-ARGS...: flock on fd 9. Held by another run (flock's own exit 1: would block, or
+# the wait ran out): 1. flock missing or failing otherwise: LOCK_FAILED_EXIT, with its exit code
+# and words in LOCKERR.
+try_lock() {
+  LOCKERR=$(flock "$@" 9 2>&1) && return 0
+  lrc=$?
+  [ "$lrc" -eq 1 ] && return 1
+  LOCKERR="flock failed on $R/.rollout.lock (exit $lrc: $(printf '%s' "${LOCKERR:-no output}" | tr '\n' ' '))"
+  return "$LOCK_FAILED_EXIT"
+}
+
+# `fab status`: the live state, one `key<TAB>value` a line, without taking the lock and without
+# creating anything (a missing root is reported as `root<TAB>missing`). `locked` names the run
+# that holds it (a shared try never blocks a rollout for more than an instant).
 inspect() {
   prelude
+  if [ -d "$R" ]; then printf 'root\tpresent\n'; else printf 'root\tmissing\n'; fi
   printf 'current\t%s\nprevious\t%s\n' \
     "$(readlink "$R/current" 2>/dev/null || true)" "$(readlink "$R/previous" 2>/dev/null || true)"
   state_report
   if [ -e "$R/.rollout.lock" ]; then
     exec 9<"$R/.rollout.lock"
-    if flock -n -s 9; then printf 'locked\t\n'
-    else printf 'locked\t%s\n' "$(cat "$R/.rollout.owner" 2>/dev/null || echo '?')"; fi
+    if try_lock -n -s; then printf 'locked\t\n'
+    elif [ "$lrc" -eq 1 ]; then printf 'locked\t%s\n' "$(cat "$R/.rollout.owner" 2>/dev/null || echo '?')"
+    else echo "$LOCKERR (docs/troubleshooting.md#flock-failed)" >&2; exit "$LOCK_FAILED_EXIT"; fi
   fi
 }
 
@@ -64,14 +83,17 @@ inspect() {
 # stale stages and names itself in the owner file; `s` (check) writes nothing but its own stage.
 session() {
   prelude
+  mkdir -p "$R/releases" "$R/logs" "$R/tmp"
   exec 9>>"$R/.rollout.lock"
-  if [ "$WAIT" -gt 0 ]; then flock "-$MODE" -w "$WAIT" 9; else flock "-$MODE" -n 9; fi || {
-    printf 'locked\t%s\n' "$(cat "$R/.rollout.owner" 2>/dev/null)"; exit "$LOCKED_EXIT"; }
+  lrc=0
+  if [ "$WAIT" -gt 0 ]; then try_lock "-$MODE" -w "$WAIT"; else try_lock "-$MODE" -n; fi || lrc=$?
+  if [ "$lrc" -eq 1 ]; then printf 'locked\t%s\n' "$(cat "$R/.rollout.owner" 2>/dev/null)"; exit "$LOCKED_EXIT"; fi
+  if [ "$lrc" -ne 0 ]; then echo "$LOCKERR" >&2; exit "$LOCK_FAILED_EXIT"; fi
   STALE=0
   if [ "$MODE" = x ]; then
     printf '%s\n' "$OWNER" > "$R/.rollout.owner"
-    for d in "$R"/releases/.stage-*; do if [ -e "$d" ]; then rm -rf "$d"; STALE=$((STALE + 1)); fi; done
-    rm -f "$R"/.session.*  # left by sessions that were killed (none runs beside an exclusive lock)
+    for d in "$R"/releases/.stage-*; do if [ -e "$d" ]; then bounded rm -rf "$d"; STALE=$((STALE + 1)); fi; done
+    bounded rm -f "$R"/.session.*  # left by sessions that were killed (none runs beside an exclusive lock)
   fi
   BEFORE=$(readlink "$R/current" 2>/dev/null || true)
   PREVIOUS=$(readlink "$R/previous" 2>/dev/null || true)
@@ -86,7 +108,7 @@ session() {
   serve
 }
 
-ngx() { timeout "$T" "$N" -p "$R/" -c "$@" 9>&-; }
+ngx() { bounded "$N" -p "$R/" -c "$@"; }
 
 reload() {
   nginx_state
@@ -98,7 +120,8 @@ reload() {
 }
 
 put() {  # put NAME TARGET: the link ROOT/NAME -> TARGET, atomically; an empty TARGET removes it
-  if [ -n "$2" ]; then ln -sfn "$2" "$R/$1.new" && mv -T "$R/$1.new" "$R/$1"; else rm -f "$R/$1"; fi
+  if [ -n "$2" ]; then bounded ln -sfn "$2" "$R/$1.new" && bounded mv -T "$R/$1.new" "$R/$1"
+  else bounded rm -f "$R/$1"; fi
 }
 
 switch() {  # switch TARGET: `current` -> TARGET, `previous` -> what `current` was
@@ -109,7 +132,7 @@ prune() {  # keep the KEEP newest releases, and any release a link names (now or
   keep=" $BEFORE $PREVIOUS $(readlink "$R/current" 2>/dev/null) $(readlink "$R/previous" 2>/dev/null) "
   # shellcheck disable=SC2010  # newest first needs ls -t; the names are digests (no newline, no space)
   ls -1t "$R/releases" | grep -v '^\.' | tail -n +$((KEEP + 1)) | while read -r d; do
-    case "$keep" in *" releases/$d "*) ;; *) rm -rf "$R/releases/$d";; esac
+    case "$keep" in *" releases/$d "*) ;; *) bounded rm -rf "$R/releases/$d";; esac
   done
 }
 
@@ -119,7 +142,7 @@ prune() {  # keep the KEEP newest releases, and any release a link names (now or
 watchdog() {
   F="$R/.session.$$"
   echo b > "$F"
-  trap 'kill "$WD" 2>/dev/null; rm -f "$F"' EXIT
+  trap 'kill "$WD" 2>/dev/null; bounded rm -f "$F"' EXIT
   (
     tick=$((IDLE / 3)); [ "$tick" -ge 1 ] || tick=1  # one wake-up per tick: a short run sees none
     n=0; last=""
@@ -134,6 +157,33 @@ watchdog() {
   WD=$!
 }
 
+# a_link VALUE: empty, or `releases/` and 64 hex digits (what a restore may point a link at).
+a_link() {
+  case $1 in '') return 0 ;; releases/*) ;; *) return 1 ;; esac
+  d=${1#releases/}
+  [ "${#d}" -eq 64 ] || return 1
+  case $d in *[!0-9a-f]*) return 1 ;; esac
+}
+
+# restore CURRENT|PREVIOUS|yes-or-no: both links as they were, and nginx running or not. The
+# payload is split with parameter expansion (no here-document: a full /tmp cannot break it) and
+# every field is checked before anything changes: a bad one is refused, untouched.
+restore() {
+  case $1 in *'|'*'|'*) ;; *) echo "restore refused: payload '$1' is not CURRENT|PREVIOUS|yes-or-no: nothing changed"; return 2 ;; esac
+  WC=${1%%'|'*}; rest=${1#*'|'}; WP=${rest%%'|'*}; WR=${rest#*'|'}
+  for v in "$WC" "$WP"; do
+    a_link "$v" || { echo "restore refused: link '$v' is not empty or releases/<64 hex digits>: nothing changed"; return 2; }
+  done
+  case $WR in yes|no) ;; *) echo "restore refused: running '$WR' is not yes or no: nothing changed"; return 2 ;; esac
+  nginx_state; st=$NGX; was_pid=$NPID
+  if [ "$st" = foreign ]; then reload; return  # refuses, and says why
+  elif [ -n "$WC" ] && [ ! -d "$R/$WC" ]; then echo "release $WC is gone"; return 1
+  elif [ -n "$WP" ] && [ ! -d "$R/$WP" ]; then echo "release $WP is gone"; return 1
+  fi
+  put current "$WC" && put previous "$WP" && echo "$MARK_SWAPPED" || return
+  if [ "$WR" = yes ]; then reload; elif [ "$st" = ours ]; then kill -QUIT "$was_pid"; fi
+}
+
 # One request a line, until stdin closes: ping, stage (+ a base64 tar line), discard, live,
 # back, reload, restore (+ `current|previous|yes-or-no`), show. Each answer ends `MARK_DONE rc`.
 serve() {
@@ -143,27 +193,18 @@ serve() {
     echo b > "$F"
     case "$cmd" in
       ping) rc=0 ;;
-      stage) rm -rf "$S" && mkdir -p "$S" && printf '%s' "$payload" | base64 -d | tar -xf - -C "$S" \
+      stage) bounded rm -rf "$S" && mkdir -p "$S" && printf '%s' "$payload" | base64 -d | bounded tar -xf - -C "$S" \
                && echo "$MARK_STAGED" && ngx "$S/nginx.conf" -t; rc=$? ;;
-      discard) rm -rf "$S"; rc=$? ;;
+      discard) bounded rm -rf "$S"; rc=$? ;;
       live) D="$R/releases/$TARGET"
-            { [ ! -d "$S" ] || { [ -d "$D" ] && rm -rf "$S"; } || mv -T "$S" "$D"; } \
+            { [ ! -d "$S" ] || { [ -d "$D" ] && bounded rm -rf "$S"; } || bounded mv -T "$S" "$D"; } \
               && [ -d "$D" ] && switch "releases/$TARGET" && echo "$MARK_SWAPPED" && { prune; reload; }; rc=$? ;;
       back) if [ -z "$PREVIOUS" ] || [ ! -d "$R/$PREVIOUS" ]; then echo "the previous release ${PREVIOUS:-(none)} is not on the host"; rc=1
             else switch "$PREVIOUS" && echo "$MARK_SWAPPED" && reload; rc=$?; fi ;;
       reload) reload; rc=$? ;;
-      restore) IFS='|' read -r WC WP WR <<EOF_RESTORE
-$payload
-EOF_RESTORE
-               # the links as they were, and whether nginx ran
-               nginx_state; st=$NGX; was_pid=$NPID
-               if [ "$st" = foreign ]; then reload; rc=$?  # refuses, and says why
-               elif [ -n "$WC" ] && [ ! -d "$R/$WC" ]; then echo "release $WC is gone"; rc=1
-               elif [ -n "$WP" ] && [ ! -d "$R/$WP" ]; then echo "release $WP is gone"; rc=1
-               else put current "$WC" && put previous "$WP" && echo "$MARK_SWAPPED" && \
-                    if [ "$WR" = yes ]; then reload; elif [ "$st" = ours ]; then kill -QUIT "$was_pid"; fi; rc=$?; fi ;;
+      restore) restore "$payload"; rc=$? ;;
       show) if cd "$R/current" 2>/dev/null; then
-              find . -type f | sort | while read -r f; do printf '%s\0' "${f#./}"; cat "$f"; printf '\0'; done; cd /
+              bounded find . -type f | sort | while read -r f; do printf '%s\0' "${f#./}"; cat "$f"; printf '\0'; done; cd /
             fi; echo; rc=0 ;;
       *) echo "unknown request: $cmd"; rc=2 ;;
     esac

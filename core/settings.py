@@ -30,6 +30,17 @@ from core.errors import SettingsError
 
 PROJECT = "wsgate"  # Pulumi project name: the namespace of our keys in Pulumi.<env>.yaml
 
+# AWS's default quotas for one load balancer, as its quota pages name them (docs/settings.md#aws-quotas);
+# adjustable through Service Quotas (loadBalancer.raisedQuotas).
+CLASSIC_INSTANCES_QUOTA = 1000  # "Registered Instances per Classic Load Balancer"
+TARGET_GROUP_QUOTA = 1000  # "Targets per target group per Region (instances or IP addresses)"
+NLB_TARGETS_QUOTA = 3000  # "Targets per Network Load Balancer"
+NLB_CROSS_ZONE_TARGETS_QUOTA = 500  # the same with cross-zone load balancing on, whatever the zones
+# A network load balancer's instance is in up to 4 of the kit's groups at once (the plain and the
+# proxy group of each of its two listeners, during a switch), and AWS counts a target registered
+# in N groups as N targets.
+KIT_TARGET_GROUPS = 4
+
 _LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
 _DNS = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
 _PATH = re.compile(r"^[A-Za-z0-9._/+-]+$")
@@ -74,6 +85,12 @@ def _absolute_path(value: str) -> str:
     if not value.startswith("/"):
         raise ValueError("must be an absolute path")
     return _path(value)
+
+
+def _root(value: str) -> str:
+    """An nginx root without a trailing slash: the host compares `-c ROOT/current/nginx.conf` with
+    what the pid's command line says (a systemd drop-in written from the docs), character for character."""
+    return _absolute_path(value).rstrip("/") or "/"
 
 
 def _user(value: str) -> str:
@@ -148,6 +165,7 @@ IpAddress = Annotated[str, AfterValidator(_ip)]
 HostName = Annotated[str, AfterValidator(_host)]
 PlainPath = Annotated[str, AfterValidator(_path)]
 AbsolutePath = Annotated[str, AfterValidator(_absolute_path)]
+RootPath = Annotated[str, AfterValidator(_root)]
 UserName = Annotated[str, AfterValidator(_user)]
 Upstream = Annotated[str, AfterValidator(_upstream)]
 Gateway = Annotated[str, AfterValidator(_gateway)]
@@ -242,8 +260,12 @@ class LoadBalancer(Model):
     allowed_cidrs: list[Cidr] = ["0.0.0.0/0"]  # who may reach the listeners 80/443
     instances: list[InstanceId] = []
     cross_zone: bool = True
+    raised_quotas: bool = False  # the account's load balancer quotas were raised: skip AWS's default ones
     connection_draining: Annotated[int, Field(ge=0, le=3600)] = 300  # classic; 0: off
     deregistration_delay: Annotated[int, Field(ge=0, le=3600)] = 30  # network: seconds a leaving target drains
+    # network: the least seconds the hosts keep reading the header after the listeners left the proxy
+    # groups (a listener change reaches the load balancer's nodes over time: users report about 75 s)
+    switch_drain: Annotated[int, Field(ge=1, le=3600)] = 75
     # network, TLS listener: never h2 (nginx would get cleartext h2 on a plain HTTP/1.1 port)
     alpn_policy: Literal["None", "HTTP1Only"] = "HTTP1Only"
     access_logs: AccessLogs | None = None
@@ -293,7 +315,7 @@ class Nginx(Model):
     """How nginx runs on the hosts. Relative paths are relative to `root` (nginx's -p prefix)."""
 
     binary: AbsolutePath = "/usr/sbin/nginx"
-    root: AbsolutePath = "/etc/nginx/wsgate"  # releases/, current -> releases/<digest>, previous
+    root: RootPath = "/etc/nginx/wsgate"  # releases/, current -> releases/<digest>, previous
     pid_file: PlainPath = "/run/nginx.pid"
     log_dir: PlainPath = "/var/log/nginx"
     temp_dir: PlainPath = "/var/lib/nginx"
@@ -334,7 +356,7 @@ class Host(Model):
     identity_file: str | None = None
     gateway: Gateway | None = None
     bind: IpAddress | None = None  # overrides nginx.bind for this host
-    root: AbsolutePath | None = None  # overrides nginx.root for this host
+    root: RootPath | None = None  # overrides nginx.root for this host
 
 
 class Record(Model):
@@ -387,6 +409,9 @@ class Settings(Model):
                 raise ValueError(f"{problem} (a network load balancer uses ports.proxyHttp and ports.proxyTls too)")
         if self.hosts and self.discover:
             raise ValueError("set hosts or discover: true, not both")
+        problem = self.quota_problem()
+        if problem:
+            raise ValueError(problem)
         names = [h.name for h in self.hosts]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -395,6 +420,36 @@ class Settings(Model):
 
     def root_of(self, host: Host) -> str:
         return host.root or self.nginx.root
+
+    @property
+    def instances(self) -> list[str]:
+        """Every instance ID these settings name: loadBalancer.instances and the hosts' instanceId."""
+        return sorted({*self.load_balancer.instances, *(h.instance_id for h in self.hosts if h.instance_id)})
+
+    def quota_problem(self) -> str | None:
+        """The first of AWS's default quotas for one load balancer that the configured instances
+        exceed (AWS would refuse a registration halfway through a rollout), or None."""
+        lb, n = self.load_balancer, len(self.instances)
+        if lb.raised_quotas:
+            return None
+        named = f"{n} instances (loadBalancer.instances and hosts[].instanceId)"
+        if lb.type == "classic":
+            checks = [(n, CLASSIC_INSTANCES_QUOTA, named, "registered instances per Classic Load Balancer")]
+        else:
+            targets = n * KIT_TARGET_GROUPS
+            counted = f"{named}, each in up to {KIT_TARGET_GROUPS} target groups: {targets} targets"
+            checks = [(n, TARGET_GROUP_QUOTA, named, "targets per target group"),
+                      (targets, NLB_TARGETS_QUOTA, counted, "targets per Network Load Balancer")]
+            if lb.cross_zone:
+                checks.append((targets, NLB_CROSS_ZONE_TARGETS_QUOTA, counted,
+                               "targets per Network Load Balancer with cross-zone load balancing on "
+                               "(loadBalancer.crossZone)"))
+        for count, quota, what, name in checks:
+            if count > quota:
+                return (f"{what} exceed AWS's default quota of {quota:,} {name}: split the fleet over more "
+                        "load balancers (environments), or once the account's quota is raised set "
+                        "loadBalancer.raisedQuotas: true (docs/troubleshooting.md#aws-quota)")
+        return None
 
     def bind_of(self, host: Host) -> str | None:
         return host.bind or self.nginx.bind

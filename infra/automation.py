@@ -66,6 +66,10 @@ class PulumiStack:
     def __init__(self, settings: Settings):
         self.settings = settings
 
+    def check(self) -> None:
+        """The CLI is installed and the stack exists in the logged-in backend (selected, never created)."""
+        _stack(self.settings.env, PROJECT_DIR, None)
+
     def apply(self, note: Callable[[str], None]) -> dict[str, Any]:
         note(f"pulumi up -s {self.settings.env} (Automation API)")
         return up(self.settings.env, on_output=lambda line: note(line.rstrip()))

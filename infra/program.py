@@ -19,7 +19,7 @@ from awsapi import balancer, classic, network
 from core.errors import KitError
 from core.gate import Plan, plan_for
 from core.network import NetworkState, network_layout, network_plan
-from core.record import ReadinessRecord, RecordError
+from core.record import ReadinessRecord, decode
 from core.settings import Settings, check_neighbours, from_config
 from infra.classic_component import LoadBalancerArgs, WsGateLoadBalancer
 from infra.network_component import NetworkLoadBalancerArgs, WsGateNetworkLoadBalancer
@@ -44,22 +44,17 @@ def settings() -> Settings:
 
 
 def parameters(s: Settings) -> dict[str, str]:
-    """Every parameter beside the readiness record, read without decryption (a SecureString a
-    neighbour keeps there must not need kms:Decrypt). One by-path read: it returns nothing, not
-    an error, where nothing was written yet (a failed invoke would fail the whole program)."""
+    """Every parameter beside the readiness record (a sharded record's shards are beside it too),
+    read without decryption (a SecureString a neighbour keeps there must not need kms:Decrypt).
+    One by-path read (the provider reads every page): it returns nothing, not an error, where
+    nothing was written yet (a failed invoke would fail the whole program)."""
     found = aws.ssm.get_parameters_by_path(path=s.parameter_dir, recursive=False, with_decryption=False)
     return dict(zip(found.names or [], found.values or [], strict=False))
 
 
 def read_record(found: dict[str, str], s: Settings) -> tuple[ReadinessRecord | None, str | None]:
-    """The readiness record, or None and why."""
-    text = found.get(s.parameter_path)
-    if text is None:
-        return None, f"no readiness record at {s.parameter_path}"
-    try:
-        return ReadinessRecord.from_json(text), None
-    except RecordError as exc:
-        return None, str(exc)
+    """The readiness record, or None and why (core.record.decode: the reader `fab` uses too)."""
+    return decode(found, s.parameter_path)
 
 
 def header_ports_now(s: Settings) -> list[int]:
@@ -89,9 +84,33 @@ def gate_plan(s: Settings) -> Plan:
                     record_problem=problem)
 
 
+def check_certificate(s: Settings) -> None:
+    """Stop before anything is declared when AWS would refuse loadBalancer.certificateArn (a Classic
+    ELB would be left without its 443 listener), and say what a Classic rotation costs."""
+    from awsapi import certificates
+
+    try:
+        problem = certificates.certificate_problem(s)
+    except certificates.NotChecked as exc:
+        if exc.lab:
+            pulumi.log.info(str(exc))
+        else:
+            pulumi.log.warn(f"{exc} (the program needs acm:DescribeCertificate or iam:GetServerCertificate)")
+        problem = None
+    if problem:
+        raise KitError(f"{problem}; nothing was declared (docs/troubleshooting.md#the-certificate-cannot-serve)")
+    live = certificates.listener_certificate(s) if s.load_balancer.type == "classic" else None
+    if live and live != s.load_balancer.certificate_arn:
+        pulumi.log.warn(f"the 443 listener's certificate changes from {live} to {s.load_balancer.certificate_arn}: "
+                        "a Classic ELB deletes and recreates the listener, so new connections on 443 are refused "
+                        "in between and every open WebSocket through it is cut; run it when traffic is low "
+                        "(docs/concepts.md#rotating-the-certificate)")
+
+
 def main() -> WsGateLoadBalancer | WsGateNetworkLoadBalancer:
     s = settings()
     refuse_replacement(s)
+    check_certificate(s)
     if s.load_balancer.type == "network":
         return network_main(s)
     gated = gate_plan(s)

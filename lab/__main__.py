@@ -224,9 +224,9 @@ class Lab:
     def stand_in(self) -> StandIn:
         return stand_in(self.settings, self.dir, self.listen)
 
-    def wait_for_header(self, on: bool, timeout: float = 15.0) -> None:
+    def wait_for_header(self, on: bool, timeout: float = 60.0) -> None:
         """Until the stand-in runs what the load balancer has now, and that sends (or does not send)
-        the PROXY header on every listener."""
+        the PROXY header on every listener. It ends on that event; the bound is for a busy machine."""
         stand_in = self.stand_in()
         deadline = time.monotonic() + timeout
         seen = 0

@@ -24,7 +24,7 @@ from core.listeners import (
     network_listeners,
 )
 from core.network import network_layout, network_plan
-from core.record import ReadinessRecord, RecordError
+from core.record import ReadinessRecord
 from core.settings import Settings, stack_file
 
 LAB_VPC_CIDR, LAB_SUBNET_CIDR, LAB_ZONE = "10.99.0.0/16", "10.99.1.0/24", "a"  # the lab account's network
@@ -56,20 +56,18 @@ def outputs(gated: Plan) -> dict[str, Any]:
 
 
 def read_record(settings: Settings) -> tuple[ReadinessRecord | None, str | None]:
-    """The readiness record, or None and why (a record that does not parse proves nothing)."""
+    """The readiness record, or None and why (a record that does not parse, or a write cut short,
+    proves nothing): core.record.decode, the reader the program uses too."""
     from awsapi import parameters
 
-    try:
-        return parameters.read_record(settings), None
-    except RecordError as exc:
-        return None, str(exc)
+    return parameters.read_checked(settings)
 
 
 # --- Classic ELB ---------------------------------------------------------------------------------
 
 def apply_classic(settings: Settings) -> dict[str, Any]:
     from awsapi import classic
-    from awsapi.clients import client
+    from awsapi.clients import REGISTER_PER_CALL, chunks, client
 
     lb, s = settings.load_balancer, settings
     elb = client(settings, "elb")
@@ -96,8 +94,8 @@ def apply_classic(settings: Settings) -> dict[str, Any]:
                      record_problem=problem)
     decision = gated.decision
     new = [i for i in gated.join if i not in registered]
-    if new:
-        elb.register_instances_with_load_balancer(LoadBalancerName=name, Instances=[{"InstanceId": i} for i in new])
+    for batch in chunks(new, REGISTER_PER_CALL):
+        elb.register_instances_with_load_balancer(LoadBalancerName=name, Instances=[{"InstanceId": i} for i in batch])
     policy = f"{name}-proxy-protocol"
     if decision.attach:
         existing = {p["PolicyName"] for p in elb.describe_load_balancer_policies(LoadBalancerName=name)
@@ -188,26 +186,27 @@ def _health_args(h: NetworkHealthCheck) -> dict[str, Any]:
 def _members(s: Settings, arn: str, port: int, members: tuple[str, ...]) -> None:
     """Exactly `members` registered in the group, on its port (one port per group: moto keeps one
     registration per instance and group)."""
-    from awsapi.clients import client
+    from awsapi.clients import REGISTER_PER_CALL, chunks, client
 
     elbv2 = client(s, "elbv2")
     now = {t["Target"]["Id"] for t in elbv2.describe_target_health(TargetGroupArn=arn)["TargetHealthDescriptions"]
            if t.get("TargetHealth", {}).get("State") != "draining"}
     joining, leaving = sorted(set(members) - now), sorted(now - set(members))
-    if joining:
-        elbv2.register_targets(TargetGroupArn=arn, Targets=[{"Id": i, "Port": port} for i in joining])
-    if leaving:
-        elbv2.deregister_targets(TargetGroupArn=arn, Targets=[{"Id": i, "Port": port} for i in leaving])
+    for batch in chunks(joining, REGISTER_PER_CALL):
+        elbv2.register_targets(TargetGroupArn=arn, Targets=[{"Id": i, "Port": port} for i in batch])
+    for batch in chunks(leaving, REGISTER_PER_CALL):
+        elbv2.deregister_targets(TargetGroupArn=arn, Targets=[{"Id": i, "Port": port} for i in batch])
 
 
 def _listener(s: Settings, lb_arn: str, x: NetworkListener, target: str) -> None:
     """The listener, created if missing, forwarding to `target`. A switch sends only the default
     action (the other fields are unchanged; moto's modify_listener also refuses Protocol=TLS)."""
-    from awsapi.clients import client
+    from awsapi.clients import client, pages
 
     lb, elbv2 = s.load_balancer, client(s, "elbv2")
     forward = [{"Type": "forward", "TargetGroupArn": target}]
-    found = [ln for ln in elbv2.describe_listeners(LoadBalancerArn=lb_arn)["Listeners"] if ln["Port"] == x.port]
+    found = [ln for ln in pages(f"elbv2 describe-listeners {lb.name}", elbv2, "describe_listeners", "Listeners",
+                                LoadBalancerArn=lb_arn) if ln["Port"] == x.port]
     if not found:
         tls = {"Certificates": [{"CertificateArn": lb.certificate_arn}], "SslPolicy": lb.ssl_policy,
                "AlpnPolicy": [lb.alpn_policy]} if x.protocol == "TLS" else {}
@@ -255,7 +254,9 @@ def network_config(config: dict[str, Any], vpc: str, subnets: list[str]) -> dict
         **{k: v for k, v in classic.items() if k not in ("availabilityZones", "connectionDraining")},
         "type": "network", "name": f"{classic['name']}-nlb", "subnets": subnets, "vpcId": vpc,
         "idleTimeout": max(classic.get("idleTimeout", 300), 60),  # a network TCP listener takes 60-6000
-        "deregistrationDelay": classic.get("connectionDraining", 30)}
+        "deregistrationDelay": classic.get("connectionDraining", 30),
+        # the stand-in follows a listener change within a fraction of a second; AWS's nodes take longer
+        "switchDrain": max(1, classic.get("connectionDraining", 30))}
     return out
 
 
@@ -266,6 +267,16 @@ class LabApplier:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+
+    def check(self) -> None:
+        from awsapi.clients import is_lab
+        from infra.automation import PulumiStack
+
+        if pulumi_stack(self.settings):
+            PulumiStack(self.settings).check()
+        elif not is_lab(self.settings):
+            raise KitError(f"{self.settings.env}: the lab's applier only runs against a loopback AWS endpoint (the "
+                           "lab); install the pulumi CLI for a real account")
 
     def apply(self, note: Callable[[str], None]) -> dict[str, Any]:
         from infra.automation import PulumiStack

@@ -19,9 +19,21 @@ PULUMI = "infra.automation:PulumiStack"  # what `loadBalancer.applier: pulumi` n
 
 
 class Applier(Protocol):
+    def check(self) -> None:
+        """Raise a KitError if `apply` cannot run now (no CLI, no such stack, not the lab): asked
+        before any host changes, so a rollout never switches hosts the load balancer cannot follow."""
+        ...
+
     def apply(self, note: Callable[[str], None]) -> dict[str, Any]:
         """Bring the load balancer to what the settings and the readiness record allow; its outputs."""
         ...
+
+
+def ready(applier: Applier) -> None:
+    """The applier's own pre-flight (`check`), where it has one (an applier written before it may not)."""
+    check = getattr(applier, "check", None)
+    if callable(check):
+        check()
 
 
 def chosen(settings: Settings) -> Applier:

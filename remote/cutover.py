@@ -4,19 +4,24 @@ Turning the PROXY protocol on (or changing config while it is on):
   1. connect, lock and inspect every host; nothing changes;
   2. every AWS read the run depends on: the stored record, and where the load balancer sends
      traffic and the PROXY header now (a rollback: only when turning off, or with --apply);
-     a run that would break what the load balancer sends now is refused: nothing changed;
+     a run that would break what the load balancer sends now is refused, and so is one the load
+     balancer could not follow (--apply without a working applier; the header on while the gate
+     over the record this run would write stays closed): nothing changed;
   3. upload and `nginx -t` every host; a failure discards every stage: nothing changed;
      a port some host stops serving first gets the load balancer's drain time (network:
      `deregistrationDelay`) to move off it;
   4. go live, batch by batch (swap, reload, probe), once the record claims nothing they stop serving;
   5. lock the hosts that had nothing to do and prove them under the lock;
   6. write the readiness record;
-     any failure (or Ctrl-C) from 4 to 6: every host this run may have changed is restored to
-     exactly what it had, and the record is put back as it was (read back to prove it);
-  7. with --apply, after the locks are released: `pulumi up`, then check through the AWS API
-     that the header goes to exactly `settings.proxy_ports` (none, with the protocol off): a
-     Classic ELB's ProxyProtocol policy on the plain ports, or a network load balancer's
-     listeners forwarding to the proxy target groups.
+  7. with --apply, every host's lock still held (with --apply all are taken in step 1: the
+     environment's lock): `pulumi up`, then check through the AWS API that the header goes to
+     exactly `settings.proxy_ports` (none, with the protocol off): a Classic ELB's ProxyProtocol
+     policy on the plain ports, or a network load balancer's listeners forwarding to the proxy
+     target groups;
+     any failure (or Ctrl-C) from 4 to 6, or a failed `pulumi up` that left a Classic ELB sending
+     the header to none of the ports the hosts now read it on: every host this run may have
+     changed is restored to exactly what it had, and the record is put back as it was (read back
+     to prove it).
 
 Turning it off runs 1-3 the same, then the load balancer stops sending the header before any
 host stops reading it: with --apply, `pulumi up` detaches the policy or moves the listeners back
@@ -37,11 +42,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NoReturn
 
 from core.errors import KitError
+from core.gate import follow_refusal
 from core.listeners import drain_seconds
 from core.network import group_health, target_health
 from core.outcome import HostOutcome
+from core.probe import plain_proven, proven_ports
+from core.record import build
 from core.render import served_ports
-from remote.applier import Applier
+from remote.applier import Applier, ready
 from remote.background import Background
 from remote.readiness import ParameterRecord
 from remote.rollout import Rollout
@@ -81,19 +89,21 @@ def rollout(run: Rollout, record: ParameterRecord | None = None, applier: Applie
             cut.lock_and_inspect()                                            # 1
             cut.read_aws(reading)                                             # 2
             cut.refuse_what_would_break()
+            cut.refuse_what_the_load_balancer_cannot_follow()
             cut.upload_and_test()                                             # 3
+            cut.prepare_record()  # the record to write fits Parameter Store, known before any change
             cut.stop_the_header()  # turning off: the load balancer stops sending it first
             cut.drain()
-            with cut.restored_on_failure():  # any failure from 4 to 6
+            with cut.restored_on_failure():  # any failure from 4 to 7
                 cut.withdraw_claims()
                 cut.go_live()                                                 # 4
                 if cut.record_needed():
                     cut.lock_unchanged()                                      # 5
                     cut.write_record()                                        # 6
+                cut.apply_and_check()                                         # 7
         except _Stop:
             return cut.stopped()
         run.finish()
-    cut.apply_and_check()                                                     # 7
     return cut.verdict
 
 
@@ -126,8 +136,12 @@ class _Cutover:
         return Background(lambda: now if now else _traffic(self.run.settings, reads))
 
     def lock_and_inspect(self) -> None:
-        """1. Connect, lock and inspect every host; nothing changes."""
+        """1. Connect, lock and inspect every host; nothing changes. With --apply every host's lock is
+        taken, also of those with nothing to do, and held until after `pulumi up`: the environment's
+        lock, so no other run changes a host while the load balancer may change."""
         if not self.run.prepare():
+            raise _Stop
+        if self.apply and not self.run.lock_unchanged():
             raise _Stop
 
     def read_aws(self, reading: Background) -> None:
@@ -145,9 +159,11 @@ class _Cutover:
         to hosts that stop reading it, is refused before any change (a rollback is never refused)."""
         assert self.now is not None
         run, s, forwarded = self.run, self.run.settings, self.now.forwarded
-        lost = sorted(set(forwarded) - served_ports(s) - set(self.header_ports if self.turning_off else []))
+        network = s.load_balancer.type == "network"
+        # network, turning off: the listeners leave the proxy ports; a Classic listener stays on its port
+        lost = sorted(set(forwarded) - served_ports(s) - set(self.header_ports if self.turning_off and network else []))
         # the listeners go back to the plain ports: served now?
-        if self.turning_off and self.header_ports and forwarded:
+        if network and self.turning_off and self.header_ports and forwarded:
             unserved = {s.ports.http, s.ports.tls} - run.live_ports()
             retired = sorted(unserved & set(self.now.retired))
             if retired and not run.rolling_back:
@@ -160,29 +176,75 @@ class _Cutover:
                            "them before any listener moves back); nothing was changed")
         if lost and not run.rolling_back:
             self._stop(f"the load balancer's listeners forward to ports {lost}, which the new config no longer "
-                       "serves: every request through them would fail until the listeners move. Change a port "
-                       "while no listener forwards to it (the plain ports while proxy protocol is on, the proxy "
-                       "ports while it is off); nothing was changed")
+                       f"serves: every request through them would fail until the listeners move. {_moving(s)}; "
+                       "nothing was changed")
         if self.turning_off and self.header_ports and not self.apply:
             self._stop(f"the load balancer still sends the PROXY header to ports {self.header_ports}: nginx must keep "
                        "reading it until the load balancer stops. Run `pulumi up` with proxyProtocol: false "
                        "first, or `fab rollout --apply`; nothing was changed")
+
+    def refuse_what_the_load_balancer_cannot_follow(self) -> None:
+        """2, still: with --apply, the applier can run (the CLI is there, the stack exists); with the
+        header on, the gate over the record this run would write sends it to every proxy port (every
+        instance it waits for is one of this run's hosts). Else the hosts would read a header the
+        load balancer never sends: refused before any change."""
+        assert self.now is not None
+        if self.apply and self.applier is not None:
+            try:
+                ready(self.applier)
+            except KitError as exc:
+                self._stop(f"before any change: --apply cannot run pulumi up: {exc}; nothing was changed")
+        s = self.run.settings
+        if self.turning_off or self.run.rolling_back:
+            return
+        served = self.run.targets()
+        prospective = build(s.env, proven_ports(s), served, load_balancer=s.load_balancer.name,
+                            plain_ports=plain_proven(s))
+        refused = follow_refusal(s, reached=set(served), registered=self.now.registered,
+                                 header_ports=self.header_ports, record=prospective, present=self.now.present)
+        if refused:
+            self._stop(refused)
 
     def upload_and_test(self) -> None:
         """3. Upload and `nginx -t` every host; a failure discards every stage: nothing changed."""
         if not self.run.stage():
             raise _Stop
 
+    def prepare_record(self) -> None:
+        """3, still: the record this run will write, from each host's target, must fit Parameter Store
+        (a sharded one's shards are written ahead); else the run stops with nothing changed."""
+        if self.turning_off or not self.record:
+            return
+        try:
+            self.record.prepare({o.instance: o.target for o in self.run.outcomes if o.instance and o.target})
+        except (KitError, KeyboardInterrupt) as exc:
+            self._put_record_back()
+            self._stop(f"before any change: {exc}" if isinstance(exc, KitError) else "interrupted before any change")
+
     def stop_the_header(self) -> None:
-        """Turning off: with --apply, `pulumi up` stops the header before any host stops reading it."""
+        """Turning off: with --apply, `pulumi up` stops the header before any host stops reading it.
+        The record's proof is withdrawn first: a `pulumi up` from elsewhere in between must not put
+        the header back on its proof (the gate is sticky: the hosts would then drop what it sends).
+        The switch fails: no host changed and they still read the header, so the record goes back."""
         if not (self.turning_off and self.header_ports):
             return
         assert self.applier is not None
         try:
+            if self.record:
+                self.record.withdraw_header()
             _apply(self.run, self.applier, want=[], before=self.header_ports)
         except KitError as exc:
+            self._put_record_back()
             self._stop(f"stopping the PROXY header at the load balancer: {exc}; no host was changed", ATTENTION)
         self.detached = True
+
+    def _put_record_back(self) -> None:
+        """No host changed: the record goes back as it was (a failure to is the verdict's)."""
+        if self.record:
+            try:
+                self.record.undo()
+            except KitError as exc:
+                self.verdict.fail(str(exc), ATTENTION)
 
     def drain(self) -> None:
         """Whoever moved the load balancer off the ports the hosts drop, and whenever: it may still
@@ -240,7 +302,10 @@ class _Cutover:
         self.record.write(self.run.outcomes)
 
     def apply_and_check(self) -> None:
-        """7. With --apply, after the locks are released: `pulumi up`, then check through the AWS API."""
+        """7. With --apply, every host's lock still held: `pulumi up`, then check through the AWS API.
+        If it fails while the load balancer sends the header to none of the ports a Classic ELB's
+        hosts now read it on, those hosts would reject every request: they are put back, and the
+        record with them. A network load balancer's hosts serve both ports: they stay."""
         if self.run.interrupted.is_set():
             self.verdict.fail("interrupted after the last step: every host is ready and recorded", INTERRUPTED)
             return
@@ -250,10 +315,28 @@ class _Cutover:
         try:
             _apply(self.run, self.applier, want=want, before=self.header_ports)
         except KitError as exc:
+            if self._hosts_cannot_wait():
+                self.verdict.fail(f"{exc}; the load balancer sends the PROXY header to none of the ports the hosts "
+                                  "now read it on, so every host this run changed is put back")
+                raise _NotReady from None
             self.verdict.fail(f"every host is ready and recorded, but {exc}")
         except KeyboardInterrupt:
             self.verdict.fail("interrupted during pulumi up: every host is ready and recorded; run `pulumi up` "
                               "(or `fab status`) to see where the load balancer stands", INTERRUPTED)
+
+    def _hosts_cannot_wait(self) -> bool:
+        """After a failed `pulumi up`: a Classic ELB whose hosts this run made read the header, and
+        that sends it to none of those ports (read now; an unreadable load balancer: not known, so
+        the hosts stay and the verdict says what failed)."""
+        s = self.run.settings
+        if s.load_balancer.type == "network" or self.turning_off or not self.run.touched:
+            return False
+        from awsapi.balancer import header_ports
+
+        try:
+            return not set(header_ports(s)) & set(s.proxy_ports)
+        except KitError:
+            return False
 
     def stopped(self) -> Verdict:
         """The run ended early: unused stages discarded, hosts that never got their turn marked."""
@@ -264,6 +347,18 @@ class _Cutover:
     def _stop(self, problem: str, code: int = FAILED) -> NoReturn:
         self.verdict.fail(problem, code)
         raise _Stop
+
+
+def _moving(settings) -> str:
+    """How to move a port a listener forwards to (docs/concepts.md#a-forwarded-port-does-not-change)."""
+    if settings.load_balancer.type == "network":
+        return ("Change a port while no listener forwards to it (the plain ports while proxy protocol is on, the "
+                "proxy ports while it is off)")
+    return ("A Classic listener's instance port changes only by deleting and recreating the listener (new "
+            "connections refused in between, open WebSockets cut): keep ports.http/ports.tls, or accept that "
+            "window: `pulumi up` first (the listener moves to the new port), then `fab rollout --apply`, or "
+            "avoid it with a new environment whose load balancer forwards to the new port from the start, DNS "
+            "moved over (docs/concepts.md#a-forwarded-port-does-not-change)")
 
 
 def _traffic(settings, reads: bool) -> Traffic:
@@ -296,7 +391,7 @@ def _drain(run: Rollout) -> None:
     seconds = drain_seconds(run.settings)
     if seconds:
         run.reporter.note(f"the hosts keep serving the ports they drop for {seconds}s while the load balancer "
-                          "moves off them (loadBalancer.deregistrationDelay)")
+                          "moves off them (loadBalancer.deregistrationDelay, at least switchDrain)")
         run.interrupted.wait(seconds)
 
 

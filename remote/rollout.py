@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import json
 import secrets
 import signal
 import tarfile
@@ -42,12 +43,15 @@ from core.batches import split
 from core.errors import KitError
 from core.live import LiveState, digest_of_link, nginx_error, parse_files, parse_state, tree_diff
 from core.outcome import HostOutcome, Step
-from core.render import Tree
-from core.session import DONE, LOCKED, LOCKED_EXIT, STAGED, SWAPPED, Mode, Remote
+from core.render import MANIFEST_FILE, Tree
+from core.session import DONE, LOCK_FAILED_EXIT, LOCKED, LOCKED_EXIT, STAGED, SWAPPED, Mode, Remote
 from core.settings import Host, Settings
+from remote.heartbeat import Heartbeat
 from remote.probe import live, probe, wait_live
 from remote.report import Reporter
 from remote.ssh import Session, Ssh, SshError
+
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each ends a run as Ctrl-C does: restored
 
 
 class StepFailed(KitError):
@@ -86,9 +90,11 @@ class _Host:
 
 class Rollout:
     def __init__(self, settings: Settings, hosts: list[Host], trees: dict[str, Tree] | None, ssh: Ssh,
-                 reporter: Reporter, parallel: int = 10, batch: str | None = None):
-        """`trees`: host name -> tree to roll out; None rolls every host back to its previous release."""
+                 reporter: Reporter, parallel: int = 10, batch: str | None = None, take_over: bool = False):
+        """`trees`: host name -> tree to roll out; None rolls every host back to its previous release.
+        `take_over`: a host whose live release is another environment's is taken, not refused."""
         self.settings, self.ssh, self.reporter = settings, ssh, reporter
+        self.take_over = take_over
         self.parallel, self.batch = max(1, parallel), batch
         self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}"
         self.hosts = [
@@ -106,6 +112,10 @@ class Rollout:
     @property
     def outcomes(self) -> list[HostOutcome]:
         return [h.outcome for h in self.hosts]
+
+    def targets(self) -> dict[str, str]:
+        """Instance ID -> the digest this run puts it on (hosts with an instance ID and a tree)."""
+        return {h.host.instance_id: h.tree.digest for h in self.hosts if h.host.instance_id and h.tree}
 
     @property
     def touched(self) -> bool:
@@ -135,20 +145,23 @@ class Rollout:
 
     @contextlib.contextmanager
     def guarded(self) -> Iterator[Rollout]:
-        """While the run lasts: Ctrl-C is noted (never raised mid-step), every open session hears
-        from us (or the host ends it after ssh.idleTimeout), and everything is closed at the end."""
-        previous = None
+        """While the run lasts: Ctrl-C, SIGTERM and SIGHUP (a cancelled CI job, a closed terminal)
+        are noted alike (never raised mid-step: the run restores what it changed), every open
+        session hears from us (or the host ends it after ssh.idleTimeout), and everything is closed
+        at the end; the previous signal handlers are put back."""
+        previous = {}
         if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGINT, self._on_interrupt)
-        for loop in (self._heartbeat, self._watch_interrupts):
-            threading.Thread(target=loop, daemon=True).start()
+            previous = {sig: signal.signal(sig, self._on_interrupt) for sig in INTERRUPTS}
+        heartbeat = Heartbeat(self._open_sessions, max(1.0, self.settings.ssh.idle_timeout / 3)).start()
+        threading.Thread(target=self._watch_interrupts, daemon=True).start()
         try:
             yield self
         finally:
             self._ended.set()
+            heartbeat.stop()
             self._close()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _on_interrupt(self, signum, frame) -> None:
         self._sigints += 1  # only this: a handler that prints or takes a lock can break the main thread
@@ -166,15 +179,9 @@ class Rollout:
                                    "will be put back")
             self.interrupted.set()
 
-    def _heartbeat(self) -> None:
-        """Ping every idle session each third of ssh.idleTimeout, each on its own thread: a host
-        that stopped answering must not starve the others (a busy session is skipped)."""
-        interval = max(1.0, self.settings.ssh.idle_timeout / 3)
-        while not self._ended.wait(interval):
-            for h in self.hosts:
-                session = h.session
-                if session is not None:
-                    threading.Thread(target=session.ping, daemon=True).start()
+    def _open_sessions(self) -> list[Session]:
+        """The sessions the heartbeat pings (a broken one is not: nothing more is sent on it)."""
+        return [s for h in self.hosts if (s := h.session) is not None and not s.broken]
 
     def _close(self) -> None:
         """Release every lock (closing a session ends the command holding it) and disconnect."""
@@ -301,6 +308,9 @@ class Rollout:
             h.outcome.target = digest_of_link(state.previous) or ""
             if not h.outcome.target:
                 raise StepFailed(f"no previous release to roll back to under {h.remote.root}")
+        if mode is Mode.ROLLOUT:
+            h.before = self._as_it_runs(h, state)
+        if h.tree is None:
             h.reload = True
             return
         h.upload = h.outcome.before != h.tree.digest
@@ -310,6 +320,22 @@ class Rollout:
                 h.outcome.after = seen.digest
                 return
         h.reload = True  # the tree is new, or it is current but not what nginx runs
+
+    def _as_it_runs(self, h: _Host, state: LiveState) -> LiveState:
+        """What a restore must bring back: the state as reported, or, when nginx runs this run's
+        target while `current` names another release, with `current` naming the target. A host
+        whose nginx runs a third release is refused (a restore would load the wrong one)."""
+        if state.nginx != "ours":
+            return state
+        seen = live(self.ssh, h.conn, self._address(h), self.settings.ports.health)  # type: ignore[arg-type]
+        running, target = (seen.digest if seen else None), h.outcome.target
+        why = state.disagreement(running, target, h.remote)
+        if why:
+            raise StepFailed(why)
+        if running == target and digest_of_link(state.current) != target:
+            manifest = json.loads(h.tree.files.get(MANIFEST_FILE) or "{}") if h.tree else {}
+            return state.running(target, manifest if isinstance(manifest, dict) else {})
+        return state
 
     def _lock(self, h: _Host, mode: Mode = Mode.ROLLOUT, wait: int = 0) -> LiveState:
         """Open the host's session: take its rollout lock; the live state it reports. Refuses a
@@ -323,6 +349,9 @@ class Rollout:
         if r.exited == LOCKED_EXIT:
             raise StepFailed(f"another run holds the lock on {h.remote.root} "
                              f"(run {parse_state(r.stdout).get('locked') or '?'}); it is released when that run ends")
+        if r.exited == LOCK_FAILED_EXIT:
+            raise StepFailed(f"cannot take the lock: {nginx_error(r.stderr)}: util-linux's flock must work on "
+                             "the host (docs/troubleshooting.md#flock-failed)")
         if session is None:
             raise StepFailed(f"cannot inspect {h.remote.root}: {nginx_error(r.stderr + r.stdout)}")
         h.session = session
@@ -330,6 +359,16 @@ class Rollout:
         foreign = state.foreign(h.remote)
         if foreign:
             raise StepFailed(foreign)
+        theirs = state.manifest.get("env")
+        if theirs and theirs != self.settings.env and mode is Mode.ROLLOUT:
+            if not self.take_over:
+                raise StepFailed(
+                    f"the live release under {h.remote.root} is environment {theirs!r}'s, not {self.settings.env!r}'s: "
+                    "two environments must not share a host's nginx.root (the other one's load balancer would "
+                    "lose what it sends to). Give each its own root, or take the host over on purpose with "
+                    f"`fab rollout --env {self.settings.env} --take-over` "
+                    "(docs/operations.md#taking-a-host-from-another-environment)")
+            self.reporter.note(f"{h.host.name}: taking the host over from environment {theirs!r} (--take-over)")
         if state.stale:
             self.reporter.note(f"{h.host.name}: removed {state.stale} stage(s) left by interrupted runs")
         return state
@@ -431,7 +470,7 @@ class Rollout:
         if h.conn:
             h.conn.close()
         h.session = None
-        h.conn = self.ssh.connect(h.host)
+        h.conn = self.ssh.reconnect(h.host)  # bounded retries: a bastion that dropped once is tried again
         wait = self.settings.ssh.command_timeout + self.settings.ssh.idle_timeout
         self._lock(h, Mode.ROLLOUT, wait)
 

@@ -3,16 +3,24 @@
 Fabric's default accepts unknown host keys silently (AutoAddPolicy) and never reads
 known_hosts; here every connection checks the host key against the configured known_hosts
 and refuses unknown or changed keys. Connect and command timeouts are always set.
+
+At fleet size: known_hosts is indexed once per run and a key is built only for a host that
+connects; the process may hold every connection at once (its open-files limit is raised, or the
+run refused, up front). Every hop is the kit's own (a bastion channel, strict keys): a
+ProxyCommand, which OpenSSH would run outside the kit's host key check and Ctrl-C would kill, is
+refused before anything connects.
 """
 
 from __future__ import annotations
 
-import binascii
+import base64
 import logging
 import os
 import re
+import resource
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import paramiko
@@ -20,6 +28,7 @@ from fabric import Config, Connection
 from paramiko.config import SSHConfig
 
 from core.errors import KitError
+from core.knownhosts import Entry, KnownHosts, KnownHostsError, lookup_name
 from core.settings import Host, Settings, target
 
 # paramiko logs refused channels (probes of a port not yet open) as errors; what a person
@@ -28,6 +37,13 @@ logging.getLogger("paramiko").addHandler(logging.NullHandler())
 logging.getLogger("paramiko").propagate = False
 
 KEEPALIVE = 5  # seconds between SSH keepalives: a dead peer is noticed, an idle NAT keeps the flow
+# A restore's reconnection: a bastion or host that dropped once gets this many tries, this far apart
+# (a bastion that failed is tried again at most once a pause, whichever host asks).
+RECONNECT_ATTEMPTS, RECONNECT_PAUSE = 4, 2.0
+# Every connection is held for the whole run: one socket per host reached directly and per bastion
+# hop (a host behind a bastion is a channel on the bastion's socket), plus what the process holds
+# anyway (stdio, AWS clients' pools, the Pulumi engine's pipes, logs).
+DESCRIPTOR_MARGIN = 128
 
 
 class SshError(KitError):
@@ -40,6 +56,21 @@ class PortClosed(SshError):
 
 class HostKeyError(SshError):
     """The host's key is unknown or differs from known_hosts."""
+
+
+class _UnknownKey(Exception):
+    """Raised by the host key policy: paramiko found no key for the host among those we gave it."""
+
+    def __init__(self, key: paramiko.PKey):
+        super().__init__(key.get_name())
+        self.key = key
+
+
+class _Strict(paramiko.MissingHostKeyPolicy):
+    """Refuse a host with no known key, keeping the key it presented for the message."""
+
+    def missing_host_key(self, client, hostname, key):
+        raise _UnknownKey(key)
 
 
 class Session:
@@ -107,11 +138,81 @@ class Result:
         return self.exited == 0
 
 
-def _fabric_config(settings: Settings) -> Config:
+_SETTING = re.compile(r"^\s*(\w+)(?:\s*=\s*|\s+)(.*?)\s*$")
+
+
+def _config_path(settings: Settings) -> str | None:
+    """The ssh config file the run honours (None: none)."""
     path = settings.ssh.config_file and os.path.expanduser(settings.ssh.config_file)
-    if path and os.path.exists(path):
-        return Config(runtime_ssh_path=path)
-    return Config(ssh_config=SSHConfig())  # explicit and empty: read no ssh config file
+    return path if path and os.path.exists(path) else None
+
+
+def _read_text(path: str | Path, what: str) -> str:
+    """A text file the run depends on; one that cannot be read is named with the cause."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise SshError(f"{what} {path}: is a directory, not a file") from None
+    except UnicodeDecodeError as exc:
+        line = Path(path).read_bytes()[:exc.start].count(b"\n") + 1
+        raise SshError(f"{what} {path} line {line}: not UTF-8 text (byte {exc.object[exc.start]:#04x})") from None
+    except OSError as exc:
+        raise SshError(f"{what} {path}: cannot read it: {exc.strerror or exc}") from None
+
+
+def _ssh_config(path: str) -> SSHConfig:
+    """The ssh config file, parsed; a line it cannot parse is named with its number."""
+    text = _read_text(path, "ssh config")
+    config = SSHConfig()
+    try:
+        config.parse(iter(text.splitlines()))
+    except paramiko.ssh_exception.ConfigParseError as exc:
+        number = next((n for n, line in enumerate(text.splitlines(), 1)
+                       if line.strip() and not line.strip().startswith("#")
+                       and not re.match(SSHConfig.SETTINGS_REGEX, line.strip())), None)
+        where = f" line {number}" if number else ""
+        raise SshError(f"ssh config {path}{where}: cannot parse it ({exc}); see "
+                       f"docs/troubleshooting.md#bad-ssh-config") from None
+    return config
+
+
+def config_line(path: str, key: str, value: str) -> int | None:
+    """The number of the first line of an ssh config file that sets `key` to `value`, else the first
+    that sets `key` (paramiko expands %h and the like in some values); None: not found."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    setting = [(number, m[2].strip('"')) for number, line in enumerate(lines, 1)
+               if (m := _SETTING.match(line)) and m[1].lower() == key]
+    exact = [number for number, found in setting if found == value]
+    found = exact or [number for number, _ in setting]
+    return found[0] if found else None
+
+
+_FABRIC_CONFIG = threading.Lock()  # Fabric's Config is not safe to share across threads while a Connection is built
+
+
+def _fabric_config(settings: Settings) -> Config:
+    path = _config_path(settings)
+    # explicit either way: Fabric reads no ssh config file of its own (and cannot fail on one)
+    return Config(ssh_config=_ssh_config(path) if path else SSHConfig())
+
+
+def ensure_descriptors(need: int) -> int:
+    """Raise the soft RLIMIT_NOFILE to `need` where the hard limit allows; the soft limit now.
+
+    Refuses (before any change) when the hard limit is below `need`: a run that holds every
+    connection would otherwise fail partway, with hosts already changed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return soft
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise SshError(f"this run holds a connection to every host at once and needs {need} file descriptors; "
+                       f"the limit is {soft} (hard limit {hard}): raise it (`ulimit -n {need}`) or run fewer "
+                       f"hosts at a time; see docs/troubleshooting.md#too-many-open-files")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    return need
 
 
 def _recv(recv, chan: paramiko.Channel, deadline: float) -> bytes:
@@ -132,35 +233,130 @@ def _drain(recv, chan: paramiko.Channel, deadline: float) -> bytes:
 
 
 class Ssh:
-    """Connections for one run: one per host, opened once and reused for every step."""
+    """Connections for one run: one per host, opened once and reused for every step.
+
+    known_hosts is read once per run into an index (core/knownhosts.py); a host's keys are built
+    only when it connects, from the lines that name it."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.config_path = _config_path(settings)
         self.config = _fabric_config(settings)
         self.known_hosts = Path(os.path.expanduser(settings.ssh.known_hosts))
-        self._gateways: dict[str, Connection | SshError] = {}
-        self._keys: paramiko.HostKeys | None = None
+        self._gateways: dict[str, Connection | tuple[SshError, float]] = {}
+        self._index: KnownHosts | None = None
+        self._keys: dict[str, list[paramiko.PKey]] = {}  # lookup name -> its keys, built once
+        self.decoded = 0  # keys built from known_hosts this run (every other line stays text)
         self._lock = threading.RLock()
 
-    def _host_keys(self) -> paramiko.HostKeys:
-        """known_hosts, read once; a line paramiko cannot read is named with its file and number."""
-        if self._keys is None:
-            keys = paramiko.HostKeys()
-            if self.known_hosts.exists():
-                for number, line in enumerate(self.known_hosts.read_text().splitlines(), 1):
-                    if not line.strip() or line.lstrip().startswith("#"):
-                        continue
-                    try:
-                        entry = paramiko.hostkeys.HostKeyEntry.from_line(line, number)
-                    except (paramiko.SSHException, paramiko.hostkeys.InvalidHostKey, ValueError, TypeError,
-                            binascii.Error) as exc:
-                        raise SshError(f"known_hosts {self.known_hosts} line {number}: cannot read it "
-                                       f"({exc or type(exc).__name__})") from None
-                    if entry is None:
-                        raise SshError(f"known_hosts {self.known_hosts} line {number}: not a host key line")
-                    keys._entries.append(entry)
-            self._keys = keys
-        return self._keys
+    @classmethod
+    def for_run(cls, settings: Settings, hosts: Iterable[Host]) -> Ssh:
+        """The run's connections, with its bad input refused up front (`preflight`)."""
+        ssh = cls(settings)
+        ssh.preflight(hosts)
+        return ssh
+
+    # -- up front: everything a run needs, checked before any host is touched ---------------
+
+    def preflight(self, hosts: Iterable[Host]) -> None:
+        """Refuse bad input before any connection: known_hosts unreadable or malformed, an ssh config
+        value Fabric cannot take (named with file and line), a ProxyCommand hop; then make sure the
+        process may hold every connection of the run at once."""
+        self.index()
+        sockets: set[str] = set()
+        for host in hosts:
+            spec = self._hop_spec(host)
+            if spec:
+                hops = [part.strip() for part in spec.split(",")]
+                sockets.update(",".join(hops[:i + 1]) for i in range(len(hops)))
+                for hop in hops:  # the kit opens each hop itself: only what Fabric reads of it counts
+                    self._check_config(target(hop)[1], hop_given=True)
+            else:
+                sockets.add(f"host {host.name}")
+        ensure_descriptors(len(sockets) + DESCRIPTOR_MARGIN)
+
+    def _hop_spec(self, host: Host) -> str | None:
+        """The bastion chain a host is reached through (None: directly); checks the host's ssh config."""
+        ssh = self.settings.ssh
+        given = host.gateway or ssh.gateway  # the kit's own hop: the config's ProxyJump/ProxyCommand do not apply
+        lookup = self._check_config(host.address, hop_given=bool(given))
+        spec = given or lookup.get("proxyjump")
+        return spec if spec and spec.lower() != "none" else None
+
+    def _check_config(self, name: str, hop_given: bool = False) -> dict:
+        """What the ssh config says for `name`, refused with its file and line where Fabric would fail
+        on it (a port that is not a number, a ProxyJump that is not [user@]host[:port]) or where the
+        kit would lose control of a hop (ProxyCommand)."""
+        if not self.config_path:
+            return {}
+        path = self.config_path
+        try:
+            found = dict(self.config.base_ssh_config.lookup(name))
+        except (paramiko.SSHException, ValueError, KeyError, TypeError) as exc:
+            raise SshError(f"ssh config {path}: cannot apply it to {name} ({exc}); see "
+                           f"docs/troubleshooting.md#bad-ssh-config") from None
+
+        def where(key: str, value: str) -> str:
+            number = config_line(path, key, value)
+            return f"ssh config {path}" + (f" line {number}" if number else "")
+
+        port = found.get("port")
+        if port is not None and not (str(port).isdigit() and 1 <= int(port) <= 65535):
+            raise SshError(f"{where('port', port)}: Port {port} (for {name}) is not a number from 1 to 65535; see "
+                           f"docs/troubleshooting.md#bad-ssh-config")
+        jump = None if hop_given else found.get("proxyjump")
+        if jump and jump.lower() != "none":
+            for hop in jump.split(","):
+                try:
+                    target(hop)
+                except ValueError as exc:
+                    raise SshError(f"{where('proxyjump', jump)}: ProxyJump {jump} (for {name}): {exc}; each hop "
+                                   f"must be [user@]host[:port] (a user of letters, digits, _ and -; no ssh:// "
+                                   f"URI); see docs/troubleshooting.md#bad-ssh-config") from None
+        command = found.get("proxycommand")
+        if command and command.lower() != "none" and not jump and not hop_given:
+            raise SshError(f"{where('proxycommand', command)}: ProxyCommand (for {name}) is refused: OpenSSH would "
+                           "check that hop's host key by its own config, not ssh.knownHosts, and Ctrl-C would kill "
+                           "it mid-step. Use ProxyJump or ssh.gateway, which the kit opens itself with strict host "
+                           f"keys; see docs/troubleshooting.md#proxycommand-refused")
+        return found
+
+    # -- known_hosts ------------------------------------------------------------------------
+
+    def index(self) -> KnownHosts:
+        """known_hosts, indexed once per run (no key built); an unreadable file or a malformed line is
+        named with file and line. A missing file is empty: every host is then refused as unknown."""
+        with self._lock:
+            if self._index is None:
+                text = _read_text(self.known_hosts, "known_hosts") if self.known_hosts.exists() else ""
+                try:
+                    self._index = KnownHosts.parse(text, str(self.known_hosts))
+                except KnownHostsError as exc:
+                    raise SshError(str(exc)) from None
+            return self._index
+
+    def host_keys(self, host: str, port: int | None) -> list[paramiko.PKey]:
+        """The keys `host` may present on `port`, built from the lines that name it (once per run)."""
+        name = lookup_name(host, port)
+        with self._lock:
+            if name not in self._keys:
+                try:
+                    entries = self.index().keys(host, port)
+                except KnownHostsError as exc:
+                    raise HostKeyError(str(exc)) from None
+                self._keys[name] = [self._decode(e) for e in entries]
+            return self._keys[name]
+
+    def _decode(self, entry: Entry) -> paramiko.PKey:
+        try:
+            key = paramiko.PKey.from_type_string(entry.key_type, base64.b64decode(entry.key))
+        except (paramiko.SSHException, ValueError, TypeError) as exc:
+            raise HostKeyError(f"known_hosts {self.known_hosts} line {entry.number}: cannot read its "
+                               f"{entry.key_type} key ({exc or type(exc).__name__})") from None
+        self.decoded += 1
+        return key
+
+    # -- connections ------------------------------------------------------------------------
 
     def _connection(self, host: str, user: str | None, port: int | None, identity: str | None) -> Connection:
         """A Connection that checks host keys strictly and never opens a hop of its own (Fabric's
@@ -173,51 +369,73 @@ class Ssh:
             if not os.path.isfile(path):
                 raise SshError(f"identity file {identity} does not exist (ssh.identityFile or hosts[].identityFile)")
             kwargs["key_filename"] = [path]
-        conn = Connection(host, user=user, port=port, config=self.config, connect_timeout=timeout,
-                          connect_kwargs=kwargs, gateway=False)
+        try:
+            with _FABRIC_CONFIG:  # Connection() re-merges the shared Config: another thread's read sees it empty
+                conn = Connection(host, user=user, port=port, config=self.config, connect_timeout=timeout,
+                                  connect_kwargs=kwargs, gateway=False)
+        except (ValueError, KeyError, TypeError) as exc:  # an ssh config value Fabric cannot take
+            raise SshError(f"ssh config {self.config_path}: a value for {host} cannot be used ({exc}); see "
+                           f"docs/troubleshooting.md#bad-ssh-config") from None
         client = paramiko.SSHClient()
-        keys = self._host_keys()
-        for hostname, entry in keys.items():
-            for key_type, key in entry.items():
-                client.get_host_keys().add(hostname, key_type, key)
-        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        known = client.get_host_keys()
+        for key in self.host_keys(conn.host, conn.port):
+            known.add(lookup_name(conn.host, conn.port), key.get_name(), key)
+        client.set_missing_host_key_policy(_Strict())
         conn.client = client
         return conn
 
-    def gateway(self, spec: str) -> Connection:
+    def gateway(self, spec: str, retry: bool = False) -> Connection:
         """A bastion connection (`[user@]host[:port]`, or a ProxyJump chain `a,b`), opened once
-        before any thread shares it; a bastion that failed fails every host at once, untried."""
+        before any thread shares it; a bastion that failed fails every host at once, untried.
+        `retry` (a restore): one that failed, or dropped, is tried again, at most once a
+        RECONNECT_PAUSE whichever host asks."""
         with self._lock:
             cached = self._gateways.get(spec)
             if isinstance(cached, Connection) and not (cached.transport and cached.transport.is_active()):
-                del self._gateways[spec]  # the bastion link dropped: open it again (a restore may need it)
+                cached.close()
+                del self._gateways[spec]  # the bastion link dropped: open it again (a restore needs it)
+            elif isinstance(cached, tuple) and retry and time.monotonic() - cached[1] >= RECONNECT_PAUSE:
+                del self._gateways[spec]
             if spec not in self._gateways:
                 try:
                     *front, last = [part.strip() for part in spec.split(",")]
-                    via = self.gateway(",".join(front)) if front else None  # re-entrant: RLock
+                    via = self.gateway(",".join(front), retry) if front else None  # re-entrant: RLock
                     user, host, port = target(last)
                     conn = self._connection(host, user or self.settings.ssh.user, port,
                                             self.settings.ssh.identity_file)
                     self._open(conn, f"bastion {last}", via)
+                    conn.transport.set_keepalive(KEEPALIVE)
                     self._gateways[spec] = conn
                 except SshError as exc:
-                    self._gateways[spec] = exc
+                    self._gateways[spec] = (exc, time.monotonic())
             found = self._gateways[spec]
-            if isinstance(found, SshError):
-                raise SshError(str(found))
+            if isinstance(found, tuple):
+                raise type(found[0])(str(found[0]))
             return found
 
-    def connect(self, host: Host) -> Connection:
+    def connect(self, host: Host, retry: bool = False) -> Connection:
         ssh = self.settings.ssh
         conn = self._connection(host.address, host.ssh_user or ssh.user, host.ssh_port or ssh.port,
                                 host.identity_file or ssh.identity_file)
-        spec = host.gateway or ssh.gateway or conn.ssh_config.get("proxyjump")
-        if not spec and conn.ssh_config.get("proxycommand"):
-            conn.gateway = conn.ssh_config["proxycommand"]  # the final host's key is still checked strictly
-        via = self.gateway(spec) if spec and spec.lower() != "none" else None
+        spec = self._hop_spec(host)
+        via = self.gateway(spec, retry) if spec else None
         self._open(conn, host.address, via)
         conn.transport.set_keepalive(KEEPALIVE)
         return conn
+
+    def reconnect(self, host: Host) -> Connection:
+        """A restore's connection: a host (or its bastion) that dropped gets RECONNECT_ATTEMPTS tries,
+        RECONNECT_PAUSE apart; a host key problem is not retried (it does not pass by itself)."""
+        for attempt in range(1, RECONNECT_ATTEMPTS + 1):
+            try:
+                return self.connect(host, retry=True)
+            except HostKeyError:
+                raise
+            except SshError as exc:
+                if attempt == RECONNECT_ATTEMPTS:
+                    raise SshError(f"{exc} (tried {attempt} times)") from None
+                time.sleep(RECONNECT_PAUSE)
+        raise AssertionError("unreachable")
 
     def _open(self, conn: Connection, label: str, via: Connection | None = None) -> None:
         timeout = self.settings.ssh.connect_timeout
@@ -230,19 +448,36 @@ class Ssh:
                     raise SshError(f"ssh {label}:{conn.port}: cannot connect through the bastion: "
                                    f"{exc or type(exc).__name__}") from None
             conn.open()
+        except _UnknownKey as exc:
+            conn.close()
+            raise self._unknown(conn, label, exc.key) from None
         except paramiko.BadHostKeyException as exc:
+            conn.close()
+            revoked = self._revoked(conn, exc.key)
+            if revoked:
+                raise revoked from None
             raise HostKeyError(f"host key of {label} CHANGED: got {exc.key.get_name()} "
                                f"{exc.key.get_fingerprint().hex()}, known_hosts ({self.known_hosts}) has another. "
                                "Refusing to connect (possible man-in-the-middle).") from None
         except paramiko.AuthenticationException as exc:
             raise SshError(f"ssh {label}: authentication failed: {exc}") from None
         except paramiko.SSHException as exc:
-            if "not found in known_hosts" in str(exc):
-                raise HostKeyError(f"host key of {label} is not in {self.known_hosts}: refusing an unknown host. "
-                                   f"Verify it and add it (ssh-keyscan -p PORT {conn.host} >> known_hosts)") from None
             raise SshError(f"ssh {label}: {exc}") from None
         except (TimeoutError, OSError, EOFError) as exc:
             raise SshError(f"ssh {label}:{conn.port}: cannot connect: {exc or type(exc).__name__}") from None
+
+    def _revoked(self, conn: Connection, key: paramiko.PKey) -> HostKeyError | None:
+        entry = self.index().revoked(conn.host, conn.port, key.get_name(), key.get_base64())
+        if entry is None:
+            return None
+        return HostKeyError(f"host key of {lookup_name(conn.host, conn.port)} is REVOKED (@revoked, known_hosts "
+                            f"{self.known_hosts} line {entry.number}): refusing to connect")
+
+    def _unknown(self, conn: Connection, label: str, key: paramiko.PKey) -> HostKeyError:
+        return self._revoked(conn, key) or HostKeyError(
+            f"host key of {label} is not in {self.known_hosts}: refusing an unknown host "
+            f"({key.get_name()} {key.get_fingerprint().hex()} as {lookup_name(conn.host, conn.port)}). "
+            f"Verify it and add it (ssh-keyscan -p PORT {conn.host} >> known_hosts)")
 
     def run(self, conn: Connection, command: str, timeout: int | None = None) -> Result:
         """Run one command; a non-zero exit is a result, a lost connection or a timeout an error.

@@ -11,6 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from core.doctor import (
+    BAD,
+    BROKEN,
     CLOSED,
     NEITHER,
     PLAIN,
@@ -18,7 +20,10 @@ from core.doctor import (
     BalancerFacts,
     HostFacts,
     balancer_problems,
+    host_notes,
     host_problems,
+    logged_script,
+    parse_logged,
     probed_ports,
 )
 from core.errors import KitError
@@ -66,6 +71,9 @@ def _host(settings: Settings, host: Host, tree: Tree, ssh: Ssh) -> HostFacts:
         if not r.ok:
             raise KitError(f"inspecting the host failed: {(r.stderr or r.stdout).strip()[:200]}")
         state = parse_state(r.stdout)
+        if state.get("root") == "missing":  # inspect creates nothing: a doctor changes nothing
+            raise KitError(f"{Remote.of(settings, host).root} does not exist on the host: `fab rollout` creates "
+                           "it (or nginx.root / the host's root names the wrong place)")
         facts.current, facts.nginx = state.get("current", ""), state.get("nginx", "no")
         facts.pid, facts.cmdline = state.get("pid", ""), state.get("cmdline", "")
         facts.locked_by = state.get("locked") or None
@@ -75,11 +83,24 @@ def _host(settings: Settings, host: Host, tree: Tree, ssh: Ssh) -> HostFacts:
         if facts.nginx != "no":
             facts.ports = {p: _port_mode(ssh, conn, settings, address, p, expect)
                            for p, expect in probed_ports(settings).items()}
+        _logged(settings, host, tree, ssh, conn, facts, own=[address, "127.0.0.1", "::1"])
     except KitError as exc:
         facts.error = str(exc)
     finally:
         conn.close()
     return facts
+
+
+def _logged(settings: Settings, host: Host, tree: Tree, ssh: Ssh, conn, facts: HostFacts, own: list[str]) -> None:
+    """What nginx logged since the release went live, per port (core.doctor.logged_script), but from
+    `own` (where the kit's probes come from): one more command on the connection status has; a
+    failure leaves a gap, not an error."""
+    remote = Remote.of(settings, host)
+    r = ssh.run(conn, remote.wrap(logged_script(remote.root, tree, own)))
+    if not r.ok:
+        facts.logged_gaps = [f"not read: {(r.stderr or r.stdout).strip()[:200]}"]
+        return
+    facts.logged, facts.logged_since, facts.logged_gaps = parse_logged(r.stdout)
 
 
 def _balancer(settings: Settings, now: Traffic | None = None) -> BalancerFacts:
@@ -165,21 +186,35 @@ def gather(settings: Settings, hosts: list[Host], trees: dict[str, Tree], ssh: S
         view["loadBalancer"] = {"problems": [f"cannot read the load balancer: {exc}"], "notes": []}
         view["gate"] = None
     policy = lb.header_ports if lb and lb.exists else None
-    view["hosts"] = [{**asdict(f), "problems": host_problems(settings, f, policy)} for f in facts]
+    # the ports the load balancer forwards to (not read: the ports a listener would forward to)
+    used = [x[3] for x in lb.listeners] if lb and lb.exists else list(probed_ports(settings))
+    view["hosts"] = [{**asdict(f), "problems": host_problems(settings, f, policy), "notes": host_notes(f, used)}
+                     for f in facts]
     view["ok"] = not view["loadBalancer"]["problems"] and not any(h["problems"] for h in view["hosts"])
     return view
 
 
+def _logged_cell(row: dict) -> str:
+    """Per port, the connections closed for a broken PROXY header and the 400s (`-`: none logged)."""
+    cells = [f"{port}: {n[BROKEN]} broken, {n[BAD]} x 400" for port, n in sorted(row["logged"].items(),
+                                                                                  key=lambda kv: int(kv[0]))
+             if n[BROKEN] or n[BAD]]
+    return "; ".join(cells) or ("-" if row["logged_since"] else "?")
+
+
 def show(reporter, view: dict) -> None:
     t = Table(title=f"hosts of {view['env']}", title_justify="left")
-    for col in ("host", "instance", "live", "rendered", "reads PROXY on", "verdict"):
+    for col in ("host", "instance", "live", "rendered", "reads PROXY on", "logged since live", "verdict"):
         t.add_column(col, overflow="fold")
     for r in view["hosts"]:
         reads = ",".join(str(p) for p, m in sorted(r["ports"].items()) if m == PROXY) or ("off" if r["ports"] else "?")
         verdict = "[green]ok[/]" if not r["problems"] else "[red]" + escape("; ".join(r["problems"])) + "[/]"
         t.add_row(escape(r["host"]), r["instance"] or "-", (r["live"] or "no answer")[:12], r["rendered"][:12],
-                  reads, verdict)
+                  reads, _logged_cell(r), verdict)
     reporter.out.print(t)
+    for r in view["hosts"]:
+        for note in r.get("notes", []):
+            reporter.message(f"  note: {r['host']}: {note}")
     lb = view["loadBalancer"]
     if lb.get("exists"):
         routes = ", ".join(f"{a}:{b} -> {c}:{d}" for a, b, c, d in lb["listeners"])

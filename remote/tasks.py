@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -30,16 +31,33 @@ def _reported(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        throttled = _throttled_calls()
         try:
             return fn(*args, **kwargs)
         except KitError as exc:
             raise Exit(f"error: {exc}\n(what it means and what to do: {TROUBLESHOOTING})", code=1) from None
         finally:
+            _throttle_note(_throttled_calls() - throttled)
             # The process ends next: spare it the final collection over every object the
             # imports made (botocore's models, pydantic's schemas), about 0.15 s.
             gc.freeze()
 
     return wrapper
+
+
+def _throttled_calls() -> int:
+    """AWS calls throttled so far in this process (0 while the task has not needed AWS: botocore
+    is imported only by the tasks that call it)."""
+    clients = sys.modules.get("awsapi.clients")
+    return clients.throttled_calls() if clients else 0
+
+
+def _throttle_note(calls: int) -> None:
+    """Say so when AWS throttled calls of this task: they were retried with backoff, so the run
+    was slower than it looked (docs/troubleshooting.md#aws-throttled)."""
+    if calls:
+        print(f"AWS throttled {calls} call{'s' if calls != 1 else ''}; retried with backoff "
+              "(docs/troubleshooting.md#aws-throttled)", file=sys.stderr)
 
 
 def _settings(env: str) -> Settings:
@@ -109,7 +127,7 @@ def check(c, env, hosts=None, parallel=10, json=False):
 
     reporter = Reporter(quiet=json)
     settings, targets, trees, _ = _prepare(env, hosts, note=reporter.note)
-    run = Rollout(settings, targets, trees, Ssh(settings), reporter, parallel=int(parallel))
+    run = Rollout(settings, targets, trees, Ssh.for_run(settings, targets), reporter, parallel=int(parallel))
     ok = run.check()
     if json:
         reporter.json({"env": settings.env, "ok": ok, "hosts": [
@@ -126,7 +144,24 @@ def check(c, env, hosts=None, parallel=10, json=False):
         raise Exit(code=1)
 
 
-def _run(env: str, trees_wanted: bool, parallel, batch, apply: bool, as_json: bool, what: str) -> None:
+def _refuse_certificate(settings: Settings, note: Callable[[str], None]) -> None:
+    """--apply: a certificate the Pulumi program would refuse stops the run before any host changes
+    (else a Classic cutover leaves the hosts reading a header the load balancer never starts sending)."""
+    from awsapi import certificates
+
+    try:
+        problem = certificates.certificate_problem(settings)
+    except certificates.NotChecked as exc:
+        if not exc.lab:
+            note(str(exc))
+        return
+    if problem:
+        raise KitError(f"{problem}: `pulumi up` would refuse it; nothing was changed "
+                       "(docs/troubleshooting.md#the-certificate-cannot-serve)")
+
+
+def _run(env: str, trees_wanted: bool, parallel, batch, apply: bool, as_json: bool, what: str,
+         take_over: bool = False) -> None:
     """A rollout (trees) or a rollback (no trees), in the cutover order; report; exit with its code."""
     from core.batches import batches
     from core.render import render_hosts
@@ -139,15 +174,20 @@ def _run(env: str, trees_wanted: bool, parallel, batch, apply: bool, as_json: bo
     from remote.ssh import Ssh
 
     reporter = Reporter(quiet=as_json)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a cancelled CI job or a closed terminal acts as Ctrl-C
+        signal.signal(sig, signal.default_int_handler)  # (the run's guard notes them; pulumi up is interrupted)
     # a rollback is an emergency path: without the load balancer's word it probes every plain port
     settings, targets, trees, now = _prepare(env, strict=trees_wanted, note=reporter.note)
     batches(batch, len(targets))  # a bad --batch fails here, before any host is touched
+    if apply:
+        _refuse_certificate(settings, reporter.note)
     if settings.proxy_protocol or (now and now.header_ports):
         require_instance_ids(targets)
 
     def one(s: Settings, trees, now, apply: bool, title: str):
         record = ParameterRecord(s, reporter)  # its read starts now, overlapping the connections
-        run = Rollout(s, targets, trees, Ssh(s), reporter, parallel=int(parallel), batch=batch)
+        run = Rollout(s, targets, trees, Ssh.for_run(s, targets), reporter, parallel=int(parallel), batch=batch,
+                      take_over=take_over)
         verdict = cutover.rollout(run, record, chosen(s), apply=apply, now=now)
         if not as_json:
             _summary(reporter, False, title, verdict, run.outcomes)
@@ -177,11 +217,12 @@ def _run(env: str, trees_wanted: bool, parallel, batch, apply: bool, as_json: bo
 @task(help={"env": ENV_HELP, "parallel": "hosts worked on at once (default 10)",
             "batch": "go live in batches, e.g. 1,25%,100% (a failure stops the rest untouched)",
             "apply": "also run `pulumi up` (Automation API) and verify the policy through the AWS API",
-            "json": "print JSON instead of a table"})
+            "json": "print JSON instead of a table",
+            "take-over": "take hosts whose live release is another environment's (refused without it)"})
 @_reported
-def rollout(c, env, parallel=10, batch=None, apply=False, json=False):
+def rollout(c, env, parallel=10, batch=None, apply=False, json=False, take_over=False):
     """Render, upload, test, swap, reload and probe on every host; restore every host on any failure."""
-    _run(env, True, parallel, batch, apply, json, "rollout")
+    _run(env, True, parallel, batch, apply, json, "rollout", take_over=take_over)
 
 
 @task(help={"env": ENV_HELP, "parallel": "hosts worked on at once (default 10)", "json": "print JSON"})
@@ -223,7 +264,7 @@ def status(c, env, json=False):
 
     reporter = Reporter()
     settings, targets, trees, now = _prepare(env, note=reporter.note)
-    view = gather(settings, targets, trees, Ssh(settings), now=now)
+    view = gather(settings, targets, trees, Ssh.for_run(settings, targets), now=now)
     if json:
         reporter.json(view)
     else:

@@ -263,3 +263,123 @@ def test_a_plain_group_is_retired_only_behind_a_listener_on_its_proxy_group():
     assert back_refusal(s, network_forwarding((), s), now, None, ("i-0123456789abcdef0",)) is None
     on = network_state(s, {80: PROXY, 443: PROXY}).now(s)
     assert back_refusal(s, network_forwarding((), s), on, None, ("i-0123456789abcdef0",), "no record")
+
+
+# --- the listeners the settings declare, and instances they do not name ------------------------
+
+def _classic_lb(s, **changes) -> BalancerFacts:
+    instances = list(s.load_balancer.instances)
+    facts = {"exists": True, "listeners": [("TCP", 80, "TCP", s.ports.http), ("SSL", 443, "TCP", s.ports.tls)],
+             "header_ports": [s.ports.http, s.ports.tls], "registered": instances,
+             "health": {i: "InService" for i in instances}}
+    return BalancerFacts(**{**facts, **changes})
+
+
+def test_a_classic_listener_forwarding_to_a_port_the_hosts_do_not_serve_is_a_problem():
+    s = settings_from("staging")
+    assert not [p for p in balancer_problems(s, _classic_lb(s), None, None)[0] if "listener" in p]
+    moved = _classic_lb(s, listeners=[("TCP", 80, "TCP", s.ports.http), ("SSL", 443, "TCP", 82)])
+    problems, _, _ = balancer_problems(s, moved, None, None)
+    assert (f"listener SSL:443 forwards to instance port 82, which the hosts do not serve (ports.tls is "
+            f"{s.ports.tls}): every request through it fails; `pulumi up` recreates it on {s.ports.tls} (new "
+            "connections refused in between, open WebSockets cut), or set ports.tls back to 82 and run "
+            "`fab rollout`") in problems
+
+
+def test_a_missing_listener_is_a_problem_and_the_443_one_names_the_certificate():
+    s = settings_from("staging")
+    problems, _, _ = balancer_problems(s, _classic_lb(s, listeners=[("TCP", 80, "TCP", s.ports.http)]), None, None)
+    assert ("no listener on port 443: nothing reaches the hosts through it (a certificate AWS refused, not "
+            "issued or in another region, leaves none: check loadBalancer.certificateArn); run `pulumi up`") in problems
+    problems, _, _ = balancer_problems(network(), BalancerFacts(exists=True, listeners=[("TLS", 443, "TCP", 83)]),
+                                       None, None)
+    assert "no listener on port 80: nothing reaches the hosts through it; run `pulumi up`" in problems
+    assert not any("no listener on port 443" in p for p in problems)
+
+
+def test_an_instance_the_settings_do_not_name_is_a_problem():
+    s = settings_from("staging")
+    stranger = "i-00000000000000abc"
+    lb = _classic_lb(s, registered=[*s.load_balancer.instances, stranger])
+    problems, _, _ = balancer_problems(s, lb, None, None)
+    assert [p for p in problems if p.startswith(stranger)] == [
+        f"{stranger} is registered with the load balancer but loadBalancer.instances does not name it (an Auto "
+        "Scaling group, the console?): no rollout reaches or proves it, yet it gets traffic and the PROXY header "
+        f"on ports [{s.ports.http}, {s.ports.tls}]; add it to loadBalancer.instances (and the hosts) and run "
+        "`fab rollout`, or deregister it"]
+    in_a_group = BalancerFacts(exists=True, registered=[], present=[stranger])  # network: in a kit group
+    assert any(p.startswith(f"{stranger} is registered") for p in balancer_problems(network(), in_a_group,
+                                                                                     None, None)[0])
+
+
+# --- what nginx logged: the script, run by sh here on logs as nginx writes them -----------------
+
+def test_the_log_files_come_from_the_rendered_config():
+    from core.doctor import log_files
+    from core.render import render
+
+    s = settings_from("staging", nginx={"logDir": "logs"})
+    errors, accesses = log_files(render(s))
+    assert errors == ["logs/error.log"]
+    assert accesses == [f"logs/{s.env}-{kind}.access.log" for kind in ("app", "default", "http")]
+
+
+def test_the_logged_script_counts_per_port_only_what_was_logged_since_current_changed(tmp_path):
+    import os
+    import subprocess
+    import time
+
+    from core.doctor import BAD, BROKEN, logged_script, parse_logged
+    from core.render import render
+
+    s = settings_from("staging", nginx={"logDir": "logs"})
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "releases" / "d").mkdir(parents=True)
+    os.symlink("releases/d", tmp_path / "current")
+    live = int(time.time()) - 3600
+    os.utime(tmp_path / "current", (live, live), follow_symlinks=False)
+
+    def err(t):
+        return time.strftime("%Y/%m/%d %H:%M:%S", time.localtime(t))
+
+    def acc(t):
+        return time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(t))
+
+    def broken(t, port):  # the bytes nginx got are quoted raw: the entry spans lines
+        return (f'{err(t)} [error] 7#7: *1 broken header: "GET / HTTP/1.1\r\nHost: x\r\n\r\n" while reading '
+                f"PROXY protocol, client: 10.0.0.9, server: 10.0.1.5:{port}\n")
+
+    (tmp_path / "logs" / "error.log").write_text(
+        "partial line cut by tail\n" + broken(live - 60, 80) + broken(live + 5, 80) + broken(live + 6, 80)
+        + broken(live + 7, 81) + broken(live + 7, 81).replace("10.0.0.9", "10.0.1.5")  # the host's own probe
+        + f"{err(live + 8)} [notice] 7#7: signal process started\n")
+    (tmp_path / "logs" / f"{s.env}-default.access.log").write_text(
+        f'- - - [{acc(live - 60)}] "PROXY TCP4 1.2.3.4 5.6.7.8 1 443" 400 157 "-" "-" 81 10.0.0.9\n'
+        f'- - - [{acc(live + 9)}] "PROXY TCP4 1.2.3.4 5.6.7.8 1 443" 400 157 "-" "-" 81 10.0.0.9\n'
+        f'- - - [{acc(live + 9)}] "PROXY TCP4 1.2.3.4 5.6.7.8 1 443" 400 157 "-" "-" 81 10.0.1.5\n'  # a probe
+        f'- - - [{acc(live + 9)}] "GET / HTTP/1.1" 400 157 "-" "-"\n'  # written before the port was logged
+        f'1.2.3.4 - - [{acc(live + 9)}] "GET / HTTP/1.1" 200 157 "-" "a 400 9 b" 81 10.0.0.9\n')
+    script = logged_script(str(tmp_path), render(s), ["10.0.1.5", "127.0.0.1", "::1"])
+    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    counts, since, gaps = parse_logged(out.stdout)
+    assert since == err(live) and gaps == []
+    assert counts == {80: {BROKEN: 2, BAD: 0}, 81: {BROKEN: 1, BAD: 1}}
+
+
+def test_logged_counts_on_a_port_the_load_balancer_uses_are_notes_with_what_to_do():
+    from core.doctor import BAD, BROKEN, host_notes, parse_logged
+
+    counts, since, gaps = parse_logged("since 2026/12/01 10:00:00\nbrokenHeader 80 3\nbadRequest 81 2\n"
+                                       "brokenHeader 9000 4\npartial logs/error.log\nunreadable logs/x.log\n")
+    host = HostFacts("web-1", None, "d" * 64, logged=counts, logged_since=since, logged_gaps=gaps)
+    notes = host_notes(host, [80, 81])
+    assert notes[0].startswith("port 80: nginx closed 3 connection(s) without a valid PROXY header since "
+                               "2026/12/01 10:00:00 (`broken header` in its error log)")
+    assert notes[1].startswith("port 81: nginx answered 2 request(s) with 400 since 2026/12/01 10:00:00: a PROXY "
+                               "header on a port that does not read it")
+    assert notes[2:] == ["logs: logs/error.log: only its last 8 MiB read",
+                         "logs: logs/x.log: not readable by the SSH user (set ssh.sudo)"]
+    assert not any("port 9000" in n for n in notes)  # no listener forwards there
+    quiet = HostFacts("web-1", None, "d" * 64, logged={80: {BROKEN: 0, BAD: 0}}, logged_since=since)
+    assert host_notes(quiet, [80, 81]) == []

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import awsapi.classic
+import awsapi.clients
 import awsapi.parameters
 from tests.conftest import PROJECT_DIR
 from tests.support.faults import AwsFaults, hanging_nginx
@@ -271,11 +272,13 @@ def test_host_gone_during_the_restore_is_reported_restore_failed(fleet, slow_ngi
 
 def test_record_write_whose_answer_is_lost_is_put_back(fleet, faults):
     before = two_releases(fleet)
-    faults.add("PutParameter", "drop", times=4)  # every attempt (botocore: 1 + 3 retries) reaches AWS, unanswered
+    attempts = awsapi.clients.ATTEMPTS
+    faults.add("PutParameter", "drop", times=attempts)  # every attempt reaches AWS, unanswered
     result = fab(fleet, "rollout")
     assert result.returncode == 1, str(faults.seen) + result.stdout + result.stderr
     # the lost writes; then the restore reads the record, puts it back, and reads it back
-    assert faults.seen[-7:] == ["PutParameter"] * 4 + ["GetParameter", "PutParameter", "GetParameter"]
+    assert faults.seen[-attempts - 3:] == ["PutParameter"] * attempts + ["GetParameter", "PutParameter",
+                                                                         "GetParameter"]
     assert "put back as it was" in result.stderr
     assert_back(fleet, before)
 
@@ -378,15 +381,16 @@ def fab_until(fleet, line_has: str, *args):
     raise AssertionError("never saw " + line_has + ":\n" + "".join(lines))
 
 
-def test_ctrl_c_while_going_live_restores_and_defers_a_second_interrupt(fleet, slow_nginx):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C, and a cancelled CI job
+def test_ctrl_c_while_going_live_restores_and_defers_a_second_interrupt(fleet, slow_nginx, sig):
     before = two_releases(fleet)
     slow_nginx(fleet.hosts[1], 2)
     proc, lines = fab_until(fleet, progress("h2", "swap"))
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     for line in proc.stderr:
         lines.append(line)
         if "restoring" in line:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             break
     try:
         out, err = proc.communicate(timeout=60)

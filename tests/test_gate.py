@@ -139,3 +139,47 @@ def test_a_record_for_another_load_balancer_proves_nothing():
     same = decide(env="staging", wanted=True, backends=["i-0123456789abcdef0"], ports=PORTS, record=record,
                   header_ports=[], load_balancer="wsgate-other")
     assert same.ports == tuple(PORTS)
+
+
+# --- can the load balancer follow a rollout? (core.gate.follow_refusal) ----------------------
+
+def _follow(reached, registered=(), header_ports=(), instances=None, present=None, ports=None, env="staging"):
+    from core.gate import follow_refusal
+    from tests.conftest import settings_from
+
+    s = settings_from("staging")
+    if instances is not None:
+        s = s.model_copy(update={"load_balancer": s.load_balancer.model_copy(update={"instances": instances})})
+    served = {i: "a" * 64 for i in reached}
+    record = build(env, ports or list(s.proxy_ports), served, load_balancer=s.load_balancer.name) if served else None
+    return follow_refusal(s, reached=set(reached), registered=list(registered), header_ports=list(header_ports),
+                          record=record, present=present)
+
+
+def test_a_rollout_that_reaches_every_instance_the_gate_waits_for_can_be_followed():
+    from tests.conftest import settings_from
+
+    every = list(settings_from("staging").load_balancer.instances)
+    assert _follow(every) is None
+    assert _follow(every, registered=every, header_ports=[80, 81]) is None
+
+
+@pytest.mark.parametrize("extra", ["configured", "registered", "in a group"])
+def test_an_instance_the_rollout_does_not_reach_is_named(extra):
+    from tests.conftest import settings_from
+
+    every = list(settings_from("staging").load_balancer.instances)
+    other = "i-0000000000000dead"
+    kwargs = {"configured": {"instances": [*every, other]}, "registered": {"registered": [*every, other]},
+              "in a group": {"present": [*every, other]}}[extra]
+    refused = _follow(every, **kwargs)
+    assert refused and f"the gate would wait for instance(s) {other}" in refused and "nothing was changed" in refused
+
+
+def test_a_record_that_would_not_cover_every_proxy_port_is_refused():
+    from tests.conftest import settings_from
+
+    every = list(settings_from("staging").load_balancer.instances)
+    refused = _follow(every, ports=[80])  # the probes would prove port 80 only
+    assert refused and "would not send the PROXY header to port(s) 81" in refused
+    assert _follow(every, env="prod") and "would not send" in _follow(every, env="prod")

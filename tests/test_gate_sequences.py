@@ -4,6 +4,12 @@ foreign or unreadable, and `pulumi up` is cut short after any subset of its oper
 load balancer's state carries over between runs, as in AWS; each `pulumi up` decides with the
 same function the program uses (`core.gate.plan_for`) from what the load balancer has.
 
+A second actor: `fab rollout --apply` runs step by step (its steps in remote/cutover.py's order:
+the pre-flight over the record it would write, hosts going live one by one, the record, then
+`pulumi up`; turning off: the record withdrawn, `pulumi up`, then the hosts one by one), and
+between any two of its steps a `pulumi up` from another checkout may run, with that checkout's
+own idea of proxyProtocol.
+
 After every step: the policy is never on a port where a registered instance serves plain, and
 a port only loses the policy through a run whose settings turn proxy protocol off.
 """
@@ -17,7 +23,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from core import record as records
-from core.gate import plan_for
+from core.gate import follow_refusal, plan_for
 from tests.conftest import settings_from
 
 POOL = [f"i-{n:017x}" for n in range(1, 5)]
@@ -91,6 +97,54 @@ class Runs(RuleBasedStateMachine):
         if not self.attached:
             self.rollout(fails=False)
 
+    # --- fab rollout --apply, a step at a time, with pulumi up from elsewhere between its steps ----
+
+    @rule(data=st.data())
+    def rollout_with_apply(self, data):
+        """`fab rollout --apply` as remote/cutover.py orders it, every host's lock held throughout
+        (no other rollout runs meanwhile), while between any two of its steps CI or another
+        checkout may run `pulumi up` on the same stack with its own proxyProtocol."""
+        s = self.settings()
+        before, stored = {i: dict(self.hosts[i]) for i in self.instances}, self.record_text
+        if s.proxy_protocol:  # refused before any change when the load balancer could not follow
+            prospective = records.build(ENV, list(s.proxy_ports), {i: "d" * 64 for i in self.instances},
+                                        load_balancer=s.load_balancer.name)
+            if follow_refusal(s, reached=set(self.instances), registered=sorted(self.registered),
+                              header_ports=sorted(self.attached), record=prospective):
+                return
+            for i in self.instances:  # go live, host by host
+                self._meanwhile(data)
+                self.hosts[i] = {p: True for p in s.ports.proxied}
+            self._meanwhile(data)
+            self.record_text = prospective.to_json()
+            self._meanwhile(data)
+            self._pulumi_up(s, data)
+            if not set(s.proxy_ports) & self.attached:  # failed before the policy: the hosts go back
+                self.hosts.update(before)
+                self.record_text = stored
+            return
+        self.record_text = None  # turning off: the proof goes before the switch back
+        self._meanwhile(data)
+        self._pulumi_up(s, data)
+        if self.attached:  # not detached (cut short): the hosts keep reading it
+            return
+        for i in self.instances:
+            self._meanwhile(data)
+            self.hosts[i] = {p: False for p in s.ports.proxied}
+
+    @rule(data=st.data())
+    def on_then_off_with_apply(self, data):
+        """The cycle an operator runs most, with the second actor between any two of its steps."""
+        self.wanted = True
+        self.rollout_with_apply(data)
+        self.wanted = False
+        self.rollout_with_apply(data)
+
+    def _meanwhile(self, data):
+        if data.draw(st.booleans(), label="pulumi up elsewhere"):
+            wanted = data.draw(st.booleans(), label="its proxyProtocol")
+            self._pulumi_up(_settings(wanted, self.tls, tuple(self.instances)), data)
+
     # --- the record goes wrong ------------------------------------------------------------------
 
     @rule(kind=st.sampled_from(["deleted", "partial", "fewer-ports", "other-env", "other-lb", "corrupt"]),
@@ -118,7 +172,9 @@ class Runs(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def pulumi_up(self, data):
-        s = self.settings()
+        self._pulumi_up(self.settings(), data)
+
+    def _pulumi_up(self, s, data):
         record, problem = None, None
         if self.record_text is not None:
             try:
@@ -143,7 +199,7 @@ class Runs(RuleBasedStateMachine):
                 self.registered.add(what)
             else:
                 self.registered.discard(what)
-            if self.wanted:
+            if s.proxy_protocol:
                 self.detached_while_wanted |= before - self.attached
 
     # --- what must hold after every step --------------------------------------------------------

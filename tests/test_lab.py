@@ -34,7 +34,7 @@ from tests.support.load import KINDS, Held, Load
 
 pytestmark = pytest.mark.integration
 _nets = itertools.count(60)
-ELB_LOG = re.compile(r'^127\.0\.0\.77 - - \[[^\]]+\] "GET /ws HTTP/1\.1" 101 \d+ "-" "[^"]*"$')
+ELB_LOG = re.compile(r'^127\.0\.0\.77 - - \[[^\]]+\] "GET /ws HTTP/1\.1" 101 \d+ "-" "[^"]*" \d+ 127\.0\.0\.77$')
 
 
 def _lab(tmp_path, kind: str):

@@ -169,11 +169,17 @@ class Runs(RuleBasedStateMachine):
             return False  # refused: the header is still sent
         dropped = live - served_ports(s) - s.retired  # retired: AWS drained their groups already
         if turning_off and header:
-            if not self.up(s, data.draw(st.one_of(st.none(), st.integers(0, 8)))):
-                return False  # code 3: no host changed
-            if self.header_ports():
-                return False  # the switch did not take: no host changed
+            # the header's proof withdrawn before the switch back (remote.readiness.withdraw_header); the
+            # plain ports' proof stays: the program moves a listener back to a retired group only on it
+            stored = self.record
+            self.record = (stored.model_copy(update={"proxy_protocol_ports": []})
+                           if stored and stored.plain_ports else None)
+            self.meanwhile(data)
+            if not self.up(s, data.draw(st.one_of(st.none(), st.integers(0, 8)))) or self.header_ports():
+                self.record = stored  # code 3: no host changed, so the record is true again
+                return False
             dropped = {0}
+            self.meanwhile(data)
         if dropped:  # the drain (cutover._drain): deregistrationDelay, longer than a change takes to spread
             self.lagging = {}
         if turning_off and not fails:
@@ -187,9 +193,18 @@ class Runs(RuleBasedStateMachine):
             return self.go_live(s, False, data)
         if not self.go_live(s, fails, data):
             return False
+        self.meanwhile(data)
         if apply:
             self.up(s, data.draw(st.one_of(st.none(), st.integers(0, 8))))
         return True
+
+    def meanwhile(self, data) -> None:
+        """Between two steps of a run: maybe a `pulumi up` from CI or another checkout, with its own
+        proxyProtocol, complete or cut short, in an order Pulumi may take."""
+        if data.draw(st.booleans(), label="pulumi up elsewhere"):
+            wanted = data.draw(st.booleans(), label="its proxyProtocol")
+            self.up(_settings(wanted), data.draw(st.one_of(st.none(), st.integers(0, 8))),
+                    data.draw(st.permutations(range(8))))
 
     @rule(apply=st.booleans(), fails=st.booleans(), data=st.data())
     def fab_rollout(self, apply, fails, data):
@@ -202,6 +217,15 @@ class Runs(RuleBasedStateMachine):
             self.one_run(s, apply, fails, data)
             return
         self.one_run(s.retiring(retired) if self.wanted else s, apply, fails, data)
+
+    @rule(data=st.data())
+    def on_then_off_with_apply(self, data):
+        """The cycle an operator runs most: the header turned on with --apply, then off with --apply,
+        another checkout's `pulumi up` maybe landing between any two steps of either."""
+        self.wanted = True
+        self.fab_rollout(True, False, data)
+        self.wanted = False
+        self.fab_rollout(True, False, data)
 
     # --- what must hold after every step -----------------------------------------------------------
 

@@ -28,7 +28,8 @@ BIND = "127.0.2.1"
 CLIENT = "127.0.0.77"
 NAME = "ws.lab.test"
 ELB_LOG = re.compile(
-    r'^(?P<client>\S+) - (?P<user>\S+) \[[^\]]+\] "(?P<request>[^"]*)" (?P<status>\d{3}) \d+ "[^"]*" "[^"]*"$'
+    r'^(?P<client>\S+) - (?P<user>\S+) \[[^\]]+\] "(?P<request>[^"]*)" (?P<status>\d{3}) \d+ "[^"]*" "[^"]*"'
+    r' (?P<port>\d+) (?P<peer>\S+)$'
 )
 
 

@@ -47,8 +47,9 @@ class Recorder(pulumi.runtime.Mocks):
         if args.token == "aws:ssm/getParametersByPath:getParametersByPath":
             decrypt = args.args.get("withDecryption", True)
             self.decrypted.append(decrypt)
-            found = self.ssm.get_parameters_by_path(Path=args.args["path"], Recursive=False,
-                                                    WithDecryption=decrypt)["Parameters"]
+            # every page, as the provider reads them (10 a page by default)
+            found = [p for page in self.ssm.get_paginator("get_parameters_by_path").paginate(
+                Path=args.args["path"], Recursive=False, WithDecryption=decrypt) for p in page["Parameters"]]
             return {"path": args.args["path"], "id": args.args["path"], "names": [p["Name"] for p in found],
                     "values": [p["Value"] for p in found], "types": [p["Type"] for p in found],
                     "arns": [p["ARN"] for p in found], "withDecryption": decrypt, "recursive": False}
@@ -430,3 +431,22 @@ def test_subnets_changed_in_steps_and_a_new_load_balancer_are_not_replacements(a
     vpc, live, spare = _elb_in_subnets(aws.url)
     mocks, _, _ = run("staging", aws.url, **_placed(vpc, [live[0], spare]))  # one live subnet kept
     assert mocks.of(LB)[0].inputs["subnets"] == [live[0], spare]
+
+
+def test_a_renamed_load_balancer_is_refused_while_the_environments_live_one_exists(aws):
+    """loadBalancer.name changed: the live one is found by its environment's tag, not its name, and
+    `pulumi up` (which would create a new one without the header and delete the live one) stops."""
+    from core.errors import KitError
+
+    mark_attached("staging", aws.url)  # the live wsgate-staging, the policy on both ports
+    elb = boto3.client("elb", region_name="eu-west-1", endpoint_url=aws.url)
+    lb = {**stack_config("staging")["wsgate:loadBalancer"], "name": "wsgate-staging-2"}
+    mocks, _, _ = run("staging", aws.url, **{"wsgate:loadBalancer": lb})  # untagged: not the environment's
+    assert len(mocks.of(LB)) == 1
+    elb.add_tags(LoadBalancerNames=["wsgate-staging"], Tags=[{"Key": "wsgate:env", "Value": "staging"}])
+    with pytest.raises(KitError) as caught:
+        run("staging", aws.url, **{"wsgate:loadBalancer": lb})
+    message = str(caught.value)
+    assert "loadBalancer.name is wsgate-staging-2, but environment staging's load balancer in AWS is " \
+           "wsgate-staging" in message and "Nothing was changed" in message
+    assert elb.describe_load_balancers(LoadBalancerNames=["wsgate-staging"])["LoadBalancerDescriptions"]

@@ -147,8 +147,8 @@ def test_rendered_tree_is_clean_under_gixy(tmp_path, env):
 # The staging trees as every classic host serves them. A change here reloads every classic host
 # at its next rollout: make it only on purpose.
 CLASSIC_DIGESTS = {
-    True: "62c00d4a471d4dde1f743874db9d68606bff36238d600f542ba5534351ae7903",
-    False: "591387627deb450ea5729a61d0914a52b16cb7ca777c2a716876745e1dc0cee8",
+    True: "70817f5caaa71b9165fd7e67e32004149131d4af26d8099871ce998caacf341e",
+    False: "888bcab44527e4d6147538f58b3089bd878189b36cfdb4fed2c5a76756b0eebe",
 }
 
 

@@ -117,6 +117,9 @@ def driver(fleet, hook=None, only=None, **kwargs):
 
     s = settings(fleet)
     hosts = resolve(s, only)
+    if only:  # a subset: as an environment of those hosts alone (else the gate would wait for the rest)
+        lb = s.load_balancer.model_copy(update={"instances": [h.instance_id for h in hosts if h.instance_id]})
+        s = s.model_copy(update={"load_balancer": lb})
     reporter = Hooked()
     run = Rollout(s, hosts, render_hosts(s, hosts), Ssh(s), reporter, **kwargs)
     verdict = cutover.rollout(run, ParameterRecord(s, reporter))

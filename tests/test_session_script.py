@@ -25,7 +25,7 @@ import pytest
 
 from core.live import LiveState, parse_state
 from core.render import Tree
-from core.session import DONE, LOCKED, LOCKED_EXIT, STAGED, SWAPPED, Mode, Remote
+from core.session import DONE, LOCK_FAILED_EXIT, LOCKED, LOCKED_EXIT, STAGED, SWAPPED, Mode, Remote
 from remote.rollout import archive
 from remote.ssh import Result, Session
 
@@ -100,24 +100,36 @@ class Host:
         self.nginx.chmod(0o755)
         self.pid_file = self.root / "nginx.pid"
         self._started: list[Started] = []
+        self.env: dict[str, str] | None = None  # the session's environment (None: this one's)
 
-    def remote(self, idle: int = 30) -> Remote:
+    def remote(self, idle: int = 30, timeout: int = WAIT) -> Remote:
         return Remote(root=str(self.root), nginx=str(self.nginx), pid_file=str(self.pid_file),
-                      command_timeout=WAIT, idle_timeout=idle)
+                      command_timeout=timeout, idle_timeout=idle)
 
     def start(self, owner: str = "run-1", stage: str = ".stage-run-1", target: str = NEW,
-              mode: Mode = Mode.ROLLOUT, idle: int = 30) -> Started:
+              mode: Mode = Mode.ROLLOUT, idle: int = 30, timeout: int = WAIT) -> Started:
         """The session command as `Rollout._lock` sends it, run as sshd would (`sh -c COMMAND`)."""
         ours, theirs = socket.socketpair()
-        command = self.remote(idle).session(owner, stage, target, mode)
-        with open(self.directory / f"stderr-{len(self._started)}", "w") as stderr:
-            proc = subprocess.Popen(command, shell=True, stdin=theirs, stdout=theirs, stderr=stderr)
+        command = self.remote(idle, timeout).session(owner, stage, target, mode)
+        with open(self.stderr(len(self._started)), "w") as stderr:
+            proc = subprocess.Popen(command, shell=True, stdin=theirs, stdout=theirs, stderr=stderr, env=self.env)
         theirs.close()
         self._started.append(Started(proc, ours))
         return self._started[-1]
 
+    def stderr(self, n: int) -> Path:
+        return self.directory / f"stderr-{n}"
+
     def run(self, command: str) -> subprocess.CompletedProcess:
-        return subprocess.run(command, shell=True, capture_output=True, text=True, timeout=WAIT)
+        return subprocess.run(command, shell=True, capture_output=True, text=True, timeout=WAIT, env=self.env)
+
+    def fake(self, name: str, script: str) -> None:
+        """A command of that name first on the host's PATH (a broken or hung tool)."""
+        path = self.directory / "fakes" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(f"#!/bin/sh\n{script}\n")
+        path.chmod(0o755)
+        self.env = {**os.environ, "PATH": f"{path.parent}:{os.environ['PATH']}"}
 
     def release(self, digest: str) -> None:
         """A release already on the host, as a past run left it."""
@@ -333,3 +345,68 @@ def test_live_keeps_the_newest_releases_and_every_one_a_link_names(host):
     assert s.request("live").ok
     kept = {p.name for p in (host.root / "releases").iterdir()}
     assert kept == {NEW, olds[4], olds[3], olds[1], olds[0]}  # the 3 newest, and both the run started with
+
+
+# --- faults on the host itself -------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [
+    b"",  # an empty line (a payload that did not arrive whole)
+    f"releases/{OLD}|releases/{OLDER}".encode(),  # a field missing
+    f"releases/{OLD}|releases/{OLDER}|maybe".encode(),  # the flag neither yes nor no
+    f"releases/{OLD}|releases/{OLDER}|yes|no".encode(),  # a field too many
+    f"/etc|releases/{OLDER}|yes".encode(),  # a link outside releases/
+    f"releases/{OLD[:-1]}|releases/{OLDER}|yes".encode(),  # 63 hex digits
+    f"releases/{OLD.upper()}|releases/{OLDER}|yes".encode(),  # not lowercase hex
+    f"releases/../{OLD[3:]}|releases/{OLDER}|yes".encode(),  # a way out of releases/
+])
+def test_a_restore_whose_payload_does_not_parse_changes_nothing(host, bad):
+    for digest in (OLD, NEW, OLDER):
+        host.release(digest)
+    (host.root / "current").symlink_to(f"releases/{OLD}")
+    (host.root / "previous").symlink_to(f"releases/{OLDER}")
+    s = host.start(target=NEW)
+    assert s.request("live").ok and host.master_pid() is not None
+    master = host.master_pid()
+
+    r = s.request("restore", bad)
+    assert r.exited == 2 and "restore refused" in r.stdout and "nothing changed" in r.stdout, r.stdout
+    assert SWAPPED not in r.stdout
+    assert host.link("current") == f"releases/{NEW}" and host.link("previous") == f"releases/{OLD}"
+    assert host.master_pid() == master  # nginx runs on, unsignalled
+    assert s.request("ping").ok  # and the session serves on
+
+
+def test_flock_missing_is_not_reported_as_a_held_lock(host):
+    host.fake("flock", 'echo "sh: 1: flock: not found" >&2; exit 127')
+    s = host.start(owner="run-broken")
+    assert s.session is None and s.proc.wait(WAIT) == LOCK_FAILED_EXIT
+    assert "locked" not in parse_state(s.head)
+    err = host.stderr(0).read_text()
+    assert f"flock failed on {host.root}/.rollout.lock (exit 127: sh: 1: flock: not found" in err, err
+    assert not (host.root / ".rollout.owner").exists()  # nothing written without the lock
+
+    (host.root / ".rollout.lock").touch()
+    status = host.run(host.remote().inspect())  # `fab status` says so too, and names no run
+    assert status.returncode == LOCK_FAILED_EXIT and "flock failed" in status.stderr
+    assert "docs/troubleshooting.md#flock-failed" in status.stderr
+
+
+def test_inspect_creates_nothing_and_reports_a_missing_root(host):
+    status = host.run(host.remote().inspect())
+    assert status.returncode == 0, status.stderr
+    assert parse_state(status.stdout)["root"] == "missing"
+    assert not host.root.exists()  # a doctor changes nothing
+
+
+@pytest.mark.parametrize("tool, when, request_word", [("tar", "*", "stage"), ("rm", "*.stage-*", "discard"),
+                                                     ("find", "*", "show")])
+def test_a_hung_file_command_is_bounded_by_the_command_timeout(host, tool, when, request_word):
+    """A filesystem that hangs must not hold the lock past the idle limit: each command on the
+    tree ends within ssh.commandTimeout (here 2 s) and the request is answered."""
+    host.release(OLD)
+    (host.root / "current").symlink_to(f"releases/{OLD}")
+    host.fake(tool, f'case "$*" in {when}) exec sleep 600 ;; esac; exec {shutil.which(tool)} "$@"')
+    s = host.start(timeout=2)
+    r = s.request(request_word, payload({"nginx.conf": "events {}\n"}) if request_word == "stage" else None)
+    assert r.exited != 0 or request_word == "show", r.stdout  # answered (the session's own bound is WAIT)
+    assert s.request("ping").ok

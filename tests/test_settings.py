@@ -6,7 +6,7 @@ import pytest
 
 from core.errors import SettingsError
 from core.settings import load
-from tests.conftest import PROJECT_DIR, _camel, settings_from
+from tests.conftest import PROJECT_DIR, _camel, settings_from, stack_config
 
 
 @pytest.mark.parametrize("env", ["lab", "staging"])
@@ -194,3 +194,14 @@ def test_environments_in_other_regions_or_with_their_own_names_load(tmp_path):
     _twin(tmp_path, "own", lambda c: c["wsgate:loadBalancer"].update(name="wsgate-own"))  # default record path
     for env in ("lab", "west", "own"):
         assert load(env, tmp_path).env == env
+
+
+@pytest.mark.parametrize("delay, floor, drained", [(0, 75, 75), (30, 75, 75), (120, 75, 120), (0, 5, 5)])
+def test_a_network_turn_off_drains_at_least_switch_drain_whatever_the_deregistration_delay(delay, floor, drained):
+    from core.listeners import drain_seconds
+
+    lb = {**stack_config("staging")["wsgate:loadBalancer"], "type": "network", "availabilityZones": [],
+          "subnets": ["subnet-0123456789abcdef0"], "vpcId": "vpc-0123456789abcdef0",
+          "deregistrationDelay": delay, "switchDrain": floor}
+    assert drain_seconds(settings_from("staging", load_balancer=lb)) == drained
+    assert drain_seconds(settings_from("staging")) == 0  # a Classic ELB's policy goes off in place

@@ -123,3 +123,38 @@ def test_a_host_reading_the_header_on_one_port_only_is_caught_by_probe_and_statu
     assert any(p.startswith(f"port {port}: a request with a PROXY header") for p in found), found
     assert f"port {port}: a request without a PROXY header was answered" in " ".join(found), found
     assert not any(p.startswith(f"port {other}:") for p in found), found
+
+
+def test_connections_closed_for_a_missing_header_are_counted_per_port_from_the_error_log(fleet):
+    """Requests without the header reach a port that reads it: nginx closes them (`broken header`
+    in its error log), and status counts them on that host and port, leaving out the kit's own probes."""
+    import socket
+    import time
+
+    assert fab(fleet, "rollout", "--apply").returncode == 0
+    code, view = status(fleet)
+    assert code == 0, problems(view)
+    assert all(n == {"brokenHeader": 0, "badRequest": 0} for h in view["hosts"] for n in h["logged"].values()), \
+        view["hosts"]  # the rollout's and status's own probes (from the host itself) are not counted
+    assert all(h["logged_since"] and not h["notes"] for h in view["hosts"])
+
+    h1, port = fleet.hosts[0], fleet.ports["http"]
+    elsewhere = h1.address.rsplit(".", 1)[0] + ".200"  # not the host itself: as the load balancer would be
+    for _ in range(3):
+        with socket.create_connection((h1.address, port), timeout=10, source_address=(elsewhere, 0)) as c:
+            c.sendall(b"GET / HTTP/1.1\r\nHost: ws.fleet.test\r\n\r\n")
+            assert c.recv(100) == b""  # closed without an answer
+    log = h1.root / "logs" / "error.log"
+    deadline = time.monotonic() + 30
+    while log.read_text().count("broken header") < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+    code, view = status(fleet)
+    assert code == 0, problems(view)  # evidence is a note: a cutover's window leaves such lines too
+    one, two = view["hosts"]
+    assert one["logged"][str(port)] == {"brokenHeader": 3, "badRequest": 0}
+    assert [n for n in one["notes"] if n.startswith(f"port {port}: nginx closed 3 connection(s) without a valid "
+                                                     "PROXY header since ")]
+    assert all(n["brokenHeader"] == 0 for n in two["logged"].values()) and not two["notes"]
+    human = fab(fleet, "status")
+    assert f"{port}: 3 broken, 0 x 400" in human.stdout

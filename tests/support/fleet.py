@@ -18,6 +18,11 @@ from tests.support.nginx import Nginx
 from tests.support.procs import free_ports
 
 
+def host_address(net: int, i: int) -> str:
+    """Host i (from 1) of fleet network `net`: 127.0.net.i, past 254 hosts on the next /24s (big benchmark fleets)."""
+    return f"127.0.{net + (i - 1) // 254}.{(i - 1) % 254 + 1}"
+
+
 @dataclass
 class FleetHost(SshHost):
     instance_id: str = ""
@@ -46,9 +51,9 @@ class Fleet:
         self.hosts: list[FleetHost] = []
         lines = []
         # Every port distinct and free on every host address: nginx and sshd share them.
-        ports = free_ports(3 + count, [f"127.0.{net}.{i}" for i in range(1, count + 1)])
+        ports = free_ports(3 + count, [host_address(net, i) for i in range(1, count + 1)])
         for i in range(1, count + 1):
-            address = f"127.0.{net}.{i}"
+            address = host_address(net, i)
             host = FleetHost(f"h{i}", address, ports[i + 2], self.dir / f"h{i}", f"i-{i:017x}")
             lines.append(host.prepare(client_pub))
             self.hosts.append(host)

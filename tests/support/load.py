@@ -19,7 +19,7 @@ from lab.client import dial, http_get, ws_hello
 # what it saw), `ws` a WebSocket through it (the app's first message, then one echo), `http` a
 # GET through the TCP listener (nginx's 301; the client address is read from nginx's access log).
 KINDS = ("https", "ws", "http")
-TAGGED = re.compile(r'^(\S+) .*"wsgate-load/(\S+)"$')
+TAGGED = re.compile(r'^(\S+) .*"wsgate-load/(\S+)" \d+ \S+$')  # elb_log: ... "agent" port peer
 
 
 class Load:
