@@ -1,5 +1,6 @@
 # make test: everything the suite needs, then the suite. make unit: the pure tests alone. make lab: the whole system on loopback
-# (make lab LB=network: the same with a network load balancer).
+# (make lab LB=network: the same with a network load balancer). make bench: rollout figures for K = 1..500 hosts
+# against the floor, into docs/bench.json and docs/bench.png (make bench BENCH_ARGS="--sizes 1,10 --runs 3").
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -21,7 +22,7 @@ lab: deps
 
 bench: deps
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-bench.txt
-	$(PY) -m benchmarks.rollout
+	$(PY) -m benchmarks.rollout $(BENCH_ARGS)
 
 lab-down:
 	@if [ -x $(PY) ]; then $(PY) -m lab down; fi

@@ -18,8 +18,8 @@ def roll(job, host, errors):
     client = paramiko.SSHClient()
     client.load_host_keys(job["known_hosts"])
     client.set_missing_host_key_policy(paramiko.RejectPolicy())
-    client.connect(host["address"], port=host["port"], key_filename=job["key"], timeout=10,
-                   look_for_keys=False, allow_agent=False)
+    client.connect(host["address"], port=host["port"], key_filename=job["key"], timeout=30,
+                   banner_timeout=60, auth_timeout=60, look_for_keys=False, allow_agent=False)
     root, nginx = host["root"], job["nginx"]
     with client.open_sftp().open(f"{root}/nginx.conf.new", "w") as f:
         f.write(host["config"])
