@@ -167,9 +167,13 @@ def follow_refusal(s: Settings, *, reached: set[str], registered: list[str], hea
       closed for it forever while every host reads the header;
     - the gate over the record about to be written would still not send the header to every
       proxy port."""
-    if not s.proxy_protocol:
-        return None
+    if not s.proxy_protocol or set(s.proxy_ports) <= set(header_ports):
+        return None  # off, or the header is on every proxy port already (the gate keeps it: sticky)
+    if s.load_balancer.type == "network" and not s.retired:
+        return None  # the hosts serve the plain ports beside the proxy ones: a closed gate breaks nothing
     waited = set(s.load_balancer.instances) | set(registered) | set(present or [])
+    if not waited:
+        return None  # no backend at all: the load balancer sends nobody anything
     unreached = sorted(waited - reached)
     if unreached:
         return (f"the gate would wait for instance(s) {', '.join(unreached)}, which no host of this rollout is "

@@ -234,9 +234,22 @@ class _Cutover:
                 self.record.withdraw_header()
             _apply(self.run, self.applier, want=[], before=self.header_ports)
         except KitError as exc:
-            self._put_record_back()
-            self._stop(f"stopping the PROXY header at the load balancer: {exc}; no host was changed", ATTENTION)
+            if self._header_stopped():  # it detached, then failed on something else: go on turning off
+                self.run.reporter.note(f"pulumi up failed ({exc}), but the load balancer no longer sends the PROXY "
+                                       "header: the hosts stop reading it")
+            else:
+                self._put_record_back()
+                self._stop(f"stopping the PROXY header at the load balancer: {exc}; no host was changed", ATTENTION)
         self.detached = True
+
+    def _header_stopped(self) -> bool:
+        """The load balancer sends the header to no port now (read; unreadable: not known, False)."""
+        from awsapi.balancer import header_ports
+
+        try:
+            return not header_ports(self.run.settings)
+        except KitError:
+            return False
 
     def _put_record_back(self) -> None:
         """No host changed: the record goes back as it was (a failure to is the verdict's)."""
@@ -306,23 +319,63 @@ class _Cutover:
         If it fails while the load balancer sends the header to none of the ports a Classic ELB's
         hosts now read it on, those hosts would reject every request: they are put back, and the
         record with them. A network load balancer's hosts serve both ports: they stay."""
+        applies = self.apply and self.applier and not self.detached
         if self.run.interrupted.is_set():
+            if applies and self._hosts_cannot_wait():  # no pulumi up will come: the hosts cannot stay
+                self.verdict.fail("interrupted before pulumi up: the load balancer sends the PROXY header to none "
+                                  "of the ports the hosts now read it on, so every host this run changed is put "
+                                  "back", INTERRUPTED)
+                self._back_without_proof()
             self.verdict.fail("interrupted after the last step: every host is ready and recorded", INTERRUPTED)
             return
-        if not (self.apply and self.applier and not self.detached):
+        if not applies:
             return
+        assert self.applier is not None
         want = [] if self.turning_off else sorted(self.run.settings.proxy_ports)
         try:
             _apply(self.run, self.applier, want=want, before=self.header_ports)
-        except KitError as exc:
-            if self._hosts_cannot_wait():
-                self.verdict.fail(f"{exc}; the load balancer sends the PROXY header to none of the ports the hosts "
-                                  "now read it on, so every host this run changed is put back")
-                raise _NotReady from None
-            self.verdict.fail(f"every host is ready and recorded, but {exc}")
         except KeyboardInterrupt:
             self.verdict.fail("interrupted during pulumi up: every host is ready and recorded; run `pulumi up` "
                               "(or `fab status`) to see where the load balancer stands", INTERRUPTED)
+        except Exception as exc:  # noqa: BLE001 - whatever failed, what the load balancer does now decides
+            why = str(exc) if isinstance(exc, KitError) else f"{type(exc).__name__}: {exc}"
+            if self._hosts_cannot_wait():
+                self.verdict.fail(f"{why}; the load balancer sends the PROXY header to none of the ports the hosts "
+                                  "now read it on, so every host this run changed is put back")
+                self._back_without_proof()
+            short = self._unsent()
+            if short:
+                self.verdict.fail(f"{why}; the load balancer does not send the PROXY header to port(s) {short}, "
+                                  "which the hosts read it on: requests through them fail until `pulumi up` "
+                                  "succeeds (run `fab rollout --apply` again)", ATTENTION)
+            else:
+                self.verdict.fail(f"every host is ready and recorded, but {why}")
+
+    def _back_without_proof(self) -> NoReturn:
+        """The hosts go back; the record's proof goes first (a `pulumi up` from elsewhere in between
+        must not attach the policy on it while the hosts already read it no more). If the record
+        cannot be put back, the hosts stay reading the header: a later `pulumi up` then follows them."""
+        if self.record:
+            try:
+                self.record.undo()
+            except KitError as exc:
+                self.verdict.fail(f"{exc}; so the hosts stay on the config that reads the header: run `pulumi up` "
+                                  "(or `fab rollout --apply`) again", ATTENTION)
+                raise _Stop from None
+        raise _NotReady
+
+    def _unsent(self) -> list[int]:
+        """After a failed `pulumi up`, Classic: the proxy ports the hosts read the header on that the
+        load balancer does not send it to (a partial attach), as AWS says now; [] when not known."""
+        s = self.run.settings
+        if s.load_balancer.type == "network" or self.turning_off or not self.run.touched:
+            return []
+        from awsapi.balancer import header_ports
+
+        try:
+            return sorted(set(s.proxy_ports) - set(header_ports(s)))
+        except KitError:
+            return []
 
     def _hosts_cannot_wait(self) -> bool:
         """After a failed `pulumi up`: a Classic ELB whose hosts this run made read the header, and

@@ -183,3 +183,14 @@ def test_a_record_that_would_not_cover_every_proxy_port_is_refused():
     refused = _follow(every, ports=[80])  # the probes would prove port 80 only
     assert refused and "would not send the PROXY header to port(s) 81" in refused
     assert _follow(every, env="prod") and "would not send" in _follow(every, env="prod")
+
+
+def test_no_refusal_where_a_closed_gate_breaks_nothing_or_the_header_is_on_already():
+    from tests.conftest import settings_from
+
+    every = list(settings_from("staging").load_balancer.instances)
+    other = "i-0000000000000dead"
+    # the header on every proxy port already: the sticky gate keeps it, whatever joins
+    assert _follow(every, registered=[*every, other], header_ports=[80, 81]) is None
+    # no backend configured, none registered: the load balancer sends nobody anything
+    assert _follow([], instances=[]) is None

@@ -119,9 +119,10 @@ class Runs(RuleBasedStateMachine):
             self.record_text = prospective.to_json()
             self._meanwhile(data)
             self._pulumi_up(s, data)
-            if not set(s.proxy_ports) & self.attached:  # failed before the policy: the hosts go back
-                self.hosts.update(before)
+            if not set(s.proxy_ports) & self.attached:  # failed before the policy: the proof goes, then the hosts
                 self.record_text = stored
+                self._meanwhile(data)
+                self.hosts.update(before)
             return
         self.record_text = None  # turning off: the proof goes before the switch back
         self._meanwhile(data)
