@@ -12,7 +12,7 @@ test: deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/shellcheck core/session.sh scripts/*.sh .ci/run
 	$(VENV)/bin/mypy
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup  # two workers: most tests wait on real processes
 
 unit: venv  # the pure tests only: no nginx, sshd, HAProxy or moto (under a minute)
 	$(PY) -m pytest -m "not integration"

@@ -32,7 +32,7 @@ from tests.conftest import PROJECT_DIR, stack_config
 from tests.support.labenv import lab_env
 from tests.support.load import KINDS, Held, Load
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("lab")]  # fixed stand-in ports: one at a time
 _nets = itertools.count(60)
 ELB_LOG = re.compile(r'^127\.0\.0\.77 - - \[[^\]]+\] "GET /ws HTTP/1\.1" 101 \d+ "-" "[^"]*" \d+ 127\.0\.0\.77$')
 

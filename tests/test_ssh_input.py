@@ -80,7 +80,7 @@ def test_a_revoked_key_is_never_offered_and_a_ca_only_host_is_refused_by_line():
     ("web-1 ssh-ed25519", "line 2: not `\\[marker\\] hosts key-type base64-key"),
     ("web-1 ssh-ed25519 not-base64!!", "line 2: the ssh-ed25519 key is not base64"),
     (f"|1|bad!salt|x {KEY_A}", "line 2: a hashed host name is not"),
-])
+], ids=["marker", "fields", "base64", "hashed"])  # the keys are made at import: not ids (one per xdist worker)
 def test_a_malformed_line_is_named(line, why):
     with pytest.raises(KnownHostsError, match=f"known_hosts kh {why}"):
         known(f"web-1 {KEY_A}", line)
