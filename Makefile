@@ -15,7 +15,7 @@ test: deps
 	$(PY) -m pytest -n 2 --dist loadgroup  # two workers: most tests wait on real processes
 
 unit: venv  # the pure tests only: no nginx, sshd, HAProxy or moto (under a minute)
-	$(PY) -m pytest -m "not integration"
+	$(PY) -m pytest -n 2 -m "not integration"
 
 lab: deps
 	$(PY) -m lab up --lb $(LB)
