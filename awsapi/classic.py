@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from awsapi.clients import by_name, call, client, pages
+from awsapi.clients import by_name, call, chunks, client, pages
 from core.settings import Settings
 
 
@@ -55,8 +55,8 @@ def names_tagged(settings: Settings, key: str, value: str) -> list[str]:
     names = [d["LoadBalancerName"] for d in pages("elb describe-load-balancers", elb, "describe_load_balancers",
                                                    "LoadBalancerDescriptions")]
     out = []
-    for i in range(0, len(names), 20):  # DescribeTags takes 20 names a call
-        found = call("elb describe-tags", elb.describe_tags, LoadBalancerNames=names[i:i + 20])["TagDescriptions"]
+    for batch in chunks(names, 20):  # DescribeTags takes 20 names a call
+        found = call("elb describe-tags", elb.describe_tags, LoadBalancerNames=batch)["TagDescriptions"]
         out += [d["LoadBalancerName"] for d in found
                 if any(t["Key"] == key and t.get("Value") == value for t in d.get("Tags", []))]
     return sorted(out)

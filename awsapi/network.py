@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from awsapi.clients import AwsError, by_name, call, client, error_code, pages
+from awsapi.clients import AwsError, by_name, call, chunks, client, error_code, pages
 from core.listeners import NetworkHealthCheck, network_listeners
 from core.network import NetworkState, TargetGroupState
 from core.settings import Settings
@@ -117,9 +117,9 @@ def names_tagged(settings: Settings, key: str, value: str) -> list[str]:
     elbv2 = client(settings, "elbv2")
     found = {d["LoadBalancerArn"]: d["LoadBalancerName"]
              for d in pages("elbv2 describe-load-balancers", elbv2, "describe_load_balancers", "LoadBalancers")}
-    arns, out = sorted(found), []
-    for i in range(0, len(arns), 20):  # DescribeTags takes 20 resources a call
-        tagged = call("elbv2 describe-tags", elbv2.describe_tags, ResourceArns=arns[i:i + 20])["TagDescriptions"]
+    out: list[str] = []
+    for batch in chunks(sorted(found), 20):  # DescribeTags takes 20 resources a call
+        tagged = call("elbv2 describe-tags", elbv2.describe_tags, ResourceArns=batch)["TagDescriptions"]
         out += [found[d["ResourceArn"]] for d in tagged
                 if any(t["Key"] == key and t.get("Value") == value for t in d.get("Tags", []))]
     return sorted(out)

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from awsapi.clients import AwsError, call, client
+from awsapi.clients import AwsError, call, chunks, client
 from core import record as records
 from core.record import ReadinessRecord, RecordError
 from core.settings import Settings
@@ -28,8 +28,8 @@ def read_stored(settings: Settings) -> dict[str, str]:
     found = {settings.parameter_path: text}
     names = records.shards_named(text, settings.parameter_path)
     ssm = client(settings, "ssm")
-    for i in range(0, len(names), BATCH):
-        got = call(f"ssm get-parameters {settings.parameter_path}.*", ssm.get_parameters, Names=names[i:i + BATCH],
+    for batch in chunks(names, BATCH):
+        got = call(f"ssm get-parameters {settings.parameter_path}.*", ssm.get_parameters, Names=batch,
                    WithDecryption=False)
         found.update({p["Name"]: p["Value"] for p in got["Parameters"]})
     return found
@@ -108,8 +108,7 @@ def delete_record(settings: Settings) -> None:
 def remove(settings: Settings, names: list[str]) -> None:
     """Delete these parameters (one missing already is fine)."""
     ssm = client(settings, "ssm")
-    for i in range(0, len(names), BATCH):
-        batch = sorted(names)[i:i + BATCH]
+    for batch in chunks(sorted(names), BATCH):
         if len(batch) == 1:
             try:
                 ssm.delete_parameter(Name=batch[0])

@@ -321,7 +321,7 @@ class _Cutover:
         record with them. A network load balancer's hosts serve both ports: they stay."""
         applies = self.apply and self.applier and not self.detached
         if self.run.interrupted.is_set():
-            if applies and self._hosts_cannot_wait():  # no pulumi up will come: the hosts cannot stay
+            if applies and self._hosts_cannot_wait(self._unsent()):  # no pulumi up will come: they cannot stay
                 self.verdict.fail("interrupted before pulumi up: the load balancer sends the PROXY header to none "
                                   "of the ports the hosts now read it on, so every host this run changed is put "
                                   "back", INTERRUPTED)
@@ -339,11 +339,11 @@ class _Cutover:
                               "(or `fab status`) to see where the load balancer stands", INTERRUPTED)
         except Exception as exc:  # noqa: BLE001 - whatever failed, what the load balancer does now decides
             why = str(exc) if isinstance(exc, KitError) else f"{type(exc).__name__}: {exc}"
-            if self._hosts_cannot_wait():
+            short = self._unsent()
+            if self._hosts_cannot_wait(short):
                 self.verdict.fail(f"{why}; the load balancer sends the PROXY header to none of the ports the hosts "
                                   "now read it on, so every host this run changed is put back")
                 self._back_without_proof()
-            short = self._unsent()
             if short:
                 self.verdict.fail(f"{why}; the load balancer does not send the PROXY header to port(s) {short}, "
                                   "which the hosts read it on: requests through them fail until `pulumi up` "
@@ -365,8 +365,10 @@ class _Cutover:
         raise _NotReady
 
     def _unsent(self) -> list[int]:
-        """After a failed `pulumi up`, Classic: the proxy ports the hosts read the header on that the
-        load balancer does not send it to (a partial attach), as AWS says now; [] when not known."""
+        """After a failed `pulumi up`, Classic: the proxy ports the hosts this run made read the header
+        on that the load balancer does not send it to, as AWS says now (one read); [] when none, when
+        not known (an unreadable load balancer: the hosts stay, the verdict says what failed), or for
+        a network load balancer, whose hosts serve both port sets."""
         s = self.run.settings
         if s.load_balancer.type == "network" or self.turning_off or not self.run.touched:
             return []
@@ -377,19 +379,9 @@ class _Cutover:
         except KitError:
             return []
 
-    def _hosts_cannot_wait(self) -> bool:
-        """After a failed `pulumi up`: a Classic ELB whose hosts this run made read the header, and
-        that sends it to none of those ports (read now; an unreadable load balancer: not known, so
-        the hosts stay and the verdict says what failed)."""
-        s = self.run.settings
-        if s.load_balancer.type == "network" or self.turning_off or not self.run.touched:
-            return False
-        from awsapi.balancer import header_ports
-
-        try:
-            return not set(header_ports(s)) & set(s.proxy_ports)
-        except KitError:
-            return False
+    def _hosts_cannot_wait(self, unsent: list[int]) -> bool:
+        """`unsent` (`_unsent`) is every proxy port: the header reaches none the hosts read it on."""
+        return bool(unsent) and set(unsent) == set(self.run.settings.proxy_ports)
 
     def stopped(self) -> Verdict:
         """The run ended early: unused stages discarded, hosts that never got their turn marked."""
