@@ -13,6 +13,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from awsapi.clients import AwsError, call, chunks, client
 from core import record as records
+from core.move import MoveRecord, move_path
 from core.record import ReadinessRecord, RecordError
 from core.settings import Settings
 
@@ -118,3 +119,28 @@ def remove(settings: Settings, names: list[str]) -> None:
                 raise AwsError(f"ssm delete-parameter {batch[0]}: {exc}") from None
         else:
             call(f"ssm delete-parameters {batch[0]} and {len(batch) - 1} more", ssm.delete_parameters, Names=batch)
+
+
+def read_move(settings: Settings) -> MoveRecord | None:
+    """The move record (core.move), or None when no move was started."""
+    path = move_path(settings)
+    ssm = client(settings, "ssm")
+    try:
+        text = ssm.get_parameter(Name=path)["Parameter"]["Value"]
+    except ssm.exceptions.ParameterNotFound:
+        return None
+    except (ClientError, BotoCoreError) as exc:
+        raise AwsError(f"ssm get-parameter {path}: {exc}") from None
+    return MoveRecord.from_json(text, path)
+
+
+def write_move(settings: Settings, record: MoveRecord) -> None:
+    """Store the move record where `pulumi up` and the next `fab move` read it."""
+    path = move_path(settings)
+    call(f"ssm put-parameter {path}", client(settings, "ssm").put_parameter, Name=path, Value=record.to_json(),
+         Type="String", Overwrite=True, Tier="Standard",
+         Description=f"wsgate {settings.env}: a move between load balancers (written by fab move)")
+
+
+def delete_move(settings: Settings) -> None:
+    remove(settings, [move_path(settings)])

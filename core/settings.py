@@ -185,6 +185,8 @@ CertificateArn = Annotated[
 LbName = Annotated[str, _pattern(r"^(?!-)[A-Za-z0-9-]{1,32}(?<!-)$",
                                  "Classic ELB name (1-32 letters, digits, hyphens)")]
 ParameterPath = Annotated[str, _pattern(r"^(/[A-Za-z0-9_.-]+){2,}$", "Parameter Store path (/a/b, two levels or more)")]
+HostedZoneId = Annotated[str, AfterValidator(lambda v: v.removeprefix("/hostedzone/")),
+                         _pattern(r"^(/hostedzone/)?[A-Z0-9]{1,32}$", "Route 53 hosted zone ID (Z0123456789ABC)")]
 
 
 class Model(BaseModel):
@@ -305,6 +307,47 @@ class LoadBalancer(Model):
         return self
 
 
+ALIAS_TTL = 60  # what resolvers get for an alias record to a load balancer: the load balancer's own TTL
+
+
+class Dns(Model):
+    """The service's name in a Route 53 hosted zone, as code: one weighted alias record per load
+    balancer (`evaluateTargetHealth` on). What moves clients from one load balancer to another
+    (`fab move`, docs/moving.md)."""
+
+    zone_id: HostedZoneId
+    name: DnsName  # the service's name, inside the zone
+    # How long resolvers and clients may hold an answer: what `fab move` waits after the last
+    # weight change before it counts connections. AWS gives alias records the load balancer's
+    # 60 s; a lower value is for the lab's DNS only (a test endpoint in aws:endpoints).
+    ttl: Annotated[int, Field(ge=1, le=86400)] = ALIAS_TTL
+    # The share of the weight (percent) the new load balancer gets at each step; the last is 100.
+    steps: list[Annotated[int, Field(ge=1, le=100)]] = [100]
+    pause: Seconds | None = None  # between two steps (default: ttl)
+    quiet: Seconds = 30  # the drain: no connection on the old load balancer's ports for this long
+    drain_max: Seconds = 900  # the drain's bound: past it the open connections are shown, nothing cut
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, value: list[int]) -> list[int]:
+        if any(b <= a for a, b in zip(value, value[1:], strict=False)) or not value or value[-1] != 100:
+            raise ValueError("steps must rise and end at 100 (percent of the weight on the new load balancer)")
+        return value
+
+    @property
+    def pause_seconds(self) -> int:
+        return self.pause or self.ttl
+
+
+class MoveTo(Model):
+    """The load balancer being moved to, beside `loadBalancer` (the one serving now): its own kind,
+    name, listeners, ports and proxy protocol. The hosts serve both at once while `fab move` runs."""
+
+    load_balancer: LoadBalancer
+    proxy_protocol: bool = False
+    ports: Ports
+
+
 class App(Model):
     """The WebSocket service behind nginx on each host."""
 
@@ -388,6 +431,9 @@ class Settings(Model):
     ssh: Ssh = Ssh()
     record: Record = Record()
     aws: Aws
+    dns: Dns | None = None
+    move_to: MoveTo | None = None
+    _target: Settings | None = PrivateAttr(default=None)  # move_to as whole settings (Settings.moving_to)
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -416,7 +462,59 @@ class Settings(Model):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"host names must be unique: {', '.join(dupes)}")
+        if self.dns and self.dns.ttl < ALIAS_TTL and not self.aws.endpoints:
+            raise ValueError(f"dns.ttl {self.dns.ttl} is below the {ALIAS_TTL} s AWS gives an alias record to a load "
+                             "balancer: resolvers would hold answers longer than the kit waits")
+        if self.move_to:
+            self._target = self._moving_to()
         return self
+
+    def _moving_to(self) -> Settings:
+        """moveTo as whole settings (validated as such), and the two load balancers' ports checked
+        against each other."""
+        m = self.move_to
+        assert m is not None
+        if not self.dns:
+            raise ValueError("moveTo needs dns: the weighted records that move the clients from one load balancer "
+                             "to the other")
+        if m.load_balancer.name == self.load_balancer.name:
+            raise ValueError(f"moveTo.loadBalancer.name is {m.load_balancer.name!r}, the name of loadBalancer: two "
+                             "load balancers need two names")
+        data = self.model_dump(exclude={"move_to"}, exclude_unset=False)
+        data.update(load_balancer=m.load_balancer.model_dump(), proxy_protocol=m.proxy_protocol,
+                    ports=m.ports.model_dump())
+        try:
+            target = Settings.model_validate(data)
+        except ValidationError as exc:
+            raise ValueError("moveTo: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                                    for e in exc.errors())) from None
+        problem = framing_clash(self, target)
+        if problem:
+            raise ValueError(problem)
+        return target
+
+    @property
+    def moving_to(self) -> Settings | None:
+        """The settings of the load balancer being moved to (moveTo), whole; None when no move is set."""
+        return self._target
+
+    @property
+    def balancer_names(self) -> tuple[str, ...]:
+        """The load balancers these settings name: loadBalancer, and moveTo's when a move is set."""
+        return (self.load_balancer.name, *([self.move_to.load_balancer.name] if self.move_to else []))
+
+    def served(self) -> dict[int, tuple[str, str]]:
+        """port -> (framing, role) of every service port these settings serve: framing `plain`,
+        `v1` (a Classic ELB's policy) or `v2` (a network load balancer's proxy groups)."""
+        lb = self.load_balancer
+        out: dict[int, tuple[str, str]] = {}
+        for role in ("http", "tls"):
+            port = getattr(self.ports, role)
+            header = self.proxy_protocol and lb.type == "classic"
+            out[port] = ("v1" if header else "plain", role)
+            if lb.type == "network" and self.proxy_protocol:
+                out[getattr(self.ports, f"proxy_{role}")] = ("v2", f"proxy_{role}")
+        return out
 
     def root_of(self, host: Host) -> str:
         return host.root or self.nginx.root
@@ -501,6 +599,27 @@ class Settings(Model):
         return self.parameter_path.rsplit("/", 1)[0]
 
 
+def framing_clash(source: Settings, target: Settings) -> str | None:
+    """Why two load balancers of one environment cannot share the hosts (None: they can): a port
+    the two would frame differently, or a service port both use (the drain counts connections per
+    port, so a port must belong to one load balancer). The health port may be shared."""
+    theirs = target.served()
+    for port, (framing, role) in sorted(source.served().items()):
+        if port in theirs:
+            other, other_role = theirs[port]
+            why = (f"loadBalancer {source.load_balancer.name!r} frames it {framing}, "
+                   f"moveTo {target.load_balancer.name!r} {other}" if other != framing else
+                   "both would send clients to it, and the drain could not tell whose connections it holds")
+            return (f"port {port} is ports.{to_camel(role)} of loadBalancer and moveTo.ports.{to_camel(other_role)}: "
+                    f"{why}; give moveTo.ports ports of their own")
+    health = target.ports.health
+    if health in source.served():
+        return f"moveTo.ports.health {health} is a service port of loadBalancer"
+    if source.ports.health in theirs:
+        return f"ports.health {source.ports.health} is a service port of moveTo"
+    return None
+
+
 def stack_file(env: str, directory: Path | str = ".") -> Path:
     return Path(directory) / f"Pulumi.{env}.yaml"
 
@@ -561,8 +680,9 @@ def check_neighbours(settings: Settings, directory: Path | str, source: str) -> 
             problems.append((f"{PROJECT}:record.parameterPath", settings.parameter_path,
                              f"environment {env!r} ({other.name}) uses the same readiness record: each "
                              "environment needs its own"))
-        if theirs.load_balancer.name == settings.load_balancer.name:
-            problems.append((f"{PROJECT}:loadBalancer.name", settings.load_balancer.name,
+        for name in sorted(set(settings.balancer_names) & set(theirs.balancer_names)):
+            key = "loadBalancer.name" if name == settings.load_balancer.name else "moveTo.loadBalancer.name"
+            problems.append((f"{PROJECT}:{key}", name,
                              f"environment {env!r} ({other.name}) manages a load balancer of the same name in "
                              f"{settings.aws.region}: each environment needs its own"))
     if problems:
