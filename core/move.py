@@ -157,3 +157,51 @@ def next_step(record: MoveRecord | None) -> Step:
         return Step.WEIGH
     steps = list(Step)
     return steps[min(record.reached.index + 1, len(steps) - 1)]
+
+
+def connections_command(ports: list[int], bind: str | None) -> str:
+    """The host command that lists its established TCP connections on `ports` (local side), only
+    those to `bind` when the host listens on one address: iproute2's `ss`, no root needed."""
+    expr = " or ".join(f"sport = :{p}" for p in sorted(ports))
+    where = f" and src {bind}" if bind else ""
+    return f"ss -Htn state established '( {expr} ){where}'"
+
+
+def parse_connections(text: str, ports: list[int]) -> dict[int, int]:
+    """port -> established connections, from `ss -Htn state established` lines (Recv-Q Send-Q
+    Local:Port Peer:Port ...)."""
+    counts = dict.fromkeys(sorted(ports), 0)
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        _, _, port = fields[2].rpartition(":")
+        if port.isdigit() and int(port) in counts:
+            counts[int(port)] += 1
+    return counts
+
+
+def source_ports(s: Settings) -> list[int]:
+    """The service ports of loadBalancer (the one a move leaves): those the drain watches."""
+    return sorted(s.served())
+
+
+class Drain:
+    """The drain's clock: quiet once no host reported a connection on the old ports for `quiet`
+    seconds in a row; over once `bound` seconds passed since it started (pure: times in)."""
+
+    def __init__(self, started: float, quiet: float, bound: float):
+        self.started, self.quiet, self.bound = started, quiet, bound
+        self.silent_since: float | None = None
+
+    def sample(self, at: float, open_connections: int) -> None:
+        if open_connections:
+            self.silent_since = None
+        elif self.silent_since is None:
+            self.silent_since = at
+
+    def drained(self, at: float) -> bool:
+        return self.silent_since is not None and at - self.silent_since >= self.quiet
+
+    def over(self, at: float) -> bool:
+        return at - self.started >= self.bound

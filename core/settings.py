@@ -326,6 +326,9 @@ class Dns(Model):
     pause: Seconds | None = None  # between two steps (default: ttl)
     quiet: Seconds = 30  # the drain: no connection on the old load balancer's ports for this long
     drain_max: Seconds = 900  # the drain's bound: past it the open connections are shown, nothing cut
+    # The DNS server (host:port) `fab move` asks for a load balancer's address, to prove it with a
+    # request through each listener (default: the system's resolver; the lab names its own).
+    resolver: Annotated[str, AfterValidator(lambda v: _upstream(v) and v)] | None = None
 
     @field_validator("steps")
     @classmethod
@@ -434,6 +437,9 @@ class Settings(Model):
     dns: Dns | None = None
     move_to: MoveTo | None = None
     _target: Settings | None = PrivateAttr(default=None)  # move_to as whole settings (Settings.moving_to)
+    # Never from a stack file: the other load balancers whose ports the hosts serve beside this one's
+    # (during a move, core.move.served), each as whole settings (`serving`).
+    _beside: tuple[Settings, ...] = PrivateAttr(default=())
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -486,8 +492,8 @@ class Settings(Model):
         try:
             target = Settings.model_validate(data)
         except ValidationError as exc:
-            raise ValueError("moveTo: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                                                    for e in exc.errors())) from None
+            raise ValueError("; ".join(f"moveTo{''.join('.' + to_camel(str(p)) for p in e['loc'])}: "
+                                       f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())) from None
         problem = framing_clash(self, target)
         if problem:
             raise ValueError(problem)
@@ -567,6 +573,21 @@ class Settings(Model):
         if self.load_balancer.type == "network" and self.proxy_protocol:
             out._retired = frozenset(ports) & {self.ports.http, self.ports.tls}
         return out
+
+    def serving(self, balancers: list[Settings]) -> Settings:
+        """These settings, the hosts serving the ports of every load balancer in `balancers` (whole
+        settings: core.move.served, each as the load balancer has it) in that order, this one's first;
+        a load balancer of this name in `balancers` is this one (never served twice)."""
+        out = self.model_copy()
+        mine = self.load_balancer.name
+        out._beside = tuple(b for b in balancers if b.load_balancer.name != mine)
+        return out
+
+    @property
+    def balancers(self) -> list[Settings]:
+        """The load balancers whose ports the hosts serve, as whole settings: these settings first,
+        then those served beside them (`serving`); [self] without a move."""
+        return [self, *self._beside]
 
     @property
     def retired(self) -> frozenset[int]:
