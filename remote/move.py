@@ -199,7 +199,7 @@ class Move:
 
         self._save(source_declared=False)
         self._apply(Step.RETIRE)
-        if self._exists(self.s):
+        if exists(self.s):
             raise MoveStopped(f"step retire: after pulumi up the load balancer {self.s.load_balancer.name} still "
                               "exists; run fab move again")
         self._check_weights(Step.RETIRE)
@@ -226,17 +226,10 @@ class Move:
         except KitError as exc:
             raise MoveStopped(f"step {step}: pulumi up failed: {exc}") from None
 
-    def _exists(self, s: Settings) -> bool:
-        from awsapi import classic, network
-
-        if s.load_balancer.type == "network":
-            return network.network_state(s) is not None
-        return classic.describe(s) is not None
-
     def _check_balancer(self, s: Settings) -> None:
         from awsapi.balancer import header_ports
 
-        if not self._exists(s):
+        if not exists(s):
             raise MoveStopped(f"step create: after pulumi up there is no load balancer {s.load_balancer.name}")
         want = sorted(s.proxy_ports) if s.proxy_protocol else []
         have = header_ports(s)
@@ -328,6 +321,15 @@ class Move:
             raise MoveStopped(f"{what}: interrupted", INTERRUPTED)
 
 
+def exists(s: Settings) -> bool:
+    """Whether the load balancer of `s` exists now (AWS)."""
+    from awsapi import classic, network
+
+    if s.load_balancer.type == "network":
+        return network.describe_network(s) is not None
+    return classic.describe(s) is not None
+
+
 def count_connections(s: Settings, hosts: list[Host], ports: list[int]) -> dict[str, dict[int, int]]:
     """host name -> port -> established connections on it now (iproute2 `ss` on each host)."""
     from remote.ssh import Ssh
@@ -391,3 +393,93 @@ def request(address: str, port: int, tls: bool, host: str, timeout: float = 10.0
         if not data:
             raise OSError("the connection closed without an answer (the hosts did not expect this framing)")
         return data.decode(errors="replace")
+
+
+# --- fab status: the move ---------------------------------------------------------------------------
+
+def move_view(s: Settings, hosts: list[Host], count: bool = True) -> dict[str, Any]:
+    """What `fab status` shows of DNS and a move: each load balancer (exists, kind, DNS weight), the
+    TTL, the step reached, the command to run next, and per host the established connections on
+    each port with the load balancer it belongs to. Problems found are listed."""
+    from awsapi import route53
+    from awsapi.parameters import read_move
+    from core.move import NEXT_COMMAND, declared
+
+    assert s.dns is not None
+    view: dict[str, Any] = {"dns": {"name": s.dns.name, "zone": s.dns.zone_id, "ttl": s.dns.ttl}, "problems": []}
+    record = read_move(s)
+    problem = conflict(s, record)
+    if problem:
+        view["problems"].append(problem)
+    balancers = [s, *([s.moving_to] if s.moving_to else [])]
+    if record is not None and s.moving_to and record.target != s.moving_to.load_balancer.name:
+        balancers = [s]
+    try:
+        weights = route53.weights(s)
+        foreign = route53.refusal(s)
+    except KitError as exc:
+        weights, foreign = {}, f"cannot read Route 53: {exc}"
+    if foreign:
+        view["problems"].append(foreign)
+    try:
+        want = {} if problem else declared(s, record)
+    except MoveError:
+        want = {}
+    owner: dict[int, str] = {}
+    view["balancers"] = []
+    for b in balancers:
+        name = b.load_balancer.name
+        for port in b.served():
+            owner[port] = name
+        present = exists(b)
+        view["balancers"].append({"name": name, "type": b.load_balancer.type, "proxyProtocol": b.proxy_protocol,
+                                  "exists": present, "weight": weights.get(name), "declared": name in want,
+                                  "ports": sorted(b.served())})
+        if name in want and want[name] != weights.get(name):
+            view["problems"].append(f"DNS weight of {name} is {weights.get(name)}, the move declares {want[name]}: "
+                                    f"run fab move --env {s.env}" if record else
+                                    f"DNS weight of {name} is {weights.get(name)}: run pulumi up")
+        if weights.get(name) and not present:
+            view["problems"].append(f"DNS gives weight to {name}, which does not exist")
+    reached = record.reached if record is not None and not problem else None
+    view["move"] = None if record is None else {
+        "source": record.source, "target": record.target, "reached": str(reached) if reached else None,
+        "weight": record.weight, "held": record.held, "heldAt": record.held_at}
+    if s.moving_to is None:
+        view["next"] = None if record is None or finished_here(s, record) else "see the problem above"
+    elif record is not None and record.done:
+        view["next"] = NEXT_COMMAND[Step.DONE].format(env=s.env)
+    else:
+        view["next"] = NEXT_COMMAND[None].format(env=s.env)
+    if count and hosts:
+        try:
+            counts = count_connections(s, hosts, sorted(owner))
+            view["connections"] = {h: {str(p): {"loadBalancer": owner[p], "established": n} for p, n in c.items()}
+                                   for h, c in counts.items()}
+        except KitError as exc:
+            view["problems"].append(f"cannot count the hosts' connections: {exc}")
+    return view
+
+
+def show_move(reporter, view: dict[str, Any]) -> None:
+    """The move's part of `fab status`."""
+    d = view["dns"]
+    reporter.message(f"DNS: {d['name']} (zone {d['zone']}, TTL {d['ttl']} s)")
+    for b in view["balancers"]:
+        weight = "no record" if b["weight"] is None else f"weight {b['weight']}"
+        reporter.message(f"  {b['name']} ({b['type']}, proxy protocol {'on' if b['proxyProtocol'] else 'off'}): "
+                         f"{'exists' if b['exists'] else 'does not exist'}, {weight}, ports "
+                         f"{', '.join(map(str, b['ports']))}")
+    move = view.get("move")
+    if move:
+        reporter.message(f"move {move['source']} -> {move['target']}: step reached: {move['reached'] or 'none yet'}"
+                         + (f" (weight {move['weight']}% on {move['target']})" if move["reached"] == "weigh" else "")
+                         + (f"; cut with connections open: {move['held']} at {move['heldAt']}" if move["held"] else ""))
+    for host, ports in sorted(view.get("connections", {}).items()):
+        cells = ", ".join(f"{p} ({c['loadBalancer']}): {c['established']}" for p, c in
+                          sorted(ports.items(), key=lambda kv: int(kv[0])))
+        reporter.message(f"  {host}: established {cells}")
+    if view.get("next"):
+        reporter.message(f"next: {view['next']}")
+    for problem in view["problems"]:
+        reporter.message(f"[red]dns: {problem}[/]", markup=True)
