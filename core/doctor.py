@@ -74,8 +74,12 @@ class BalancerFacts:
     groups: list[dict] = field(default_factory=list)
 
 
-def host_problems(s: Settings, h: HostFacts, header_ports: list[int] | None) -> list[str]:
-    """What is wrong with one host, each with what to do; [] when it agrees with everything."""
+def host_problems(s: Settings, h: HostFacts, header_ports: list[int] | None,
+                  beside_header_ports: dict[str, list[int] | None] | None = None) -> list[str]:
+    """What is wrong with one host, each with what to do; [] when it agrees with everything.
+    `header_ports`: where this load balancer sends the header now (None: unknown);
+    `beside_header_ports`: the same for each other load balancer served during a move, by name
+    (absent: unknown, judged by the settings)."""
     if h.error:
         return [f"cannot inspect: {h.error}"]
     out = []
@@ -93,13 +97,45 @@ def host_problems(s: Settings, h: HostFacts, header_ports: list[int] | None) -> 
         out.append("the health port does not answer")
     if h.locked_by:
         out.append(f"a run holds the rollout lock ({h.locked_by})")
+    balancers = s.balancers
+    if len(balancers) == 1:
+        return out + _port_problems(s, h.ports, header_ports)
+    # during a move each port is judged by the load balancer that uses it (its own header ports)
+    beside = beside_header_ports or {}
+    for b in balancers:
+        modes = {port: mode for port, mode in h.ports.items() if balancer_of(s, port) is b}
+        theirs = header_ports if b is s else beside.get(b.load_balancer.name)
+        out += _port_problems(b, modes, theirs)
+    return out
+
+
+def _port_problems(s: Settings, modes: dict[int, str], header_ports: list[int] | None) -> list[str]:
     port_problems = network_port_problems if s.load_balancer.type == "network" else classic_port_problems
-    return out + port_problems(s, h.ports, header_ports)
+    return port_problems(s, modes, header_ports)
+
+
+def balancer_of(s: Settings, port: int) -> Settings:
+    """The load balancer served (Settings.balancers) whose port this is, as whole settings (the
+    first when none or several claim it: a shared health port). `fab status` asks a port how it
+    answers framed as that load balancer frames it."""
+    for b in s.balancers:
+        if port in _probed(b):
+            return b
+    return s
 
 
 def probed_ports(s: Settings) -> dict[int, str]:
     """The ports `fab status` asks how they answer, each with what it serves (`redirect` or `app`):
-    classic, the proxied ports; network, the plain ports and the proxy ports beside them."""
+    classic, the proxied ports; network, the plain ports and the proxy ports beside them; of every
+    load balancer served (both during a move)."""
+    out: dict[int, str] = {}
+    for b in s.balancers:
+        out.update(_probed(b))
+    return out
+
+
+def _probed(s: Settings) -> dict[int, str]:
+    """probed_ports of one load balancer."""
     p = s.ports
     if s.load_balancer.type == "network":
         return {p.http: "redirect", p.tls: "app", p.proxy_http: "redirect", p.proxy_tls: "app"}

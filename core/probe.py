@@ -167,7 +167,15 @@ class Check:
 
 
 def checks(settings: Settings) -> list[Check]:
-    """The port checks after a reload (the health port's digest is checked first, by polling)."""
+    """The port checks after a reload (the health port's digest is checked first, by polling): those
+    of every load balancer served (Settings.balancers), each port framed as its own load balancer
+    frames it (a Classic ELB's proxy ports v1, a network load balancer's proxy ports v2, plain
+    ports none)."""
+    return [c for b in settings.balancers for c in balancer_checks(b)]
+
+
+def balancer_checks(settings: Settings) -> list[Check]:
+    """The port checks of one load balancer's ports."""
     if settings.load_balancer.type == "network":
         return network_checks(settings)
     return classic_checks(settings)
@@ -215,13 +223,17 @@ def network_checks(settings: Settings) -> list[Check]:
 
 def plain_proven(settings: Settings) -> list[int] | None:
     """Network: the plain ports the checks prove served without the header (what the readiness
-    record may claim of them); None for a Classic ELB (its ports are the proxied ones)."""
-    if settings.load_balancer.type != "network":
+    record may claim of them), of every network load balancer served; None when none is a network
+    load balancer (a Classic ELB's ports are the proxied ones)."""
+    networks = [b for b in settings.balancers if b.load_balancer.type == "network"]
+    if not networks:
         return None
-    return sorted({c.port for c in checks(settings) if c.port in (settings.ports.http, settings.ports.tls)
+    return sorted({c.port for b in networks for c in balancer_checks(b) if c.port in (b.ports.http, b.ports.tls)
                    and c.expect != "reject"})
 
 
 def proven_ports(settings: Settings) -> list[int]:
-    """The ports the checks prove read the PROXY header: what the readiness record may claim."""
+    """The ports the checks prove read the PROXY header, of every load balancer served: what the
+    readiness record may claim."""
     return sorted({c.port for c in checks(settings) if c.proves_header})
+

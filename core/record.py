@@ -50,6 +50,14 @@ class ReadinessRecord(Model):
     # probe); None in records of kits that never retired a plain port (they served them always)
     plain_ports: list[Port] | None = None
     digests: dict[str, list[InstanceId]] = Field(min_length=1)  # digest -> instances serving it
+    # every load balancer whose ports it proves (during a move, both: the hosts serve both; None in
+    # records of kits that knew one); `load_balancer` is the first, for older readers
+    load_balancers: list[str] | None = None
+
+    @property
+    def balancers(self) -> list[str]:
+        """The load balancers whose ports it proves ([] when it names none)."""
+        return list(self.load_balancers or ([self.load_balancer] if self.load_balancer else []))
 
     @property
     def instances(self) -> dict[str, str]:
@@ -57,7 +65,8 @@ class ReadinessRecord(Model):
         return {i: d for d, ids in self.digests.items() for i in ids}
 
     def to_json(self) -> str:
-        return self.model_dump_json(by_alias=True)
+        # without a move the wire form is the one older kits read (they refuse keys they do not know)
+        return self.model_dump_json(by_alias=True, exclude=None if self.load_balancers else {"load_balancers"})
 
     @classmethod
     def from_json(cls, text: str) -> ReadinessRecord:
@@ -75,14 +84,19 @@ class ReadinessRecord(Model):
         """Why this record is not the given environment's (None: it is)."""
         if self.env != env:
             return f"record is for environment {self.env!r}"
-        if load_balancer and self.load_balancer and self.load_balancer != load_balancer:
-            return f"record is for load balancer {self.load_balancer!r}"
+        named = self.balancers
+        if load_balancer and named and load_balancer not in named:
+            return ("record is for load balancer " + " and ".join(map(repr, named)))
         return None
 
 
 def build(env: str, ports: list[int], served: dict[str, str], now: datetime | None = None,
-          load_balancer: str | None = None, plain_ports: list[int] | None = None) -> ReadinessRecord:
-    """A record from `served` (instance ID -> digest it serves, proven by a probe)."""
+          load_balancer: str | None = None, plain_ports: list[int] | None = None,
+          load_balancers: list[str] | None = None) -> ReadinessRecord:
+    """A record from `served` (instance ID -> digest it serves, proven by a probe). `load_balancers`:
+    every load balancer whose ports it proves, when more than one (`load_balancer` is then the first)."""
+    if load_balancers:
+        load_balancer = load_balancers[0]
     digests: dict[str, list[str]] = {}
     for instance, digest in sorted(served.items()):
         digests.setdefault(digest, []).append(instance)
@@ -93,6 +107,7 @@ def build(env: str, ports: list[int], served: dict[str, str], now: datetime | No
         proxy_protocol_ports=sorted(ports),
         plain_ports=None if plain_ports is None else sorted(plain_ports),
         digests=digests,
+        load_balancers=list(load_balancers) if load_balancers else None,
     )
 
 
@@ -105,6 +120,7 @@ class Manifest(Model):
     written_at: datetime
     proxy_protocol_ports: list[Port]
     plain_ports: list[Port] | None = None
+    load_balancers: list[str] | None = None
     instances: int  # how many instances the shards name (for a person reading it, and checked)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # of the shards' text, joined in order
     shards: list[str] = Field(min_length=1)  # each shard's key: `<path>.<key>` holds it
@@ -146,8 +162,9 @@ def encode(record: ReadinessRecord, path: str) -> dict[str, str]:
     keys = [hashlib.sha256(c.encode()).hexdigest()[:SHARD_KEY] for c in chunks]
     manifest = Manifest(env=record.env, load_balancer=record.load_balancer, written_at=record.written_at,
                         proxy_protocol_ports=record.proxy_protocol_ports, plain_ports=record.plain_ports,
-                        instances=len(record.instances), sha256=hashlib.sha256(text.encode()).hexdigest(),
-                        shards=keys).model_dump_json(by_alias=True)
+                        load_balancers=record.load_balancers, instances=len(record.instances),
+                        sha256=hashlib.sha256(text.encode()).hexdigest(), shards=keys,
+                        ).model_dump_json(by_alias=True, exclude=None if record.load_balancers else {"load_balancers"})
     size = (f"the readiness record of {len(record.instances)} instance(s) with {len(record.digests)} digest(s) "
             f"takes {len(single)} characters, {len(text)} compressed in {len(chunks)} shard(s)")
     if len(manifest) > PARAMETER_LIMIT:

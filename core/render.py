@@ -63,9 +63,9 @@ def digest_of(files: dict[str, str]) -> str:
 
 
 def sockets(settings: Settings, service: str) -> list[int]:
-    """The instance ports one service listens on (`http`: the redirect, `tls`: the app): its plain
-    port (unless the load balancer retired it: Settings.retiring), and for a network load balancer
-    with proxy protocol on, its proxy port beside it."""
+    """The instance ports one service listens on (`http`: the redirect, `tls`: the app) for one load
+    balancer: its plain port (unless the load balancer retired it: Settings.retiring), and for a
+    network load balancer with proxy protocol on, its proxy port beside it."""
     ports = [p for p in [getattr(settings.ports, service)] if p not in settings.retired]
     if settings.load_balancer.type == "network" and settings.proxy_protocol:
         ports.append(getattr(settings.ports, f"proxy_{service}"))
@@ -73,25 +73,62 @@ def sockets(settings: Settings, service: str) -> list[int]:
 
 
 def served_ports(settings: Settings) -> set[int]:
-    """Every port a host listens on with this environment's config."""
-    return {*sockets(settings, "http"), *sockets(settings, "tls"), settings.ports.health}
+    """Every port a host listens on with this environment's config: those of every load balancer
+    served (Settings.balancers: both during a move)."""
+    return {port for b in settings.balancers
+            for port in (*sockets(b, "http"), *sockets(b, "tls"), b.ports.health)}
+
+
+def health_ports(settings: Settings) -> list[int]:
+    """The health ports of the load balancers served, each once (two may share one), this one's first."""
+    return list(dict.fromkeys(b.ports.health for b in settings.balancers))
+
+
+def header_ports(settings: Settings) -> set[int]:
+    """The ports nginx reads the PROXY header on: each load balancer's proxy ports where its proxy
+    protocol is on (classic: ports.http and ports.tls; network: the proxy ports), never elsewhere."""
+    return {port for b in settings.balancers if b.proxy_protocol for port in b.proxy_ports}
+
+
+def manifest_ports(settings: Settings) -> dict[str, int]:
+    """role -> port of what one load balancer's hosts serve (release.json names them so)."""
+    p = settings.ports
+    out = {role: getattr(p, role) for role in ("http", "tls") if getattr(p, role) not in settings.retired}
+    out["health"] = p.health
+    if settings.load_balancer.type == "network" and settings.proxy_protocol:
+        out.update(proxyHttp=p.proxy_http, proxyTls=p.proxy_tls)
+    return out
 
 
 def render(settings: Settings, bind: str | None = None) -> Tree:
-    """Render the tree for hosts that listen on `bind` (None: every address)."""
+    """Render the tree for hosts that listen on `bind` (None: every address), serving the ports of
+    every load balancer of `settings.balancers` (one without a move), each port framed as the load
+    balancer that uses it frames its traffic."""
+    balancers = settings.balancers
+    reading = header_ports(settings)
 
     def listen(port: int) -> str:
         """`listen` arguments for `port`: `proxy_protocol` on the ports that get the header once the
         gate is open (classic: ports.http and ports.tls; network: the proxy ports), never elsewhere
         (the plain ports of a network load balancer's hosts, the health port)."""
         address = f"[{bind}]:{port}" if bind and ":" in bind else f"{bind}:{port}" if bind else str(port)
-        reads = settings.proxy_protocol and port in settings.proxy_ports
-        return f"{address} proxy_protocol" if reads else address
+        return f"{address} proxy_protocol" if port in reading else address
 
     env = _environment()
     names = sorted(n for n in env.list_templates() if n.endswith(".j2"))
-    context = {"s": settings, "listen": listen, "sockets": lambda service: sockets(settings, service),
-               "health_path": HEALTH_PATH, "bind": bind}
+    context = {
+        "s": settings, "balancers": balancers, "listen": listen, "sockets": sockets,
+        "health_path": HEALTH_PATH, "bind": bind, "health_ports": health_ports(settings),
+        "manifest_ports": manifest_ports,
+        # http level, for every load balancer served: the header's client address believed from any of
+        # their subnets, the proxy log format if any sends the header, timeouts above the longest idle
+        "reads_header": any(b.proxy_protocol for b in balancers),
+        "subnet_cidrs": list(dict.fromkeys(c for b in balancers if b.proxy_protocol
+                                           for c in b.load_balancer.subnet_cidrs)),
+        "lb_idle_timeout": max(b.lb_idle_timeout for b in balancers),
+        "read_timeout": max(b.read_timeout for b in balancers),
+        "send_timeout": max(b.send_timeout for b in balancers),
+    }
     try:
         files = {n[:-3]: env.get_template(n).render(context) for n in names if n[:-3] != DIGEST_FILE}
         digest = digest_of(files)

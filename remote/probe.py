@@ -10,6 +10,7 @@ import time
 from fabric import Connection
 
 from core.probe import Exchange, Health, Reply, checks, health_exchange
+from core.render import health_ports
 from core.settings import Settings
 from remote.ssh import Ssh, SshError
 
@@ -57,11 +58,17 @@ def probe(ssh: Ssh, conn: Connection, settings: Settings, address: str, digest: 
     the old config: a failing check is retried until `timeout` before it counts.
     """
     deadline = time.monotonic() + timeout
-    seen = wait_live(ssh, conn, address, settings.ports.health, digest, timeout)
+    first, *others = health_ports(settings)  # every load balancer's health port (two during a move)
+    seen = wait_live(ssh, conn, address, first, digest, timeout)
     if not seen or seen.digest != digest:
         return [f"live config is {seen.digest[:12] if seen else 'unknown (no health answer)'}, not {digest[:12]}: "
                 "the reload did not take"]
     problems = []
+    for port in others:
+        other = wait_live(ssh, conn, address, port, digest, max(0.0, deadline - time.monotonic()))
+        if not other or other.digest != digest:
+            problems.append(f"health port {port}: {'answers ' + other.digest[:12] if other else 'no health answer'}, "
+                            f"not {digest[:12]}")
     for check in checks(settings):
         while True:
             try:

@@ -17,6 +17,15 @@ from core.settings import Settings
 from remote.background import Background
 
 
+def build_for(s: Settings, served: dict[str, str]) -> records.ReadinessRecord:
+    """The record a run over these settings proves (`served`: instance ID -> digest): the proxy and
+    plain ports of every load balancer the hosts serve (Settings.balancers), and their names when
+    more than one (during a move)."""
+    names = [b.load_balancer.name for b in s.balancers]
+    return records.build(s.env, proven_ports(s), served, load_balancer=s.load_balancer.name,
+                         plain_ports=plain_proven(s), load_balancers=names if len(names) > 1 else None)
+
+
 class ParameterRecord:
     """The environment's readiness record in Parameter Store (one parameter, or a manifest and its
     shards: core.record)."""
@@ -59,8 +68,9 @@ class ParameterRecord:
         return self._build({o.instance: o.after for o in outcomes if o.instance and o.after})
 
     def _build(self, served: dict[str, str]) -> records.ReadinessRecord:
-        return records.build(self.settings.env, proven_ports(self.settings), served,
-                             load_balancer=self.settings.load_balancer.name, plain_ports=plain_proven(self.settings))
+        """What the probes prove of every load balancer served (both during a move: the record names
+        both, and its ports are the union of theirs)."""
+        return build_for(self.settings, served)
 
     def prepare(self, served: dict[str, str]) -> None:
         """Before any host goes live: the record this run will write (`served`: instance ID -> the
@@ -88,8 +98,8 @@ class ParameterRecord:
         """Whether the stored record differs from what these outcomes prove."""
         self.load()
         new, old = self._new(outcomes), self._parsed()
-        if old and (old.digests, old.proxy_protocol_ports, old.plain_ports, old.load_balancer) == (
-                new.digests, new.proxy_protocol_ports, new.plain_ports, new.load_balancer):
+        if old and (old.digests, old.proxy_protocol_ports, old.plain_ports, old.balancers) == (
+                new.digests, new.proxy_protocol_ports, new.plain_ports, new.balancers):
             self.reporter.note(f"readiness record {self.settings.parameter_path} is already current")
             return False
         return True

@@ -92,7 +92,50 @@ def _as_the_load_balancer_has_it(settings: Settings, strict: bool = False,
     listeners forward to the proxy groups and the plain groups hold no target, the ELBv2 API says)
     are no longer served. `strict` (a rollout): always read for a network load balancer, and a
     failed read stops the task. Otherwise (render, check, status, rollback) read only with proxy
-    protocol on, and a failed read is noted: the hosts are rendered serving every plain port."""
+    protocol on, and a failed read is noted: the hosts are rendered serving every plain port.
+
+    While a move is set (moveTo), the hosts serve every load balancer the move record says
+    (core.move.served: both, then the new one alone once the old one was retired), each as its
+    load balancer has it (its own retired plain ports, from its own read: one that does not exist
+    yet has retired none); the settings returned are the first's, serving the others beside
+    (Settings.serving), and the traffic read is the first's. A move record of another move half
+    done refuses the task before any host is touched."""
+    return as_served(_served(settings, strict, note), strict, note)
+
+
+def as_served(balancers: list[Settings], strict: bool = False, note: Callable[[str], None] = print):
+    """The settings that render and probe what the hosts serve for `balancers` (core.move.served,
+    or a list `fab move` chose), each as its load balancer has it, and the first's traffic read
+    (None when not read): the first's settings, serving the others beside (Settings.serving)."""
+    had = [_one_as_it_has(b, strict, note) for b in balancers]
+    first, now = had[0]
+    return (first.serving([b for b, _ in had]) if len(had) > 1 else first), now
+
+
+def _served(settings: Settings, strict: bool, note: Callable[[str], None]) -> list[Settings]:
+    """The load balancers whose ports the hosts serve (core.move.served), from the move record; the
+    record unreadable: a rollout stops, anything else goes on as if the move had not begun
+    (both served). A conflicting move record (core.move.conflict) is refused."""
+    if settings.move_to is None:
+        return [settings]
+    from awsapi.parameters import read_move
+    from core import move
+
+    try:
+        record = read_move(settings)
+    except KitError as exc:
+        if strict:
+            raise
+        note(f"cannot read the move record ({exc}): rendered serving both load balancers")
+        record = None
+    problem = move.conflict(settings, record)
+    if problem:
+        raise move.MoveError(f"{problem}; nothing was changed")
+    return move.served(settings, record)
+
+
+def _one_as_it_has(settings: Settings, strict: bool, note: Callable[[str], None]):
+    """One load balancer's settings as it has them, and its traffic read (None when not read)."""
     if settings.load_balancer.type != "network" or not (settings.proxy_protocol or strict):
         return settings, None
     from awsapi.balancer import traffic
@@ -107,11 +150,18 @@ def _as_the_load_balancer_has_it(settings: Settings, strict: bool = False,
     return (settings.retiring(now.retired) if settings.proxy_protocol else settings), now
 
 
-def _prepare(env: str, only: str | None = None, strict: bool = False, note: Callable[[str], None] = print):
+def _prepare(env: str, only: str | None = None, strict: bool = False, note: Callable[[str], None] = print,
+             served: list[Settings] | None = None):
+    """Settings as the load balancer has them, the hosts, their trees, the traffic read. `served`:
+    the load balancers whose ports the hosts serve, as whole settings (`fab move`'s choice; None:
+    what the settings and the move record say)."""
     from core.render import render_hosts
     from remote.hosts import resolve
 
-    settings, now = _as_the_load_balancer_has_it(_settings(env), strict, note)
+    if served:
+        settings, now = as_served(served, strict, note)
+    else:
+        settings, now = _as_the_load_balancer_has_it(_settings(env), strict, note)
     hosts = resolve(settings, only)
     return settings, hosts, render_hosts(settings, hosts), now
 
@@ -161,8 +211,9 @@ def _refuse_certificate(settings: Settings, note: Callable[[str], None]) -> None
 
 
 def _run(env: str, trees_wanted: bool, parallel, batch, apply: bool, as_json: bool, what: str,
-         take_over: bool = False) -> None:
-    """A rollout (trees) or a rollback (no trees), in the cutover order; report; exit with its code."""
+         take_over: bool = False, served: list[Settings] | None = None) -> None:
+    """A rollout (trees) or a rollback (no trees), in the cutover order; report; exit with its code.
+    `served`: the load balancers whose ports the hosts serve (`_prepare`)."""
     from core.batches import batches
     from core.render import render_hosts
     from remote import cutover
@@ -177,11 +228,11 @@ def _run(env: str, trees_wanted: bool, parallel, batch, apply: bool, as_json: bo
     for sig in (signal.SIGTERM, signal.SIGHUP):  # a cancelled CI job or a closed terminal acts as Ctrl-C
         signal.signal(sig, signal.default_int_handler)  # (the run's guard notes them; pulumi up is interrupted)
     # a rollback is an emergency path: without the load balancer's word it probes every plain port
-    settings, targets, trees, now = _prepare(env, strict=trees_wanted, note=reporter.note)
+    settings, targets, trees, now = _prepare(env, strict=trees_wanted, note=reporter.note, served=served)
     batches(batch, len(targets))  # a bad --batch fails here, before any host is touched
     if apply:
         _refuse_certificate(settings, reporter.note)
-    if settings.proxy_protocol or (now and now.header_ports):
+    if any(b.proxy_protocol for b in settings.balancers) or (now and now.header_ports):
         require_instance_ids(targets)
 
     def one(s: Settings, trees, now, apply: bool, title: str):
