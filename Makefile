@@ -1,5 +1,6 @@
-# make test: everything the suite needs, then the suite. make unit: the pure tests alone. make lab: the whole system on loopback
-# (make lab LB=network: the same with a network load balancer). make bench: rollout figures for K = 1..500 hosts
+# make test: everything the suite needs, then the suite. make unit: the pure tests alone. make lab: the whole system on loopback,
+# with its DNS server (ws.lab.test on 127.0.0.1:15353, UDP; docs/lab.md#dns) (make lab LB=network: the same with a network
+# load balancer). make bench: rollout figures for K = 1..500 hosts
 # against the floor, into docs/bench.json and docs/bench.png (make bench BENCH_ARGS="--sizes 1,10 --runs 3").
 VENV ?= .venv
 PYTHON ?= python3

@@ -1,9 +1,12 @@
 """The lab: the whole system on one machine. `python -m lab up|down|prove|follow`.
 
-up:    backend hosts (sshd + nginx each, on 127.0.1.x), the lab AWS endpoint (moto), the demo
-       app, the load balancer (Pulumi where the CLI exists, else the same calls with boto3),
-       the HAProxy stand-in following it, then the real `fab rollout --env lab --apply`, and
-       the proof: a WebSocket through the stand-in's SSL listener from 127.0.0.77.
+up:    backend hosts (sshd + nginx each, on 127.0.1.x), the lab AWS endpoint (moto, with the
+       hosted zone of wsgate:dns), the demo app, the load balancer (Pulumi where the CLI exists,
+       else the same calls with boto3), one HAProxy stand-in per load balancer following it (each
+       on its own loopback address), the lab's DNS server answering the service name from the
+       endpoint's Route 53 (lab/dns.py), then the real `fab rollout --env lab --apply`, and the
+       proof: the service name resolved through that DNS server, a WebSocket through the SSL
+       listener there from 127.0.0.77.
        `--lb network`: the same with a network load balancer (the environment is written into
        the lab directory, placed in the lab endpoint's VPC).
 down:  stops everything `up` started (it is safe to run twice, and `up` runs it first).
@@ -13,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import signal
 import ssl
 import subprocess
@@ -27,13 +32,15 @@ import yaml
 from core.errors import KitError
 from core.listeners import HEALTH_PATH
 from core.settings import Settings, load
+from lab import dns as lab_dns
 from lab import hosts as lab_hosts
 from lab import tls
 from lab.client import dial, http_get, ws_hello
-from lab.standin import LISTEN, StandIn
+from lab.standin import FIXED_ADDRESS, LISTEN, StandIn, StandIns, address_of, read_state, standin_dir, update_state
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 CLIENT_SOURCE = "127.0.0.77"  # the lab client's address: never the stand-in's (127.0.0.1)
+LAB_CLASSIC_ZONE = "Z35SXDOTRQ7X7K"  # AWS's us-east-1 Classic ELB zone: moto's Classic ELB reports none
 
 
 def say(text: str) -> None:
@@ -42,12 +49,15 @@ def say(text: str) -> None:
 
 class Lab:
     def __init__(self, env: str = "lab", directory: Path | None = None, listen: dict[int, int] | None = None,
-                 kind: str = "classic"):
+                 kind: str = "classic", dns_port: int | None = None):
         self.env = env  # a name (Pulumi.<env>.yaml here) or a path to an environment file
         self.settings: Settings = load(env, PROJECT_DIR)
         self.env_file = Path(env) if env.endswith((".yaml", ".yml")) else PROJECT_DIR / f"Pulumi.{env}.yaml"
         self.dir = Path(directory or Path(self.settings.ssh.known_hosts).parent.parent)
         self.listen = listen or LISTEN
+        # the DNS server's UDP port: dns.resolver's (127.0.0.1:15353 in the shipped lab)
+        resolver = self.settings.dns.resolver if self.settings.dns else None
+        self.dns_port = dns_port or (int(resolver.rpartition(":")[2]) if resolver else lab_dns.DNS_PORT)
         self.kind = kind  # "classic", or "network": `up` writes the environment with a network load balancer
         self.base_env_file = self.env_file
         self.network_env_file = self.dir / f"Pulumi.{self.settings.env}-network.yaml"
@@ -76,8 +86,7 @@ class Lab:
             return {}
 
     def _save(self, **data) -> None:
-        state = {**self._state(), **data}
-        self.state_file.write_text(json.dumps(state, indent=2) + "\n")
+        update_state(self.state_file, lambda state: state.update(data))
 
     def _spawn(self, name: str, argv: list[str], wait: tuple[str, int] | None = None) -> int:
         log = (self.dir / f"{name}.log").open("ab")
@@ -99,7 +108,7 @@ class Lab:
                 nginx_pids.append(int(Path(Remote.of(self.settings, host).pid_file).read_text()))
             except (FileNotFoundError, ValueError):
                 pass
-        order = [pids.get("stand-in"), *nginx_pids, *(pids.get(f"sshd-{h.name}") for h in self.hosts),
+        order = [pids.get("dns"), pids.get("stand-in"), *nginx_pids, *(pids.get(f"sshd-{h.name}") for h in self.hosts),
                  pids.get("app"), pids.get("moto")]
         for pid in filter(None, order):
             lab_hosts.terminate(pid)
@@ -116,6 +125,8 @@ class Lab:
         self.down()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.network_env_file.unlink(missing_ok=True)  # it names a VPC of an endpoint that is gone
+        for host in self.settings.hosts:  # the hosts start empty, as new instances (the last lab's kind may differ)
+            shutil.rmtree(self.settings.root_of(host), ignore_errors=True)
         s = self.settings
         say(f"state in {self.dir}")
         client_pub = lab_hosts.keygen(self.dir / "client" / "id_ed25519")
@@ -127,9 +138,12 @@ class Lab:
 
         endpoint = urlparse(s.aws.endpoints["elb"])
         assert endpoint.hostname and endpoint.port  # the lab's settings name a loopback host:port
-        self._spawn("moto", [str(Path(sys.executable).parent / "moto_server"), "-H", endpoint.hostname,
-                             "-p", str(endpoint.port)], wait=(endpoint.hostname, endpoint.port))
+        zone = [f"--zone={self.zone_name}.={s.dns.zone_id}"] if s.dns else []
+        self._spawn("moto", [sys.executable, "-m", "lab", "moto", "--host", endpoint.hostname,
+                             "--port", str(endpoint.port), *zone], wait=(endpoint.hostname, endpoint.port))
         say(f"AWS endpoint (moto) on {endpoint.hostname}:{endpoint.port}")
+        if s.dns:
+            self._create_zone()
         app_host, _, app_port = s.app.upstreams[0].rpartition(":")
         self._spawn("app", [sys.executable, "-m", "lab.app", "--listen", s.app.upstreams[0]],
                     wait=(app_host, int(app_port)))
@@ -137,14 +151,22 @@ class Lab:
         tls.make(self.dir / "tls", s.server_name)
         if self.kind == "network":
             self._write_network_env()
+            s = self.settings
 
         self._bootstrap_plain()
         self.apply_load_balancer()
+        self.ensure_dns_record()
         self._spawn("stand-in", [sys.executable, "-m", "lab", "follow", "--env", self.env, "--dir", str(self.dir),
                                  "--listen", json.dumps(self.listen)],
-                    wait=("127.0.0.1", self.listen[443]))
-        say(f"load balancer stand-in (HAProxy): TCP 127.0.0.1:{self.listen[80]}, {self.tls_word} "
-            f"127.0.0.1:{self.listen[443]}")
+                    wait=(self.address(), self.listen[443]))
+        say(f"load balancer stand-in (HAProxy) of {s.load_balancer.name}: TCP {self.address()}:{self.listen[80]}, "
+            f"{self.tls_word} {self.address()}:{self.listen[443]} (and on {FIXED_ADDRESS})")
+        if s.dns:
+            self._spawn("dns", [sys.executable, "-m", "lab", "dns", "--env", self.env, "--dir", str(self.dir),
+                                "--port", str(self.dns_port)])
+            self._wait_dns()
+            say(f"DNS server on {self.dns_server} (UDP): {s.dns.name} -> {self.resolve()[0]} "
+                f"(ttl {s.dns.ttl}), from the endpoint's Route 53 zone {s.dns.zone_id}")
         self._save(endpoints=self.endpoints())
         if rollout:
             say(f"fab rollout --env {self.settings.env} --apply")
@@ -176,11 +198,90 @@ class Lab:
         self.env, self.env_file, self.settings = str(path), path, load(str(path))
         say(f"network load balancer environment: {path} (VPC {vpc}, subnets {', '.join(subnets)})")
 
+    # -- DNS ---------------------------------------------------------------------------------
+
+    @property
+    def zone_name(self) -> str:
+        """The lab's hosted zone: the service name's parent (ws.lab.test -> lab.test)."""
+        assert self.settings.dns
+        return self.settings.dns.name.rstrip(".").partition(".")[2]
+
+    @property
+    def dns_server(self) -> str:
+        return f"127.0.0.1:{self.dns_port}"
+
+    def _route53(self):
+        return lab_dns.lab_client("route53", route53_endpoint(self.settings), self.settings.aws.region)
+
+    def _create_zone(self) -> None:
+        """The hosted zone of dns.zoneId in the lab endpoint (its ID is the one the environment names:
+        the lab's moto is started with it)."""
+        s = self.settings
+        assert s.dns
+        made = self._route53().create_hosted_zone(Name=f"{self.zone_name}.", CallerReference=f"wsgate-lab-{s.env}")
+        made_id = made["HostedZone"]["Id"].removeprefix("/hostedzone/")
+        if made_id != s.dns.zone_id:
+            raise KitError(f"the lab endpoint made hosted zone {made_id} for {self.zone_name}, not dns.zoneId "
+                           f"{s.dns.zone_id}")
+        say(f"Route 53 hosted zone {self.zone_name} ({made_id}) in the lab endpoint")
+
+    def ensure_dns_record(self) -> None:
+        """The service name's weighted alias record to loadBalancer (weight 100), as the program
+        declares it without a move, when no A record is there yet (an applier that writes none)."""
+        s = self.settings
+        if not s.dns:
+            return
+        api = self._route53()
+        name = s.dns.name.rstrip(".") + "."
+        found = [r for r in api.list_resource_record_sets(HostedZoneId=s.dns.zone_id, StartRecordName=name,
+                                                          StartRecordType="A", MaxItems="10")["ResourceRecordSets"]
+                 if r["Name"].lower() == name.lower() and r["Type"] == "A"]
+        if found:
+            return
+        dns_name, zone = lb_dns_name(s)
+        api.change_resource_record_sets(HostedZoneId=s.dns.zone_id, ChangeBatch={"Changes": [{
+            "Action": "UPSERT", "ResourceRecordSet": {
+                "Name": name, "Type": "A", "SetIdentifier": f"wsgate:{s.env}:{s.load_balancer.name}", "Weight": 100,
+                "AliasTarget": {"HostedZoneId": zone, "DNSName": dns_name, "EvaluateTargetHealth": True}}}]})
+        say(f"Route 53: {s.dns.name} -> {s.load_balancer.name} ({dns_name}), weight 100")
+
+    def _wait_dns(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.resolve()
+                return
+            except Exception:  # noqa: BLE001 - not up yet, or the stand-in not yet healthy
+                if time.monotonic() > deadline:
+                    raise KitError(f"the lab's DNS server on {self.dns_server} gave no address for "
+                                   f"{self.service_name} in {timeout}s") from None
+                time.sleep(0.1)
+
+    @property
+    def service_name(self) -> str:
+        return self.settings.dns.name if self.settings.dns else self.settings.server_name
+
+    def resolve(self) -> tuple[str, int]:
+        """The service name's address through the lab's DNS server, and its TTL."""
+        return lab_dns.resolve(self.dns_server, self.service_name)
+
+    def address(self, name: str | None = None) -> str:
+        """The loopback address of load balancer `name`'s stand-in (default: loadBalancer's)."""
+        return address_of(self.state_file, name or self.settings.load_balancer.name)
+
+    def balancers(self) -> dict[str, str]:
+        """Each load balancer of the environment that exists in the lab endpoint -> its stand-in's address."""
+        s = self.settings
+        return {each.load_balancer.name: self.address(each.load_balancer.name)
+                for each in (s, s.moving_to) if each is not None and read_state(each) is not None}
+
     def endpoints(self) -> dict:
         s = self.settings
         return {
-            "tcp_listener": f"127.0.0.1:{self.listen[80]}",
-            "ssl_listener": f"127.0.0.1:{self.listen[443]}",
+            "tcp_listener": f"{FIXED_ADDRESS}:{self.listen[80]}",
+            "ssl_listener": f"{FIXED_ADDRESS}:{self.listen[443]}",
+            **({"dns_server": self.dns_server, "service_name": s.dns.name} if s.dns else {}),
+            "balancers": self.balancers(),
             "server_name": s.server_name,
             "ca": str(self.dir / "tls" / "ca.pem"),
             "aws_endpoint": s.aws.endpoints["elbv2" if s.load_balancer.type == "network" else "elb"],
@@ -221,8 +322,11 @@ class Lab:
             say(f"{kind}: made with boto3 (no pulumi CLI, or not a stack of this project; "
                 f"gate {out['proxyProtocolGate']})")
 
-    def stand_in(self) -> StandIn:
-        return stand_in(self.settings, self.dir, self.listen)
+    def stand_in(self, name: str | None = None) -> StandIn:
+        """The stand-in of load balancer `name` (default: loadBalancer), as the lab's follower runs it."""
+        s = self.settings
+        each = s.moving_to if s.moving_to and name == s.moving_to.load_balancer.name else s
+        return stand_in(each, self.dir, self.listen, primary=each is s)
 
     def wait_for_header(self, on: bool, timeout: float = 60.0) -> None:
         """Until the stand-in runs what the load balancer has now, and that sends (or does not send)
@@ -249,10 +353,16 @@ class Lab:
             return False
         return echo == "ping-echo" and hello["client_ip"] == (CLIENT_SOURCE if on else "127.0.0.1")
 
+    def service_address(self) -> str:
+        """Where a client reaches the service: the address the lab's DNS gives for its name (without
+        dns settings: the stand-in's 127.0.0.1)."""
+        return self.resolve()[0] if self.settings.dns else FIXED_ADDRESS
+
     def hello(self) -> tuple[dict, str]:
-        """A WebSocket through the TLS listener from CLIENT_SOURCE: the app's hello and its echo."""
-        return ws_hello(dial("127.0.0.1", self.listen[443], source=CLIENT_SOURCE), self.settings.server_name,
-                        tls=self.tls_context())
+        """A WebSocket through the TLS listener from CLIENT_SOURCE, at the address the service name
+        resolves to: the app's hello and its echo."""
+        return ws_hello(dial(self.service_address(), self.listen[443], source=CLIENT_SOURCE),
+                        self.settings.server_name, tls=self.tls_context())
 
     def tls_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.dir / "tls" / "ca.pem"))
@@ -260,22 +370,76 @@ class Lab:
     def prove(self) -> dict:
         """A WebSocket through the SSL listener from 127.0.0.77, and a plain request to the TCP one."""
         s = self.settings
-        hello, echo = self.hello()
+        if s.dns:
+            address, ttl = self.resolve()
+            say(f"{s.dns.name} resolves to {address} (ttl {ttl}) through the lab's DNS server {self.dns_server}")
+        else:
+            address = FIXED_ADDRESS
+        hello, echo = ws_hello(dial(address, self.listen[443], source=CLIENT_SOURCE), s.server_name,
+                               tls=self.tls_context())
         say(f"WebSocket via {self.tls_word} listener from {CLIENT_SOURCE}: the app saw client_ip={hello['client_ip']} "
             f"(X-Forwarded-For {hello['x_forwarded_for']}, proto {hello['x_forwarded_proto']}), echo {echo!r}")
-        status, headers, _ = http_get(dial("127.0.0.1", self.listen[80], source=CLIENT_SOURCE), s.server_name, "/")
+        status, headers, _ = http_get(dial(address, self.listen[80], source=CLIENT_SOURCE), s.server_name, "/")
         say(f"plain request to the TCP listener: {status} -> {headers.get('location')}")
         return {"hello": hello, "echo": echo, "redirect": (status, headers.get("location"))}
 
 
-def stand_in(settings: Settings, directory: Path, listen: dict[int, int]) -> StandIn:
-    """The lab's stand-in: its files in the lab directory, TLS with the lab certificate."""
-    return StandIn(settings, directory, directory / "tls" / "server.pem", listen)
+def stand_in(settings: Settings, directory: Path, listen: dict[int, int], primary: bool = True) -> StandIn:
+    """A load balancer's stand-in as the lab runs it: its files in the lab directory, TLS with the
+    lab certificate, on its own address (and 127.0.0.1 for the environment's loadBalancer)."""
+    own = address_of(directory / "state.json", settings.load_balancer.name)
+    return StandIn(settings, standin_dir(directory, settings.load_balancer.name), directory / "tls" / "server.pem",
+                   listen, (own, FIXED_ADDRESS) if primary else (own,))
+
+
+def route53_endpoint(settings: Settings) -> str:
+    """The lab endpoint's Route 53: aws:endpoints.route53, else the endpoint of its load balancers."""
+    e = settings.aws.endpoints
+    return e.get("route53") or e["elb"]
+
+
+def lb_dns_name(settings: Settings) -> tuple[str, str]:
+    """The load balancer's DNS name and canonical hosted zone ID, as its API reports them."""
+    from awsapi.clients import client
+
+    name = settings.load_balancer.name
+    if settings.load_balancer.type == "network":
+        lb = client(settings, "elbv2").describe_load_balancers(Names=[name])["LoadBalancers"][0]
+        return lb["DNSName"], lb["CanonicalHostedZoneId"]
+    d = client(settings, "elb").describe_load_balancers(LoadBalancerNames=[name])["LoadBalancerDescriptions"][0]
+    return d["DNSName"], d.get("CanonicalHostedZoneNameID") or LAB_CLASSIC_ZONE
+
+
+class Current:
+    """The environment's settings as its file says now: re-read when the file changes (a file that
+    does not load keeps the last settings, and says why once)."""
+
+    def __init__(self, env: str):
+        self.env = env
+        self.path = Path(env) if env.endswith((".yaml", ".yml")) else PROJECT_DIR / f"Pulumi.{env}.yaml"
+        self.mtime = self.path.stat().st_mtime_ns
+        self.settings = load(env, PROJECT_DIR)
+        self.problem: str | None = None
+
+    def __call__(self) -> Settings:
+        try:
+            mtime = self.path.stat().st_mtime_ns
+        except OSError:
+            return self.settings
+        if mtime != self.mtime:
+            self.mtime = mtime
+            try:
+                self.settings, self.problem = load(self.env, PROJECT_DIR), None
+            except KitError as exc:
+                if str(exc) != self.problem:
+                    print(f"lab: {self.path.name} does not load, keeping the last settings: {exc}", flush=True)
+                self.problem = str(exc)
+        return self.settings
 
 
 def follow(env: str, directory: Path, listen: dict[int, int]) -> None:
-    """The stand-in's loop: runs until SIGTERM, then stops HAProxy."""
-    running = stand_in(load(env, PROJECT_DIR), directory, listen)
+    """The stand-ins' loop: one per load balancer; runs until SIGTERM, then stops every HAProxy."""
+    running = StandIns(Current(env), directory, directory / "tls" / "server.pem", listen)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -284,20 +448,70 @@ def follow(env: str, directory: Path, listen: dict[int, int]) -> None:
         running.stop()
 
 
+def serve_dns(env: str, directory: Path, port: int) -> None:
+    """The lab's DNS server (lab/dns.py) until SIGTERM: the endpoint's Route 53, each load
+    balancer's stand-in address, its health as the stand-in's checks see it, dns.ttl."""
+    from lab.standin import healthy
+
+    current = Current(env)
+    s = current()
+    state_file = directory / "state.json"
+    route53 = lab_dns.Route53(route53_endpoint(s), s.aws.region, s.aws.endpoints.get("elb"),
+                              s.aws.endpoints.get("elbv2"))
+
+    def ttl() -> int:
+        dns = current().dns
+        return dns.ttl if dns else 60
+
+    resolver = lab_dns.Resolver(route53, lambda name: address_of(state_file, name),
+                                lambda name: healthy(directory, name), ttl)
+    server = lab_dns.Server(resolver, "127.0.0.1", port).start()
+    print(f"lab dns: on {server.address} (UDP)", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    finally:
+        server.stop()
+
+
+def moto(host: str, port: int, zones: list[str]) -> None:
+    """The lab's AWS endpoint (moto server), with the hosted zone IDs the environment names: moto
+    makes zone IDs up, except those given here (name=ID) before it starts."""
+    from moto.route53.models import HostedZoneIdentifier
+    from moto.server import main as moto_main
+    from moto.utilities.id_generator import moto_id_manager
+
+    account = os.environ.get("MOTO_ACCOUNT_ID", "123456789012")
+    for zone in zones:
+        name, _, zone_id = zone.partition("=")
+        moto_id_manager.set_custom_id(HostedZoneIdentifier(account, name, None), zone_id)
+    moto_main(["-H", host, "-p", str(port)])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lab", description="the wsgate lab on one machine")
-    parser.add_argument("command", choices=["up", "down", "prove", "follow"])
+    parser.add_argument("command", choices=["up", "down", "prove", "follow", "dns", "moto"])
     parser.add_argument("--env", default="lab")
     parser.add_argument("--lb", choices=["classic", "network"], default="classic",
                         help="up: the load balancer kind (network: written as <env>-network in the lab directory)")
     parser.add_argument("--dir", type=Path)
     parser.add_argument("--listen", type=json.loads, help=argparse.SUPPRESS)
     parser.add_argument("--no-rollout", action="store_true", help="stop before the rollout (plain fleet)")
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)  # dns, moto
+    parser.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)  # moto
+    parser.add_argument("--zone", action="append", default=[], help=argparse.SUPPRESS)  # moto: name.=ID
     args = parser.parse_args(argv)
     listen = {int(k): v for k, v in args.listen.items()} if args.listen else None
     try:
         if args.command == "follow":
             follow(args.env, args.dir, listen or LISTEN)
+            return 0
+        if args.command == "dns":
+            serve_dns(args.env, args.dir, args.port or lab_dns.DNS_PORT)
+            return 0
+        if args.command == "moto":
+            moto(args.host, args.port, args.zone)
             return 0
         lab = Lab(args.env, args.dir, listen, kind=args.lb)
         if args.command == "up":
