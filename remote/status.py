@@ -19,6 +19,7 @@ from core.doctor import (
     PROXY,
     BalancerFacts,
     HostFacts,
+    balancer_of,
     balancer_problems,
     host_notes,
     host_problems,
@@ -81,7 +82,8 @@ def _host(settings: Settings, host: Host, tree: Tree, ssh: Ssh) -> HostFacts:
         seen = live(ssh, conn, address, settings.ports.health)
         facts.live = seen.digest if seen else None
         if facts.nginx != "no":
-            facts.ports = {p: _port_mode(ssh, conn, settings, address, p, expect)
+            # each port asked as the load balancer that uses it frames its traffic (a move: two)
+            facts.ports = {p: _port_mode(ssh, conn, balancer_of(settings, p), address, p, expect)
                            for p, expect in probed_ports(settings).items()}
         _logged(settings, host, tree, ssh, conn, facts, own=[address, "127.0.0.1", "::1"])
     except KitError as exc:
@@ -188,10 +190,25 @@ def gather(settings: Settings, hosts: list[Host], trees: dict[str, Tree], ssh: S
     policy = lb.header_ports if lb and lb.exists else None
     # the ports the load balancer forwards to (not read: the ports a listener would forward to)
     used = [x[3] for x in lb.listeners] if lb and lb.exists else list(probed_ports(settings))
-    view["hosts"] = [{**asdict(f), "problems": host_problems(settings, f, policy), "notes": host_notes(f, used)}
+    beside = _beside_header_ports(settings)
+    view["hosts"] = [{**asdict(f), "problems": host_problems(settings, f, policy, beside), "notes": host_notes(f, used)}
                      for f in facts]
     view["ok"] = not view["loadBalancer"]["problems"] and not any(h["problems"] for h in view["hosts"])
     return view
+
+
+def _beside_header_ports(settings: Settings) -> dict[str, list[int] | None]:
+    """Where each load balancer served beside loadBalancer (a move) sends the header now, by name
+    (None: it could not be read; [] before it exists)."""
+    from awsapi.balancer import header_ports
+
+    out: dict[str, list[int] | None] = {}
+    for b in settings.balancers[1:]:
+        try:
+            out[b.load_balancer.name] = header_ports(b)
+        except KitError:
+            out[b.load_balancer.name] = None
+    return out
 
 
 def _logged_cell(row: dict) -> str:

@@ -37,22 +37,8 @@ _nets = itertools.count(60)
 ELB_LOG = re.compile(r'^127\.0\.0\.77 - - \[[^\]]+\] "GET /ws HTTP/1\.1" 101 \d+ "-" "[^"]*" \d+ 127\.0\.0\.77$')
 
 
-def _with_dns(env_file) -> None:
-    """The test lab's own DNS server port (dns.resolver) and Route 53 at its own endpoint."""
-    import yaml
-
-    doc = yaml.safe_load(env_file.read_text())
-    config = doc["config"]
-    config["aws:endpoints"] = [{**e, "route53": e["elb"]} for e in config["aws:endpoints"]]
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        udp.bind(("127.0.0.1", 0))
-        config["wsgate:dns"] = {**config["wsgate:dns"], "resolver": f"127.0.0.1:{udp.getsockname()[1]}"}
-    env_file.write_text(yaml.safe_dump(doc, sort_keys=False))
-
-
 def _lab(tmp_path, kind: str):
     env_file, listen = lab_env(tmp_path / "lab", next(_nets))
-    _with_dns(env_file)
     the_lab = Lab(str(env_file), tmp_path / "lab", listen, kind=kind)
     try:
         the_lab.up(rollout=False)

@@ -106,7 +106,7 @@ def test_the_health_port_may_be_shared():
 def test_without_a_record_the_program_declares_the_source_alone():
     s = moving()
     assert declared(s, None) == {"wsgate-lab": 100}
-    assert declared(settings_from("lab"), None) == {"wsgate-lab": None}  # no dns: no record at all
+    assert declared(settings_from("lab", dns=None), None) == {"wsgate-lab": None}  # no dns: no record at all
     assert declared(settings_from("lab", dns=DNS), None) == {"wsgate-lab": 100}
 
 
@@ -147,7 +147,7 @@ def test_the_hosts_serve_both_until_the_source_is_retired():
     assert [x.load_balancer.name for x in served(s, None)] == ["wsgate-lab", "wsgate-lab-nlb"]
     assert [x.load_balancer.name for x in served(s, record(reached="drain"))] == ["wsgate-lab", "wsgate-lab-nlb"]
     assert [x.load_balancer.name for x in served(s, record(reached="retire"))] == ["wsgate-lab-nlb"]
-    assert [x.load_balancer.name for x in served(settings_from("lab"), None)] == ["wsgate-lab"]
+    assert [x.load_balancer.name for x in served(settings_from("lab", dns=None), None)] == ["wsgate-lab"]
 
 
 def test_a_rerun_goes_on_from_the_last_proven_step():

@@ -3,7 +3,7 @@ an nginx binary whose reload hangs on one host.
 
 `AwsFaults` sits between the kit and moto server on loopback. A rule matches a request by its
 API action (the `X-Amz-Target` header of JSON APIs such as SSM, or `Action=` of query APIs
-such as ELB) and either refuses it (AccessDenied, as a missing IAM permission does) or
+such as ELB, or Route 53's REST operation named from its method and path) and either refuses it (AccessDenied, as a missing IAM permission does) or
 forwards it to moto and then closes the connection without an answer (the call took effect,
 its answer was lost). Each rule fires a given number of times, then lets requests through.
 """
@@ -86,6 +86,7 @@ class AwsFaults:
                 action = target.rsplit(".", 1)[-1] if target else \
                     (parse_qs(body.decode(errors="replace")).get("Action") or parse_qs(urlparse(self.path).query)
                      .get("Action") or [""])[0]
+                action = action or _rest_action(self.command, urlparse(self.path).path)
                 fault = faults._fault(action)
                 if fault == "refuse":
                     text = (b'{"__type":"AccessDeniedException","message":"User is not authorized to perform: '
@@ -117,6 +118,15 @@ class AwsFaults:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def _rest_action(method: str, path: str) -> str:
+    """Route 53's REST API names no action in the request: its operation from method and path."""
+    if "/hostedzone/" in path and path.rstrip("/").endswith("/rrset"):
+        return "ListResourceRecordSets" if method == "GET" else "ChangeResourceRecordSets"
+    if "/hostedzone/" in path and method == "GET":
+        return "GetHostedZone"
+    return ""
 
 
 HANGING_NGINX = """#!/bin/sh

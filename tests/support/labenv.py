@@ -4,6 +4,7 @@ ports and directory, so a test never meets a running `make lab`."""
 from __future__ import annotations
 
 import copy
+import socket
 from pathlib import Path
 
 import yaml
@@ -16,7 +17,12 @@ def lab_env(directory: Path, net: int) -> tuple[Path, dict[int, int]]:
     """Write `directory/Pulumi.labtest.yaml`; return it and the stand-in's listen ports."""
     config = copy.deepcopy(stack_config("lab"))
     moto = free_port()
-    config["aws:endpoints"] = [{s: f"http://127.0.0.1:{moto}" for s in ("ec2", "elb", "elbv2", "ssm", "sts")}]
+    config["aws:endpoints"] = [{s: f"http://127.0.0.1:{moto}"
+                                for s in ("ec2", "elb", "elbv2", "ssm", "sts", "route53")}]
+    # its own DNS server's port (UDP): never the running lab's
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind(("127.0.0.1", 0))
+        config["wsgate:dns"] = {**config["wsgate:dns"], "resolver": f"127.0.0.1:{udp.getsockname()[1]}"}
     addresses = [f"127.0.{net}.{i}" for i in (1, 2, 3)]
     names = ("http", "tls", "health", "proxyHttp", "proxyTls")
     ports = free_ports(len(names) + 3, addresses)  # nginx's, then one sshd per host: all distinct

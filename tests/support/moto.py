@@ -25,7 +25,12 @@ class MotoServer:
         return [{s: self.url for s in ("ec2", "elb", "ssm", "sts")}]
 
     def reset(self) -> None:
-        urllib.request.urlopen(urllib.request.Request(f"{self.url}/moto-api/reset", method="POST"), timeout=10)
+        reset(self.url)
 
     def stop(self) -> None:
         stop(self.proc)
+
+
+def reset(url: str) -> None:
+    """Forget everything the endpoint at `url` holds."""
+    urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST"), timeout=10)
