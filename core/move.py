@@ -38,7 +38,7 @@ class Step(str, Enum):
     DONE = "done"  # the hosts no longer serve the old load balancer's ports
 
     @property
-    def index(self) -> int:
+    def order(self) -> int:
         return list(Step).index(self)
 
     def __str__(self) -> str:
@@ -144,7 +144,7 @@ def served(s: Settings, record: MoveRecord | None) -> list[Settings]:
     target = s.moving_to
     if target is None:
         return [s]
-    if record is not None and matches(s, record) and record.reached and record.reached.index >= Step.RETIRE.index:
+    if record is not None and matches(s, record) and record.reached and record.reached.order >= Step.RETIRE.order:
         return [target]
     return [s, target]
 
@@ -156,7 +156,7 @@ def next_step(record: MoveRecord | None) -> Step:
     if record.reached == Step.WEIGH and record.weight < 100:
         return Step.WEIGH
     steps = list(Step)
-    return steps[min(record.reached.index + 1, len(steps) - 1)]
+    return steps[min(record.reached.order + 1, len(steps) - 1)]
 
 
 def connections_command(ports: list[int], bind: str | None) -> str:

@@ -316,14 +316,67 @@ def status(c, env, json=False):
     reporter = Reporter()
     settings, targets, trees, now = _prepare(env, note=reporter.note)
     view = gather(settings, targets, trees, Ssh.for_run(settings, targets), now=now)
+    configured = _settings(env)
+    if configured.dns:
+        from remote.move import move_view
+
+        view["dns"] = move_view(configured, targets)
+        view["ok"] = view["ok"] and not view["dns"]["problems"]
     if json:
         reporter.json(view)
     else:
         from remote.status import show
 
         show(reporter, view)
+        if configured.dns:
+            from remote.move import show_move
+
+            show_move(reporter, view["dns"])
     if not view["ok"]:
         raise Exit(code=1)
 
 
-ns = Collection(render, check, rollout, rollback, status)
+@task(help={"env": ENV_HELP, "parallel": "hosts worked on at once in the rollouts (default 10)",
+            "cut": "past dns.drainMax, retire the old load balancer with its connections still open (they are cut)"})
+@_reported
+def move(c, env, parallel=10, cut=False):
+    """Move to the load balancer moveTo names, failing no request: serve both, create and prove the new one, move
+    the DNS weights, drain and retire the old one. A rerun goes on from the last proven step."""
+    from remote.applier import chosen, ready
+    from remote.cutover import INTERRUPTED
+    from remote.hosts import resolve
+    from remote.move import Move, MoveStopped
+    from remote.report import Reporter
+
+    reporter = Reporter()
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # as Ctrl-C: the step in flight stops where it is safe
+        signal.signal(sig, signal.default_int_handler)
+    settings = _settings(env)
+    hosts = resolve(settings, None)
+    applier = chosen(settings)
+
+    def rollout(balancers: list[Settings]) -> bool:
+        try:
+            _run(env, True, parallel, None, False, False, "rollout", served=balancers)
+        except Exit as exc:
+            if exc.code == INTERRUPTED:
+                raise MoveStopped("interrupted during the rollout (every host it changed was put back)",
+                                  INTERRUPTED) from None
+            return False
+        return True
+
+    try:
+        if settings.moving_to is not None:
+            ready(applier)  # the applier can run: else nothing starts
+        Move(settings, hosts, applier, rollout, reporter.note, cut=bool(cut)).run()
+    except MoveStopped as exc:
+        reporter.message(f"error: {exc}", error=True)
+        reporter.message(f"the move stopped there; `fab status --env {env}` shows the step reached, `fab move --env "
+                         f"{env}` goes on from it ({TROUBLESHOOTING}#moving-to-another-load-balancer)", error=True)
+        raise Exit(code=exc.code) from None
+    except KeyboardInterrupt:
+        raise Exit(f"interrupted: the move stopped at its last proven step; `fab move --env {env}` goes on from it",
+                   code=INTERRUPTED) from None
+
+
+ns = Collection(render, check, rollout, rollback, status, move)

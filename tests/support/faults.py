@@ -2,10 +2,11 @@
 an nginx binary whose reload hangs on one host.
 
 `AwsFaults` sits between the kit and moto server on loopback. A rule matches a request by its
-API action (the `X-Amz-Target` header of JSON APIs such as SSM, or `Action=` of query APIs
-such as ELB, or Route 53's REST operation named from its method and path) and either refuses it (AccessDenied, as a missing IAM permission does) or
-forwards it to moto and then closes the connection without an answer (the call took effect,
-its answer was lost). Each rule fires a given number of times, then lets requests through.
+API action (the `X-Amz-Target` header of JSON APIs such as SSM, `Action=` of query APIs such
+as ELB, or Route 53's REST operation named from its method and path) and either refuses it
+(AccessDenied, as a missing IAM permission does) or forwards it to moto and then closes the
+connection without an answer (the call took effect, its answer was lost). Each rule fires a
+given number of times, then lets requests through.
 """
 
 from __future__ import annotations
