@@ -65,9 +65,11 @@ def other_kind(settings: Settings) -> bool:
     return (network.describe_v2(settings) or {}).get("Type") == "network"  # an ALB of this name is not ours
 
 
-def refuse_replacement(settings: Settings) -> None:
+def refuse_replacement(settings: Settings, ours: tuple[str, ...] | list[str] = ()) -> None:
     """Stop before any change when the settings would replace the live load balancer (the Pulumi
-    program and the lab's applier both ask, before they decide anything)."""
+    program and the lab's applier both ask, before they decide anything). `ours`: the names of the
+    environment's load balancers (`Settings.balancer_names`: loadBalancer and moveTo's during a
+    move): another of them is no rename of this one."""
     if other_kind(settings):
         raise KitError(other_kind_refusal(settings))
     if settings.load_balancer.type == "network":
@@ -80,7 +82,7 @@ def refuse_replacement(settings: Settings) -> None:
     if reasons:
         raise KitError(refusal(settings, reasons))
     if live is None:
-        others = renamed_from(settings)
+        others = [n for n in renamed_from(settings) if n not in (*ours, *settings.balancer_names)]
         if others:
             raise KitError(renamed_refusal(settings, others))
 

@@ -3,7 +3,7 @@
 The load balancer's name is fixed, so a replacement fails as a duplicate name after the
 fixed-name policies (Classic: the ProxyProtocol policy) were deleted first: the live load
 balancer would stop sending the header its hosts expect. Such a change is refused, with the
-safe way to make it.
+safe way to make it: a second load balancer beside the live one, and `fab move` (docs/moving.md).
 """
 
 from __future__ import annotations
@@ -57,8 +57,7 @@ def replacing(s: Settings, live: Live | None) -> list[str]:
 
 
 def refusal(s: Settings, reasons: list[str]) -> str:
-    """The error an operator reads, with the safe procedure
-    (docs/concepts.md#changes-that-replace-the-load-balancer)."""
+    """The error an operator reads, with the safe way (docs/moving.md)."""
     name = s.load_balancer.name
     steps = ("Subnets: add new ones only (`pulumi up`); " if s.load_balancer.type == "network" else
              "Subnets: change them in steps that keep one live subnet each time (add the new ones, `pulumi up`, "
@@ -66,9 +65,16 @@ def refusal(s: Settings, reasons: list[str]) -> str:
     return (f"these settings would replace the live load balancer {name}: {'; '.join(reasons)}. Replacing it "
             "deletes the live one's fixed-name parts first and then fails on the duplicate name, leaving "
             f"hosts that read the header without it. Nothing was changed. {steps}"
-            "Otherwise: put the new load balancer in a new environment (its own loadBalancer.name, the same "
-            "hosts), `fab rollout` and `pulumi up` it, move DNS to its dnsName, then `pulumi destroy` this one "
-            "(docs/concepts.md#changes-that-replace-the-load-balancer)")
+            f"Otherwise: {move_way(s)}")
+
+
+def move_way(s: Settings) -> str:
+    """How a change that needs a new load balancer is made without failing a request."""
+    return ("keep loadBalancer as the live one is, set moveTo with the new load balancer (its own "
+            "moveTo.loadBalancer.name, ports and proxyProtocol) and dns (the service's record in a Route 53 "
+            f"zone), then run `fab move --env {s.env}`: the hosts serve both, the new one is created and "
+            "proven, the weighted DNS records move the clients over, and the old one is retired once it "
+            "drained (docs/moving.md)")
 
 
 def other_kind_refusal(s: Settings) -> str:
@@ -76,9 +82,8 @@ def other_kind_refusal(s: Settings) -> str:
     `loadBalancer.type` would delete it while its hosts may read (or not read) the header it sends."""
     other = "a Classic ELB" if s.load_balancer.type == "network" else "a network load balancer"
     return (f"{other} named {s.load_balancer.name} exists, and loadBalancer.type is "
-            f"{s.load_balancer.type}: changing the kind would delete the live load balancer; create the new "
-            "kind as a new environment (its own loadBalancer.name), move DNS to it, then destroy the old one "
-            "(docs/troubleshooting.md#another-kind-under-the-name)")
+            f"{s.load_balancer.type}: changing the kind would delete the live load balancer. Nothing was changed. "
+            f"Put loadBalancer.type back; to change the kind, {move_way(s)}")
 
 
 def renamed_refusal(s: Settings, others: list[str]) -> str:
@@ -89,5 +94,4 @@ def renamed_refusal(s: Settings, others: list[str]) -> str:
             f"{', '.join(others)} (tag wsgate:env={s.env}), and {s.load_balancer.name} does not exist: "
             "`pulumi up` would create a new load balancer without the PROXY header and delete the live one "
             "that DNS points at. Nothing was changed. Put loadBalancer.name back; to move to a new load balancer, "
-            "make it a new environment and move DNS "
-            "(docs/concepts.md#changes-that-replace-the-load-balancer)")
+            f"{move_way(s)}")

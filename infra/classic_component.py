@@ -99,6 +99,7 @@ class WsGateLoadBalancer(pulumi.ComponentResource):
                 )
 
         self.dns_name = self.elb.dns_name
+        self.zone_id = self.elb.zone_id  # its canonical hosted zone: an alias record's target zone
         self.register_outputs({
             "dnsName": self.elb.dns_name,
             "lbSecurityGroupId": self.lb_security_group.id,

@@ -91,6 +91,8 @@ class WsGateNetworkLoadBalancer(pulumi.ComponentResource):
             )
 
         self.dns_name = self.nlb.dns_name
+        self.zone_id = self.nlb.zone_id  # its canonical hosted zone: an alias record's target zone
+        self.forwarding, self.group_members = args.forwarding, args.members  # the gate's layout, for the outputs
         self.register_outputs({
             "dnsName": self.nlb.dns_name,
             "lbSecurityGroupId": self.lb_security_group.id,

@@ -4,6 +4,13 @@ The readiness record is read with a provider invoke (`aws.ssm.get_parameters_by_
 the ports that have the policy now straight from the ELB API (botocore, the read `fab status`
 uses): both work in `pulumi preview` and `pulumi up`, locally and in CI. Nothing the program
 stores marks the gate: the load balancer itself is the truth.
+
+With `dns`, each declared load balancer gets its weighted alias record (infra/dns_record.py),
+after Route 53 was read: a record at the name the kit did not make stops the program before it
+declares anything. With `moveTo`, the move record (beside the readiness record, in the same read)
+says which load balancers are declared and each one's weight (core.move.declared); each goes
+through its own kind's gate, so a new one sends the header from its first connection when the
+readiness record proves its ports.
 """
 
 from __future__ import annotations
@@ -15,14 +22,19 @@ import pulumi
 import pulumi_aws as aws
 from pulumi.runtime.config import CONFIG
 
-from awsapi import balancer, classic, network
+from awsapi import balancer, classic, network, route53
+from awsapi.clients import is_lab
 from core.errors import KitError
 from core.gate import Plan, plan_for
+from core.move import MoveRecord, declared, matches, move_path
 from core.network import NetworkState, network_layout, network_plan
 from core.record import ReadinessRecord, decode
 from core.settings import Settings, check_neighbours, from_config
 from infra.classic_component import LoadBalancerArgs, WsGateLoadBalancer
+from infra.dns_record import weighted_record
 from infra.network_component import NetworkLoadBalancerArgs, WsGateNetworkLoadBalancer
+
+Balancer = WsGateLoadBalancer | WsGateNetworkLoadBalancer
 
 
 def engine_config() -> dict[str, Any]:
@@ -72,13 +84,28 @@ def registered_now(s: Settings) -> list[str]:
     return classic.registered(s)
 
 
-def refuse_replacement(s: Settings) -> None:
-    """Stop before anything is declared when the settings would replace the live load balancer."""
-    balancer.refuse_replacement(s)
+def read_move(found: dict[str, str], s: Settings) -> MoveRecord | None:
+    """The move record (core.move) from the same by-path read, or None when no move was started."""
+    path = move_path(s)
+    return MoveRecord.from_json(found[path], path) if path in found else None
 
 
-def gate_plan(s: Settings) -> Plan:
-    found = parameters(s)
+def refuse_replacement(s: Settings, ours: tuple[str, ...] = ()) -> None:
+    """Stop before anything is declared when the settings would replace the live load balancer
+    (`ours`: the environment's load balancer names, none of them a rename of the other)."""
+    balancer.refuse_replacement(s, ours=ours)
+
+
+def refuse_foreign_dns(s: Settings) -> None:
+    """Stop before anything is declared when the hosted zone does not hold dns.name, or a record
+    there is not the kit's (it never takes one over)."""
+    problem = route53.refusal(s)
+    if problem:
+        raise KitError(problem)
+
+
+def gate_plan(s: Settings, found: dict[str, str] | None = None) -> Plan:
+    found = parameters(s) if found is None else found
     record, problem = read_record(found, s)
     return plan_for(s, registered=registered_now(s), header_ports=header_ports_now(s), record=record,
                     record_problem=problem)
@@ -107,28 +134,84 @@ def check_certificate(s: Settings) -> None:
                         "(docs/concepts.md#rotating-the-certificate)")
 
 
-def main() -> WsGateLoadBalancer | WsGateNetworkLoadBalancer:
+def main() -> Balancer:
+    """Every load balancer the environment declares now (core.move.declared: loadBalancer, and
+    during a move the one moved to), each through its kind's gate, with its weighted DNS record
+    when dns is set. Every refusal comes before anything is declared."""
     s = settings()
-    refuse_replacement(s)
-    check_certificate(s)
-    if s.load_balancer.type == "network":
-        return network_main(s)
-    gated = gate_plan(s)
-    announce(gated)
-    lb = WsGateLoadBalancer(s.load_balancer.name, LoadBalancerArgs(settings=s, decision=gated.decision,
-                                                                   members=gated.join))
+    found = parameters(s)
+    move = read_move(found, s)
+    if s.dns:
+        refuse_foreign_dns(s)
+    weights = declared(s, move)
+    target = s.moving_to
+    if target is not None and (move is None or not matches(s, move)):
+        pulumi.log.info(f"moveTo names load balancer {target.load_balancer.name}: `fab move --env {s.env}` creates "
+                        f"it; this update declares only loadBalancer {s.load_balancer.name}")
+    each: dict[str, Settings] = {}
+    for name in weights:
+        lb_s = s if name == s.load_balancer.name else target
+        if lb_s is None or lb_s.load_balancer.name != name:
+            raise KitError(f"the move record declares load balancer {name}, which these settings do not name")
+        each[name] = lb_s
+    for lb_s in each.values():
+        refuse_replacement(lb_s, ours=s.balancer_names)
+        check_certificate(lb_s)
+    primary = s.load_balancer.name if s.load_balancer.name in each else next(iter(each))
+    made: dict[str, tuple[Balancer, Plan]] = {}
+    for name, lb_s in each.items():
+        who = "" if name == primary else f"{name}: "
+        made[name] = (network_declare(lb_s, found, who) if lb_s.load_balancer.type == "network"
+                      else classic_declare(lb_s, found, who))
+    if s.dns:
+        declare_records(s, each, weights, {name: b for name, (b, _) in made.items()})
+    lb, gated = made[primary]
     export(lb, gated)
+    if isinstance(lb, WsGateNetworkLoadBalancer):
+        export_network(lb, gated)
+    pulumi.export("balancers", {name: {
+        "dnsName": b.dns_name, "kind": each[name].load_balancer.type,
+        "proxyProtocolGate": g.decision.state.value, "proxyProtocolPorts": list(g.decision.ports)}
+        for name, (b, g) in made.items()})
+    pulumi.export("dnsWeights", {name: weight for name, weight in weights.items() if weight is not None})
     return lb
 
 
-def announce(gated: Plan, *extra: str) -> None:
-    """The gate's words in the preview and the update: a warning when it holds something back."""
+def declare_records(s: Settings, each: dict[str, Settings], weights: dict[str, int | None],
+                    made: dict[str, Balancer]) -> None:
+    """The weighted alias record of every declared load balancer: those whose weight rises (as
+    Route 53 has them now) are changed first, those whose weight falls after them."""
+    now = route53.weights(s)
+    rising: list[pulumi.Resource] = []
+    order = sorted(each, key=lambda name: (weights[name] or 0) < now.get(name, 0))  # rising (or equal) first
+    for name in order:
+        weight, lb = weights[name], made[name]
+        assert weight is not None
+        falls = weight < now.get(name, 0)
+        record = weighted_record(each[name], weight, lb.dns_name, lb.zone_id, parent=lb, lab=is_lab(each[name]),
+                                 after=rising if falls else None)
+        if not falls:
+            rising.append(record)
+
+
+def classic_declare(s: Settings, found: dict[str, str], who: str = "") -> tuple[WsGateLoadBalancer, Plan]:
+    """One Classic ELB and its gate."""
+    gated = gate_plan(s, found)
+    announce(gated, who=who)
+    lb = WsGateLoadBalancer(s.load_balancer.name, LoadBalancerArgs(settings=s, decision=gated.decision,
+                                                                   members=gated.join))
+    return lb, gated
+
+
+def announce(gated: Plan, *extra: str, who: str = "") -> None:
+    """The gate's words in the preview and the update: a warning when it holds something back
+    (`who`: the load balancer's name and a colon, for a second one)."""
     decision = gated.decision
-    (pulumi.log.warn if decision.warn else pulumi.log.info)(decision.message)
+    (pulumi.log.warn if decision.warn else pulumi.log.info)(who + decision.message)
     for line in extra:
-        pulumi.log.warn(line)
+        pulumi.log.warn(who + line)
     for instance, why in sorted(gated.waiting.items()):
-        pulumi.log.warn(f"{instance} {why}")
+        pulumi.log.warn(f"{who}{instance} {why}")
 
 
 def export(lb: WsGateLoadBalancer | WsGateNetworkLoadBalancer, gated: Plan) -> None:
@@ -155,29 +238,44 @@ def network_now(s: Settings) -> NetworkState | None:
                        "will not decide blind: the program needs elasticloadbalancing:Describe* on it") from None
 
 
-def network_gate_plan(s: Settings) -> tuple[Plan, dict[str, tuple[str, ...]], dict[int, str]]:
+def network_gate_plan(s: Settings, found: dict[str, str] | None = None
+                      ) -> tuple[Plan, dict[str, tuple[str, ...]], dict[int, str]]:
     """The same gate over the proxy ports: `header_ports` is the proxy ports a listener forwards to now
     with PROXY v2 on, `registered` the instances in the groups the listeners forward to, and every
     instance in any of the kit's groups must be proven before a listener moves to its proxy group.
     With it: who is registered in which group, and where each listener forwards. A listener whose
     plain group was retired goes back to it only once the record proves the plain port served again
     (else the program stops before declaring anything)."""
-    found = parameters(s)
+    found = parameters(s) if found is None else found
     record, problem = read_record(found, s)
     state = network_now(s)
     gated = network_plan(s, state, record, problem)
     return gated, *network_layout(s, gated, state.now(s) if state else {}, record, problem)
 
 
-def network_main(s: Settings) -> WsGateNetworkLoadBalancer:
-    gated, members, forwarding = network_gate_plan(s)
+def network_declare(s: Settings, found: dict[str, str] | None = None, who: str = ""
+                    ) -> tuple[WsGateNetworkLoadBalancer, Plan]:
+    """One network load balancer and its gate."""
+    gated, members, forwarding = network_gate_plan(s, found)
     stranded = sorted(set(gated.decision.ports) - set(s.proxy_ports))
     announce(gated, *([f"proxy port(s) {', '.join(map(str, stranded))} are no longer ports.proxyHttp/proxyTls: "
                        "their listeners forward to the plain groups until `fab rollout` proves the new ports"]
-                      if stranded else []))
+                      if stranded else []), who=who)
     lb = WsGateNetworkLoadBalancer(s.load_balancer.name, NetworkLoadBalancerArgs(
         settings=s, forwarding=forwarding, members=members))
-    export(lb, gated)
+    return lb, gated
+
+
+def export_network(lb: WsGateNetworkLoadBalancer, gated: Plan) -> None:
+    """The stack outputs of a network load balancer: where each listener forwards, the retired plain groups."""
+    forwarding, members = lb.forwarding, lb.group_members
     pulumi.export("listenerTargets", {str(port): kind for port, kind in forwarding.items()})
     pulumi.export("retiredPlainGroups", sorted(key for key, joined in members.items() if not joined and gated.join))
+
+
+def network_main(s: Settings) -> WsGateNetworkLoadBalancer:
+    """A network load balancer alone, with its stack outputs."""
+    lb, gated = network_declare(s)
+    export(lb, gated)
+    export_network(lb, gated)
     return lb

@@ -31,22 +31,136 @@ LAB_VPC_CIDR, LAB_SUBNET_CIDR, LAB_ZONE = "10.99.0.0/16", "10.99.1.0/24", "a"  #
 
 
 def apply(settings: Settings) -> dict[str, Any]:
-    """Create or update the lab's load balancer and apply the gate's decision; returns the outputs
-    the Pulumi program exports."""
+    """Create or update the lab's load balancers (loadBalancer, and during a move the one moved to,
+    as core.move.declared says) and apply each one's gate, their weighted DNS records when dns is
+    set, and retire the one a move record no longer declares (its record first); returns the
+    outputs the Pulumi program exports."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     # botocore: only when applying (a rollout starts without it)
     from awsapi.balancer import refuse_replacement
-    from awsapi.clients import is_lab
+    from awsapi.clients import is_lab, loopback
 
     if not is_lab(settings):
         raise KitError(f"{settings.env}: the boto3 fallback only runs against a loopback AWS endpoint (the lab); "
                        "install the pulumi CLI for a real account")
+    if settings.dns and not loopback(settings.aws.endpoints.get("route53", "")):
+        raise KitError(f"{settings.env}: dns is set but aws:endpoints names no loopback route53 endpoint: the boto3 "
+                       "fallback only changes the lab's Route 53")
     try:
-        refuse_replacement(settings)  # as the program, before anything is decided
-        return apply_network(settings) if settings.load_balancer.type == "network" else apply_classic(settings)
+        return _apply(settings, refuse_replacement)
     except (ClientError, BotoCoreError) as exc:
         raise KitError(f"the lab's load balancer: {exc}") from None
+
+
+def _apply(s: Settings, refuse_replacement: Callable[..., None]) -> dict[str, Any]:
+    from awsapi import parameters, route53
+    from core.move import declared, matches
+
+    move = parameters.read_move(s)
+    if s.dns:  # as the program: before anything is decided
+        problem = route53.refusal(s)
+        if problem:
+            raise KitError(problem)
+    weights = declared(s, move)
+    each = {name: _settings_of(s, name) for name in weights}
+    for lb_s in each.values():
+        refuse_replacement(lb_s, ours=s.balancer_names)
+    outs = {name: apply_network(lb_s) if lb_s.load_balancer.type == "network" else apply_classic(lb_s)
+            for name, lb_s in each.items()}
+    found = {name: _described(lb_s) for name, lb_s in each.items()}
+    for name, out in outs.items():
+        out["dnsName"] = found[name]["DNSName"]
+    leaving = ([name for name in (move.source, move.target) if name not in weights]
+               if move is not None and matches(s, move) else [])
+    if s.dns:
+        _records(s, {name: (weights[name], found[name]) for name in each}, leaving)
+    for name in leaving:
+        _retire(_settings_of(s, name))
+    primary = s.load_balancer.name if s.load_balancer.name in outs else next(iter(outs))
+    return {**outs[primary],
+            "balancers": {name: {"dnsName": out["dnsName"], "kind": each[name].load_balancer.type,
+                                 "proxyProtocolGate": out["proxyProtocolGate"],
+                                 "proxyProtocolPorts": out["proxyProtocolPorts"]} for name, out in outs.items()},
+            "dnsWeights": {name: weight for name, weight in weights.items() if weight is not None}}
+
+
+def _settings_of(s: Settings, name: str) -> Settings:
+    """The whole settings of the environment's load balancer `name` (loadBalancer or moveTo's)."""
+    if name == s.load_balancer.name:
+        return s
+    if s.moving_to is not None and s.moving_to.load_balancer.name == name:
+        return s.moving_to
+    raise KitError(f"the move record names load balancer {name}, which these settings do not name")
+
+
+def _described(s: Settings) -> dict:
+    """The load balancer as its API describes it (it was just created or updated)."""
+    from awsapi import classic, network
+
+    found = network.describe_network(s) if s.load_balancer.type == "network" else classic.describe(s)
+    if found is None:
+        raise KitError(f"the lab's load balancer {s.load_balancer.name} is not there after it was applied")
+    return found
+
+
+def _records(s: Settings, declared: dict[str, tuple[int | None, dict]], leaving: list[str]) -> None:
+    """The weighted alias record of every declared load balancer (UPSERT), then the deletion of the
+    record of each one that leaves (before the load balancer itself goes)."""
+    from awsapi import route53
+    from awsapi.clients import call
+
+    dns = s.dns
+    assert dns is not None
+    api = route53.api(s)
+    changes = []
+    for name, (weight, described) in declared.items():
+        assert weight is not None
+        changes.append({"Action": "UPSERT", "ResourceRecordSet": {
+            "Name": dns.name, "Type": "A", "SetIdentifier": route53.identifier(s, name), "Weight": weight,
+            "AliasTarget": {"HostedZoneId": route53.canonical_zone(s, described), "DNSName": described["DNSName"],
+                            "EvaluateTargetHealth": True}}})
+    if changes:
+        call(f"route53 change-resource-record-sets {dns.name}", api.change_resource_record_sets,
+             HostedZoneId=dns.zone_id, ChangeBatch={"Changes": changes})
+    gone = [r for r in route53.records(s) if route53.ours(s, r) in leaving]
+    if gone:
+        call(f"route53 change-resource-record-sets {dns.name} (delete)", api.change_resource_record_sets,
+             HostedZoneId=dns.zone_id, ChangeBatch={"Changes": [{"Action": "DELETE", "ResourceRecordSet": r}
+                                                                for r in gone]})
+
+
+def _retire(s: Settings) -> None:
+    """Delete the load balancer `s` names, as `pulumi up` deletes one no longer declared: a Classic
+    ELB; a network load balancer's listeners, the load balancer, the kit's target groups and its
+    security group. One already gone is fine."""
+    from awsapi import classic, network
+    from awsapi.clients import client, pages
+
+    name = s.load_balancer.name
+    if s.load_balancer.type == "classic":
+        if classic.describe(s) is not None:
+            client(s, "elb").delete_load_balancer(LoadBalancerName=name)
+        return
+    elbv2, ec2 = client(s, "elbv2"), client(s, "ec2")
+    found = network.describe_network(s)
+    if found is not None:
+        arn = found["LoadBalancerArn"]
+        for x in pages(f"elbv2 describe-listeners {name}", elbv2, "describe_listeners", "Listeners",
+                       LoadBalancerArn=arn):
+            elbv2.delete_listener(ListenerArn=x["ListenerArn"])
+        elbv2.delete_load_balancer(LoadBalancerArn=arn)
+    for group in (g for x in network_listeners(s) for g in (x.plain, x.proxy)):
+        try:
+            arns = [g["TargetGroupArn"] for g in elbv2.describe_target_groups(Names=[group.name])["TargetGroups"]]
+        except elbv2.exceptions.TargetGroupNotFoundException:
+            continue
+        for arn in arns:
+            elbv2.delete_target_group(TargetGroupArn=arn)
+    own = [{"Name": "group-name", "Values": [f"{name}-lb"]},
+           {"Name": "vpc-id", "Values": [s.load_balancer.vpc_id or ""]}]
+    for sg in ec2.describe_security_groups(Filters=own)["SecurityGroups"]:  # made with it (_create_network_lb)
+        ec2.delete_security_group(GroupId=sg["GroupId"])
 
 
 def outputs(gated: Plan) -> dict[str, Any]:
