@@ -27,7 +27,7 @@ from core.settings import Settings
 # before it fails.
 ATTEMPTS = 8
 _CONFIG = Config(connect_timeout=5, read_timeout=20, retries={"total_max_attempts": ATTEMPTS, "mode": "adaptive"})
-SERVICES = ("elb", "elbv2", "ssm", "ec2", "acm", "iam")  # every AWS API the kit calls
+SERVICES = ("elb", "elbv2", "ssm", "ec2", "acm", "iam", "route53")  # every AWS API the kit calls
 # IDs per describe call (EC2 InstanceIds, instance-id filter values, GroupIds): AWS documents no
 # maximum for these lists; a bounded request stays small and quick to retry.
 IDS_PER_CALL = 200
@@ -100,7 +100,8 @@ def is_lab(settings: Settings) -> bool:
     balancer's API must be set (elb for classic, elbv2 for network); any other of ours that is set
     must be on loopback too."""
     endpoints = settings.aws.endpoints
-    needed = ("elbv2" if settings.load_balancer.type == "network" else "elb", "ssm", "ec2")
+    needed = ("elbv2" if settings.load_balancer.type == "network" else "elb", "ssm", "ec2",
+              *(("route53",) if settings.dns else ()))
     return (all(s in endpoints for s in needed)
             and all(loopback(url) for s, url in endpoints.items() if s in SERVICES))
 

@@ -256,8 +256,11 @@ def _create_network_lb(s: Settings) -> str:
 
     lb = s.load_balancer
     ec2, elbv2 = client(s, "ec2"), client(s, "elbv2")
-    group = ec2.create_security_group(GroupName=f"{lb.name}-lb", VpcId=lb.vpc_id,
-                                      Description=f"wsgate {s.env}: load balancer listeners")["GroupId"]
+    # one made by an earlier run whose load balancer creation failed is used, as Pulumi's state would
+    found = ec2.describe_security_groups(Filters=[{"Name": "group-name", "Values": [f"{lb.name}-lb"]},
+                                                  {"Name": "vpc-id", "Values": [lb.vpc_id]}])["SecurityGroups"]
+    group = found[0]["GroupId"] if found else ec2.create_security_group(
+        GroupName=f"{lb.name}-lb", VpcId=lb.vpc_id, Description=f"wsgate {s.env}: load balancer listeners")["GroupId"]
     created = elbv2.create_load_balancer(
         Name=lb.name, Type="network", Subnets=lb.subnets, SecurityGroups=[group],
         Scheme="internal" if lb.internal else "internet-facing", Tags=[{"Key": "wsgate:env", "Value": s.env}])

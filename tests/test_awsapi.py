@@ -120,10 +120,10 @@ def test_a_fleet_is_read_whole_and_registered_in_batches_by_both_kinds(aws, monk
     environment): the applier registers every instance in batches, every read returns all of them.
     IDs go CHUNK a call here (fewer security groups to make than past the kit's IDS_PER_CALL)."""
     monkeypatch.setattr(ec2, "IDS_PER_CALL", CHUNK)
-    base = settings_from("lab", **{"aws:endpoints": endpoints(aws.url)})
+    base = settings_from("lab", dns=None, **{"aws:endpoints": endpoints(aws.url)})
     vpc, subnets = applier.lab_network(base)
     fleet = run_fleet(base, subnets[0], groups=CHUNK + 1)
-    s = settings_from("lab", proxy_protocol=False, load_balancer={"instances": fleet},
+    s = settings_from("lab", dns=None, proxy_protocol=False, load_balancer={"instances": fleet},
                       **{"aws:endpoints": endpoints(aws.url)})
     with sizes(client(s, "elb"), client(s, "ec2")) as seen:
         applier.apply(s)
@@ -139,6 +139,7 @@ def test_a_fleet_is_read_whole_and_registered_in_batches_by_both_kinds(aws, monk
         assert max(counts) <= SIZED[name], (name, counts)
 
     config = {**stack_config("lab"), "aws:endpoints": endpoints(aws.url), "wsgate:proxyProtocol": False}
+    config.pop("wsgate:dns")
     config = applier.network_config(config, vpc, subnets)
     config["wsgate:loadBalancer"] = {**config["wsgate:loadBalancer"], "instances": fleet,
                                      "crossZone": False}  # 120 x 4 targets: more than 500 with cross-zone on
