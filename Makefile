@@ -1,13 +1,14 @@
 # make test: everything the suite needs, then the suite. make unit: the pure tests alone. make lab: the whole system on loopback,
 # with its DNS server (ws.lab.test on 127.0.0.1:15353, UDP; docs/lab.md#dns) (make lab LB=network: the same with a network
-# load balancer). make bench: rollout figures for K = 1..500 hosts
+# load balancer; make lab-move TO=network: one move of the running lab to a new load balancer, docs/lab.md#moves).
+# make bench: rollout figures for K = 1..500 hosts
 # against the floor, into docs/bench.json and docs/bench.png (make bench BENCH_ARGS="--sizes 1,10 --runs 3").
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 LB ?= classic
 
-.PHONY: test unit lab lab-down bench deps system-deps venv clean
+.PHONY: test unit lab lab-move lab-down bench deps system-deps venv clean
 
 test: deps
 	$(VENV)/bin/ruff check .
@@ -20,6 +21,10 @@ unit: venv  # the pure tests only: no nginx, sshd, HAProxy or moto (under a minu
 
 lab: deps
 	$(PY) -m lab up --lb $(LB)
+
+lab-move:  # TO=classic-on|classic-off|network|classic: plan-move, the fab move it prints, promote
+	@test -n "$(TO)" || { echo "make lab-move TO=classic-on|classic-off|network|classic"; exit 2; }
+	command=$$($(PY) -m lab plan-move --to $(TO) | tee /dev/stderr | tail -n 1) && test -n "$$command" && $$command && $(PY) -m lab promote
 
 bench: deps
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-bench.txt

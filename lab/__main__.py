@@ -9,16 +9,27 @@ up:    backend hosts (sshd + nginx each, on 127.0.1.x), the lab AWS endpoint (mo
        listener there from 127.0.0.77.
        `--lb network`: the same with a network load balancer (the environment is written into
        the lab directory, placed in the lab endpoint's VPC).
+       The lab runs from a copy of the environment in the lab directory (<dir>/Pulumi.lab.yaml,
+       or <dir>/Pulumi.lab-network.yaml): state.json's `env_file`. Its stand-ins and DNS server
+       follow that file as it changes.
 down:  stops everything `up` started (it is safe to run twice, and `up` runs it first).
+plan-move --to classic-on|classic-off|network|classic:
+       writes a move into the running lab's environment file (wsgate:moveTo: a new load balancer
+       of that kind, a new name, service ports of its own) and prints the `fab move` command.
+promote: once the move record says done, moveTo becomes loadBalancer (ports, proxyProtocol) in
+       that file, and moveTo goes. A move in the lab:
+         python -m lab plan-move --to network && .venv/bin/fab move --env <env_file> && python -m lab promote
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -31,7 +42,7 @@ import yaml
 
 from core.errors import KitError
 from core.listeners import HEALTH_PATH
-from core.settings import Settings, load
+from core.settings import Settings, from_config, load
 from lab import dns as lab_dns
 from lab import hosts as lab_hosts
 from lab import tls
@@ -41,6 +52,7 @@ from lab.standin import FIXED_ADDRESS, LISTEN, StandIn, StandIns, address_of, re
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 CLIENT_SOURCE = "127.0.0.77"  # the lab client's address: never the stand-in's (127.0.0.1)
 LAB_CLASSIC_ZONE = "Z35SXDOTRQ7X7K"  # AWS's us-east-1 Classic ELB zone: moto's Classic ELB reports none
+MOVES = ("classic-on", "classic-off", "network", "classic")  # plan-move --to: the load balancer moved to
 
 
 def say(text: str) -> None:
@@ -125,6 +137,8 @@ class Lab:
         self.down()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.network_env_file.unlink(missing_ok=True)  # it names a VPC of an endpoint that is gone
+        if self.classic_env_file != self.base_env_file:
+            self.classic_env_file.unlink(missing_ok=True)  # the last lab's, moves and all
         for host in self.settings.hosts:  # the hosts start empty, as new instances (the last lab's kind may differ)
             shutil.rmtree(self.settings.root_of(host), ignore_errors=True)
         s = self.settings
@@ -151,7 +165,9 @@ class Lab:
         tls.make(self.dir / "tls", s.server_name)
         if self.kind == "network":
             self._write_network_env()
-            s = self.settings
+        else:
+            self._write_classic_env()
+        s = self.settings
 
         self._bootstrap_plain()
         self.apply_load_balancer()
@@ -174,7 +190,7 @@ class Lab:
                                     cwd=PROJECT_DIR)
             if result.returncode != 0:
                 raise KitError("fab rollout failed (see above); the lab is left running for a look")
-            self.wait_for_header(True)
+            self.wait_for_header(self.settings.proxy_protocol)
             self.prove()
         say(f"running; endpoints in {self.state_file}; stop with: make lab-down")
         return self.endpoints()
@@ -184,6 +200,23 @@ class Lab:
         """What the load balancer calls its listener that ends TLS."""
         return "TLS" if self.settings.load_balancer.type == "network" else "SSL"
 
+    @property
+    def classic_env_file(self) -> Path:
+        """Where the classic lab's environment is: in the lab directory, as the environment names it."""
+        return self.dir / f"Pulumi.{load(str(self.base_env_file)).env}.yaml"
+
+    def _write_classic_env(self) -> None:
+        """The environment the classic lab runs from: a copy of the one given in the lab directory
+        (one given there already is used as it is), so that a move changes the lab's file, never
+        the shipped one."""
+        path = self.classic_env_file
+        if path != self.base_env_file:
+            write_atomically(path, f"# Written by `python -m lab up` from {self.base_env_file.name}: the lab runs "
+                                   "from this copy (python -m lab plan-move and promote change it).\n"
+                             + self.base_env_file.read_text())
+        self.env, self.env_file, self.settings = str(path), path, load(str(path))
+        say(f"environment: {path}")
+
     def _write_network_env(self) -> None:
         """The environment with a network load balancer, in the lab endpoint's VPC and subnet (whose
         IDs exist only once the endpoint runs), written beside the lab's state; the lab uses it."""
@@ -192,11 +225,89 @@ class Lab:
         vpc, subnets = lab_network(self.settings)
         config = yaml.safe_load(self.base_env_file.read_text())["config"]
         path = self.network_env_file
-        path.write_text(f"# Written by `python -m lab up --lb network` from {self.base_env_file.name}: the lab with a "
-                        "network load balancer in the lab endpoint's VPC.\n"
-                        + yaml.safe_dump({"config": network_config(config, vpc, subnets)}, sort_keys=False))
+        write_atomically(path, f"# Written by `python -m lab up --lb network` from {self.base_env_file.name}: the "
+                               "lab with a network load balancer in the lab endpoint's VPC.\n"
+                         + yaml.safe_dump({"config": network_config(config, vpc, subnets)}, sort_keys=False))
         self.env, self.env_file, self.settings = str(path), path, load(str(path))
         say(f"network load balancer environment: {path} (VPC {vpc}, subnets {', '.join(subnets)})")
+
+    # -- moves -----------------------------------------------------------------------------------
+
+    def use_running(self) -> None:
+        """Act on the environment file the running lab follows (state.json `env_file`)."""
+        named = self._state().get("endpoints", {}).get("env_file")
+        if not named or not Path(named).exists():
+            raise KitError(f"the lab is not running under {self.dir} (make lab): no env_file in {self.state_file}")
+        self.env, self.env_file, self.settings = named, Path(named), load(named)
+
+    def plan_move(self, to: str, proxy_protocol: bool | None = None) -> str:
+        """Write a move to a new load balancer (kind `to`, one of MOVES) into the lab's environment
+        file; return the `fab move` command that makes it."""
+        s = self.settings
+        if s.move_to is not None:
+            raise KitError(f"{self.env_file} already moves to {s.move_to.load_balancer.name}: run "
+                           f"{self.move_command()}, then python -m lab promote")
+        config = yaml.safe_load(self.env_file.read_text())["config"]
+        taken = {*self._state().get("addresses", {}), *s.balancer_names}
+        name = next_name(s.load_balancer.name, taken)
+        own = {s.ports.http, s.ports.tls, s.ports.health, s.ports.proxy_http, s.ports.proxy_tls}
+        http, tls_port, proxy_http, proxy_tls = free_ports(4, [s.bind_of(h) or h.address for h in s.hosts], own)
+        ports = {"http": http, "tls": tls_port, "health": s.ports.health, "proxyHttp": proxy_http,
+                 "proxyTls": proxy_tls}
+        network = None
+        if to == "network":
+            from lab.applier import lab_network
+
+            network = lab_network(s)
+        new = move_config(config, to, name, ports, network, proxy_protocol)
+        from_config(s.env, new, self.env_file.name)  # valid, before the lab's processes see it
+        write_atomically(self.env_file, f"# Written by `python -m lab plan-move --to {to}`: the lab's environment, "
+                                        f"moving from {s.load_balancer.name} to {name}.\n"
+                         + yaml.safe_dump({"config": new}, sort_keys=False))
+        self.settings = load(self.env)
+        target = self.settings.moving_to
+        assert target is not None
+        say(f"{self.env_file}: moveTo {name} ({target.load_balancer.type}, proxy protocol "
+            f"{'on' if target.proxy_protocol else 'off'}, ports {', '.join(map(str, sorted(target.served())))}); "
+            f"{s.load_balancer.name} serves now")
+        return self.move_command()
+
+    def move_command(self) -> str:
+        """The command that makes the move the lab's environment file describes."""
+        fab = Path(sys.executable).parent / "fab"
+        shown = fab.relative_to(PROJECT_DIR) if fab.is_relative_to(PROJECT_DIR) else fab
+        return f"{shown} move --env {self.env_file}"
+
+    def promote(self, timeout: float = 30.0) -> None:
+        """Once the move record says done: moveTo becomes loadBalancer (and its ports and
+        proxyProtocol) in the lab's environment file, moveTo goes."""
+        from awsapi.parameters import read_move
+
+        s = self.settings
+        if s.moving_to is None:
+            raise KitError(f"{self.env_file} has no moveTo: nothing to promote")
+        record = read_move(s)
+        target = s.moving_to.load_balancer.name
+        if record is None or record.target != target or not record.done:
+            step = f"step {record.reached}" if record and record.target == target and record.reached else "no step"
+            raise KitError(f"the move to {target} is not done ({step} reached): run {self.move_command()} first")
+        # the old load balancer's stand-in stops once it is gone from the endpoint: only then may
+        # the new one take 127.0.0.1 (the address of the environment's loadBalancer)
+        deadline = time.monotonic() + timeout
+        while s.load_balancer.name in self._state().get("endpoints", {}).get("balancers", {}):
+            if time.monotonic() > deadline:
+                raise KitError(f"the stand-in of {s.load_balancer.name} did not stop in {timeout} s")
+            time.sleep(0.1)
+        new = promoted_config(yaml.safe_load(self.env_file.read_text())["config"])
+        from_config(s.env, new, self.env_file.name)
+        write_atomically(self.env_file, f"# Written by `python -m lab promote`: the lab's environment, moved from "
+                                        f"{s.load_balancer.name} to {target}.\n"
+                         + yaml.safe_dump({"config": new}, sort_keys=False))
+        self.settings = load(self.env)
+        balancers = self._state().get("endpoints", {}).get("balancers", {})
+        self._save(endpoints={**self.endpoints(), "balancers": balancers})
+        say(f"{self.env_file}: loadBalancer is {target} ({self.settings.load_balancer.type}, proxy protocol "
+            f"{'on' if self.settings.proxy_protocol else 'off'}); no moveTo")
 
     # -- DNS ---------------------------------------------------------------------------------
 
@@ -314,13 +425,21 @@ class Lab:
         from lab.applier import apply, pulumi_stack
 
         kind = "network load balancer" if self.settings.load_balancer.type == "network" else "load balancer"
-        if pulumi_stack(self.settings):
+        if pulumi_stack(self.settings) and self._same_as_the_stack():
             automation.up(self.settings.env, on_output=lambda line: None)
             say(f"{kind}: pulumi up")
         else:
             out = apply(self.settings)
             say(f"{kind}: made with boto3 (no pulumi CLI, or not a stack of this project; "
                 f"gate {out['proxyProtocolGate']})")
+
+    def _same_as_the_stack(self) -> bool:
+        """Whether the project's stack file of this environment says what the lab's file says (the
+        lab runs from a copy: `pulumi up -s <env>` reads the project's)."""
+        try:
+            return load(self.settings.env, PROJECT_DIR) == self.settings
+        except KitError:
+            return False
 
     def stand_in(self, name: str | None = None) -> StandIn:
         """The stand-in of load balancer `name` (default: loadBalancer), as the lab's follower runs it."""
@@ -382,6 +501,92 @@ class Lab:
         status, headers, _ = http_get(dial(address, self.listen[80], source=CLIENT_SOURCE), s.server_name, "/")
         say(f"plain request to the TCP listener: {status} -> {headers.get('location')}")
         return {"hello": hello, "echo": echo, "redirect": (status, headers.get("location"))}
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `path` whole at once: the lab's processes re-read it when it changes, never half of it."""
+    new = path.with_name(path.name + ".new")
+    new.write_text(text)
+    new.replace(path)
+
+
+def next_name(name: str, taken: set[str]) -> str:
+    """A new load balancer name after `name`: wsgate-lab -> wsgate-lab-2 -> wsgate-lab-3, none in `taken`."""
+    base, _, n = name.rpartition("-")
+    base = base if n.isdigit() and base else name
+    for i in range(2, 1000):
+        candidate = f"{base}-{i}"
+        if candidate not in taken and candidate != name:
+            return candidate
+    raise KitError(f"no free load balancer name after {name}")
+
+
+def free_ports(n: int, addresses: list[str], avoid: set[int]) -> list[int]:
+    """`n` ports above those in `avoid` that nothing listens on at any of `addresses` now."""
+    out: list[int] = []
+    port = max(avoid) + 1
+    while len(out) < n:
+        if port > 65535:
+            raise KitError(f"no {n} free ports above {max(avoid)} on {', '.join(addresses)}")
+        if port not in avoid and all(_free(a, port) for a in addresses):
+            out.append(port)
+        port += 1
+    return out
+
+
+def _free(address: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((address, port))
+        except OSError:
+            return False
+    return True
+
+
+def classic_block(lb: dict, region: str) -> dict:
+    """A loadBalancer block (as the file spells it) as a Classic ELB: a network one becomes one
+    placed by availability zone, draining as it deregistered. Pure."""
+    if lb.get("type", "classic") == "classic":
+        return copy.deepcopy(lb)
+    out = {k: copy.deepcopy(v) for k, v in lb.items()
+           if k not in ("type", "subnets", "vpcId", "deregistrationDelay", "switchDrain", "alpnPolicy")}
+    out["availabilityZones"] = [f"{region}a"]
+    out["connectionDraining"] = lb.get("deregistrationDelay", 30)
+    return out
+
+
+def move_config(config: dict, to: str, name: str, ports: dict[str, int], network: tuple[str, list[str]] | None = None,
+                proxy_protocol: bool | None = None) -> dict:
+    """The stack config with `wsgate:moveTo`: a new load balancer `name` of kind `to` (MOVES) on
+    `ports`, proxy protocol on for classic-on, off for classic-off, else as loadBalancer's now
+    (`proxy_protocol` overrides); network: placed in (VPC, subnets) as lab.applier.network_config
+    places the lab's. Pure."""
+    from lab.applier import network_config
+
+    if to not in MOVES:
+        raise KitError(f"plan-move --to: one of {', '.join(MOVES)}, not {to!r}")
+    out = copy.deepcopy(config)
+    lb = classic_block(out["wsgate:loadBalancer"], out.get("aws:region", "us-east-1"))
+    if to == "network":
+        if network is None:
+            raise KitError("a move to a network load balancer needs the lab's VPC and subnets")
+        lb = network_config({"wsgate:loadBalancer": lb}, *network)["wsgate:loadBalancer"]
+    lb["name"] = name
+    if proxy_protocol is None:
+        proxy_protocol = {"classic-on": True, "classic-off": False}.get(to, bool(out.get("wsgate:proxyProtocol")))
+    out["wsgate:moveTo"] = {"loadBalancer": lb, "proxyProtocol": proxy_protocol, "ports": dict(ports)}
+    return out
+
+
+def promoted_config(config: dict) -> dict:
+    """The stack config after a move: moveTo's load balancer, ports and proxy protocol in place of
+    loadBalancer's; no moveTo. Pure."""
+    out = copy.deepcopy(config)
+    moved = out.pop("wsgate:moveTo")
+    out["wsgate:loadBalancer"] = moved["loadBalancer"]
+    out["wsgate:ports"] = moved["ports"]
+    out["wsgate:proxyProtocol"] = moved.get("proxyProtocol", False)
+    return out
 
 
 def stand_in(settings: Settings, directory: Path, listen: dict[int, int], primary: bool = True) -> StandIn:
@@ -491,10 +696,14 @@ def moto(host: str, port: int, zones: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lab", description="the wsgate lab on one machine")
-    parser.add_argument("command", choices=["up", "down", "prove", "follow", "dns", "moto"])
+    parser.add_argument("command", choices=["up", "down", "prove", "plan-move", "promote", "follow", "dns", "moto"])
     parser.add_argument("--env", default="lab")
     parser.add_argument("--lb", choices=["classic", "network"], default="classic",
                         help="up: the load balancer kind (network: written as <env>-network in the lab directory)")
+    parser.add_argument("--to", choices=MOVES, help="plan-move: the load balancer to move to (a new one of this kind)")
+    parser.add_argument("--proxy-protocol", choices=["on", "off"],
+                        help="plan-move: the new load balancer's proxy protocol (default: on for classic-on, off for "
+                             "classic-off, else as now)")
     parser.add_argument("--dir", type=Path)
     parser.add_argument("--listen", type=json.loads, help=argparse.SUPPRESS)
     parser.add_argument("--no-rollout", action="store_true", help="stop before the rollout (plain fleet)")
@@ -518,7 +727,17 @@ def main(argv: list[str] | None = None) -> int:
             lab.up(rollout=not args.no_rollout)
         elif args.command == "down":
             lab.down()
+        elif args.command == "plan-move":
+            if not args.to:
+                parser.error("plan-move needs --to")
+            lab.use_running()
+            proxy = None if args.proxy_protocol is None else args.proxy_protocol == "on"
+            print(lab.plan_move(args.to, proxy), flush=True)
+        elif args.command == "promote":
+            lab.use_running()
+            lab.promote()
         else:
+            lab.use_running()
             lab.prove()
     except KitError as exc:
         print(f"lab: error: {exc}", file=sys.stderr)

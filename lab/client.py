@@ -91,12 +91,20 @@ class HeldSocket:
     address: str
     opened: float
     closed: float | None = None
-    reason: str | None = None  # None while open, or "stopped" when the client's stop() closed it
+    reason: str | None = None  # None while open; "stopped": stop() closed it; "done": its time was up
     echoes: int = 0
 
     @property
     def open(self) -> bool:
         return self.closed is None
+
+    @property
+    def dropped(self) -> bool:
+        """The server or the network ended it (not the client)."""
+        return self.closed is not None and self.reason not in ("stopped", "done")
+
+    def open_at(self, t: float) -> bool:
+        return self.opened <= t and (self.closed is None or self.closed > t)
 
 
 @dataclass
@@ -120,18 +128,26 @@ class Stats:
         return [h for h in self.held if h.open and address in (None, h.address)]
 
     def dropped(self, address: str | None = None) -> list[HeldSocket]:
-        """Held WebSockets that closed before stop(): the server or the network ended them."""
-        return [h for h in self.held if h.reason not in (None, "stopped") and address in (None, h.address)]
+        """Held WebSockets the server or the network ended (neither stop() nor their own time)."""
+        return [h for h in self.held if h.dropped and address in (None, h.address)]
+
+    def ended(self, address: str | None = None) -> list[HeldSocket]:
+        """Held WebSockets the client closed when their time (`hold_for`) was up."""
+        return [h for h in self.held if h.reason == "done" and address in (None, h.address)]
+
+    def open_at(self, t: float, address: str | None = None) -> list[HeldSocket]:
+        """Held WebSockets open at time `t` (time.monotonic())."""
+        return [h for h in self.held if h.open_at(t) and address in (None, h.address)]
 
     def errors(self, address: str | None = None) -> Counter:
         return Counter(r.error for r in self.results if not r.ok and address in (None, r.address))
 
     def table(self) -> str:
-        rows = [f"{'address':<16}{'ok':>8}{'failed':>8}{'held':>6}{'open':>6}{'dropped':>9}  errors"]
+        rows = [f"{'address':<16}{'ok':>8}{'failed':>8}{'held':>6}{'open':>6}{'ended':>7}{'dropped':>9}  errors"]
         for a in self.addresses():
             held = [h for h in self.held if h.address == a]
             rows.append(f"{a:<16}{self.ok(a):>8}{self.failed(a):>8}{len(held):>6}{len(self.held_open(a)):>6}"
-                        f"{len(self.dropped(a)):>9}  {dict(self.errors(a))}")
+                        f"{len(self.ended(a)):>7}{len(self.dropped(a)):>9}  {dict(self.errors(a))}")
         return "\n".join(rows)
 
 
@@ -143,7 +159,10 @@ class DnsClient:
     (plain WebSocket when `tls` is None),
     `http` a GET through the TCP listener, nginx's 301), and `hold` WebSockets stay open, echoing
     every `echo_every` s; one that closes is counted with when and why, and another is opened in its
-    place. Everything is counted per address (Stats). Bounded: stops by itself after `max_seconds`.
+    place, at the address the name gives then. With `hold_for`, each held WebSocket closes itself
+    after that many seconds (reason "done", as a user's session ends), so held sockets move to the
+    new address as DNS does, and a drain can end. Everything is counted per address (Stats).
+    Bounded: stops by itself after `max_seconds`.
 
         client = DnsClient(lab.dns_server, lab.service_name, lab.listen, lab.settings.server_name,
                            lab.tls_context()).start()
@@ -154,10 +173,10 @@ class DnsClient:
     def __init__(self, dns_server: str, name: str, listen: dict[int, int], server_name: str,
                  tls: ssl.SSLContext | None, source: str = "127.0.0.77", clients: int = 3,
                  kinds: tuple[str, ...] = ("https", "ws"), hold: int = 0, echo_every: float = 0.5,
-                 pause: float = 0.0, max_seconds: float = 600.0):
+                 pause: float = 0.0, max_seconds: float = 600.0, hold_for: float | None = None):
         self.dns_server, self.name, self.listen, self.server_name, self.tls = dns_server, name, listen, server_name, tls
         self.source, self.kinds, self.hold, self.echo_every, self.pause = source, kinds, hold, echo_every, pause
-        self.max_seconds = max_seconds
+        self.max_seconds, self.hold_for = max_seconds, hold_for
         self.stats = Stats()
         self._lock = threading.Lock()
         self._answer: tuple[str, float] | None = None  # (address, when it expires)
@@ -270,13 +289,15 @@ class DnsClient:
                     await asyncio.wait_for(ws.recv(), 5)  # the app's hello
                     with self._lock:
                         self.stats.held.append(held)
-                    while not self._done():
+                    until = held.opened + self.hold_for if self.hold_for else None
+                    while not self._done() and (until is None or time.monotonic() < until):
                         await ws.send("ping-echo")
                         if await asyncio.wait_for(ws.recv(), 5) != "ping-echo":
                             raise RuntimeError("a wrong echo")
                         held.echoes += 1
-                        await asyncio.sleep(self.echo_every)
-                    held.closed, held.reason = time.monotonic(), "stopped"
+                        await asyncio.sleep(self.echo_every if until is None else
+                                            max(0.0, min(self.echo_every, until - time.monotonic())))
+                    held.closed, held.reason = time.monotonic(), "stopped" if self._done() else "done"
             except Exception as exc:  # noqa: BLE001 - the server, the network or the stand-in ended it
                 if held in self.stats.held:
                     if held.closed is None:

@@ -122,6 +122,8 @@ class _Cutover:
         self.run, self.record, self.applier, self.apply = run, record, applier, apply
         self.verdict = Verdict()
         self.turning_off = not run.settings.proxy_protocol
+        # no load balancer served sends the header (during a move: neither): no readiness record
+        self.unrecorded = not any(b.proxy_protocol for b in run.settings.balancers)
         self.now: Traffic | None = None  # where the load balancer sends traffic (step 2)
         self.header_ports: list[int] = []  # the ports it sends the PROXY header to (step 2)
         self.detached = False  # this run stopped the header (turning off)
@@ -213,7 +215,7 @@ class _Cutover:
     def prepare_record(self) -> None:
         """3, still: the record this run will write, from each host's target, must fit Parameter Store
         (a sharded one's shards are written ahead); else the run stops with nothing changed."""
-        if self.turning_off or not self.record:
+        if self.unrecorded or not self.record:
             return
         try:
             self.record.prepare({o.instance: o.target for o in self.run.outcomes if o.instance and o.target})
@@ -290,7 +292,7 @@ class _Cutover:
     def withdraw_claims(self) -> None:
         """Before any host goes live, the record stops claiming what the hosts stop serving: deleted
         when turning off, or without the plain ports dropped (never a claim of a port no longer served)."""
-        if self.turning_off and self.record:
+        if self.unrecorded and self.record:
             self.record.delete()
         elif self.record and not self.run.rolling_back and self.dropped:
             self.record.withdraw_plain(self.dropped)
@@ -302,7 +304,7 @@ class _Cutover:
 
     def record_needed(self) -> bool:
         """Whether steps 5 and 6 run: the record must change (never when turning off)."""
-        return not self.turning_off and self.record is not None and self.record.needs(self.run.outcomes)
+        return not self.unrecorded and self.record is not None and self.record.needs(self.run.outcomes)
 
     def lock_unchanged(self) -> None:
         """5. Lock the hosts that had nothing to do and prove them under the lock."""
