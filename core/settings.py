@@ -329,6 +329,9 @@ class Dns(Model):
     # The DNS server (host:port) `fab move` asks for a load balancer's address, to prove it with a
     # request through each listener (default: the system's resolver; the lab names its own).
     resolver: Annotated[str, AfterValidator(lambda v: _upstream(v) and v)] | None = None
+    # Where the controller reaches each listener for that proof, when not on the listener's own
+    # port (80, 443): the lab's stand-ins listen on high ports.
+    listener_ports: dict[Literal[80, 443], Port] = {}
 
     @field_validator("steps")
     @classmethod

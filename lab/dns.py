@@ -30,6 +30,7 @@ from dnslib.server import BaseResolver, DNSLogger, DNSServer
 
 DNS_PORT = 15353  # make lab's DNS server: 127.0.0.1:15353 (UDP)
 CACHE = 0.15  # seconds: how old the Route 53 records answered may be
+STALE = 5.0  # seconds the last good read answers while the endpoint fails reads
 LB_TTL = 60  # a load balancer's own DNS name, as AWS answers it
 
 
@@ -124,8 +125,15 @@ class Resolver(BaseResolver):
     def snapshot(self) -> tuple[Snapshot, dict[str, bool]]:
         with self._lock:
             if self._snapshot is None or time.monotonic() - self._snapshot.at > CACHE:
-                self._snapshot = self.route53.read()
-                self._health = {}
+                try:
+                    self._snapshot = self.route53.read()
+                except Exception:  # noqa: BLE001 - the endpoint failed one read (moto answers some reads
+                    # racing a delete with a 500): Route 53 itself keeps answering, so the last good
+                    # snapshot does, for a while
+                    if self._snapshot is None or time.monotonic() - self._snapshot.at > STALE:
+                        raise
+                else:
+                    self._health = {}
             return self._snapshot, self._health
 
     def _healthy(self, health: dict[str, bool], name: str) -> bool:

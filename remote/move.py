@@ -50,6 +50,7 @@ from remote.applier import Applier
 
 OK, FAILED, ATTENTION, INTERRUPTED = 0, 1, 3, 130
 HEALTH_WAIT = 300  # seconds the new load balancer gets to report every instance healthy
+REACH_WAIT = 60  # seconds a request through a listener of the new load balancer is retried
 SAMPLE_EVERY = 1.0  # seconds between two connection counts in the drain
 
 RolloutFn = Callable[[list[Settings]], bool]  # a rollout of the hosts serving these load balancers: ok?
@@ -224,6 +225,11 @@ class Move:
         if self.s.load_balancer.name in have:
             raise MoveStopped(f"step retire: the DNS record of {self.s.load_balancer.name} is still there")
         self._reached(Step.RETIRE)
+        self.step_done()
+
+    def step_done(self) -> None:
+        """The hosts stop serving the retired load balancer's ports (also a rerun's step, when the
+        rollout after the retirement failed)."""
         if not self.rollout([self.target]):
             raise MoveStopped("step retire: the old load balancer is gone, but the rollout that stops serving its "
                               "ports failed (its table says where); run fab move again")
@@ -324,15 +330,21 @@ class Move:
                       "AWS API only")
             return
         for port, tls in ((80, False), (443, True)):
-            try:
-                answer = request(address, port, tls, s.server_name)
-            except OSError as exc:
-                if port == 80:
-                    self.note(f"step prove: {name} ({address}) cannot be reached from here ({exc}): proven through "
-                              "the AWS API only")
-                    return
-                raise MoveStopped(f"step prove: a request through {name}:{port} failed: {exc}; it has no DNS weight: "
-                                  "nothing reaches it") from None
+            reach = self.dns.listener_ports.get(port, port)  # type: ignore[call-overload]
+            deadline = self.clock.monotonic() + REACH_WAIT
+            while True:  # a new load balancer's nodes take a while to answer; it has no weight meanwhile
+                try:
+                    answer = request(address, reach, tls, s.server_name)
+                    break
+                except OSError as exc:
+                    if self.clock.monotonic() > deadline:
+                        if port == 80:
+                            self.note(f"step prove: {name} ({address}:{reach}) cannot be reached from here ({exc}): "
+                                      "proven through the AWS API only")
+                            return
+                        raise MoveStopped(f"step prove: a request through {name}:{port} failed: {exc}; it has no "
+                                          "DNS weight: nothing reaches it") from None
+                    self._wait(1, "step prove")
             if not answer.startswith("HTTP/1.1 "):
                 raise MoveStopped(f"step prove: {name}:{port} answered {answer[:80]!r}, not HTTP")
             self.note(f"verified: a request through {name}:{port} was answered ({answer.split(chr(13))[0]})")

@@ -185,6 +185,11 @@ def one_move(lab: Lab, capsys, to: str, header_before: bool, header_after: bool)
         command, new = plan(lab, to)
         moved = run(command)
         assert moved.code == 0, moved.text
+        # the new load balancer was proven by a request through each of its listeners (the lab's
+        # DNS gives its name the stand-in's address) before DNS gave it any weight
+        for port in (80, 443):
+            assert re.search(rf"verified: a request through \S+:{port} was answered \(HTTP/1.1 \d+", moved.text), \
+                moved.text
         promote(lab)
     finally:
         stats = client.stop()

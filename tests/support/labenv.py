@@ -20,9 +20,11 @@ def lab_env(directory: Path, net: int) -> tuple[Path, dict[int, int]]:
     config["aws:endpoints"] = [{s: f"http://127.0.0.1:{moto}"
                                 for s in ("ec2", "elb", "elbv2", "ssm", "sts", "route53")}]
     # its own DNS server's port (UDP): never the running lab's
+    listen = {80: free_port(), 443: free_port()}  # the stand-ins' listener ports
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         udp.bind(("127.0.0.1", 0))
-        config["wsgate:dns"] = {**config["wsgate:dns"], "resolver": f"127.0.0.1:{udp.getsockname()[1]}"}
+        config["wsgate:dns"] = {**config["wsgate:dns"], "resolver": f"127.0.0.1:{udp.getsockname()[1]}",
+                                "listenerPorts": listen}
     addresses = [f"127.0.{net}.{i}" for i in (1, 2, 3)]
     names = ("http", "tls", "health", "proxyHttp", "proxyTls")
     ports = free_ports(len(names) + 3, addresses)  # nginx's, then one sshd per host: all distinct
@@ -38,4 +40,4 @@ def lab_env(directory: Path, net: int) -> tuple[Path, dict[int, int]]:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "Pulumi.labtest.yaml"
     path.write_text(yaml.safe_dump({"config": config}, sort_keys=False))
-    return path, {80: free_port(), 443: free_port()}
+    return path, listen
