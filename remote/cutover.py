@@ -155,6 +155,22 @@ class _Cutover:
         except KitError as exc:
             self._stop(f"before any change: {exc}")
         self.now, self.header_ports = now, now.header_ports
+        self._say_the_classic_window()
+
+    def _say_the_classic_window(self) -> None:
+        """A Classic ELB turns the header on or off in place, node by node: say what that costs,
+        and the way that costs nothing (a second load balancer and a DNS switch)."""
+        s = self.run.settings
+        if s.load_balancer.type != "classic" or not self.apply or self.run.rolling_back or s.moving_to is not None:
+            return
+        want = [] if self.turning_off else sorted(s.proxy_ports)
+        if sorted(self.header_ports) == want:
+            return
+        self.run.reporter.note(
+            f"a Classic ELB turns the PROXY header {'off' if self.turning_off else 'on'} in place, node by node: "
+            "requests that meet a node and a host that disagree fail for a few seconds (the cutover window: "
+            "docs/concepts.md#the-cutover-window); to fail none, move to a new load balancer with moveTo and dns "
+            "(docs/moving.md)")
 
     def refuse_what_would_break(self) -> None:
         """2, still: a run that would leave a listener on a port no host serves, or the header sent

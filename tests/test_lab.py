@@ -164,6 +164,7 @@ def test_cutover_under_load(lab, capsys):
               f"\non: {made} requests, {failed} failed; {len(held.dropped)} of {held.count} held WebSockets dropped "
               f"({held.echoes} echoes)")
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "a Classic ELB turns the PROXY header on in place" in result.stderr  # what it costs, and the way out
     assert held.dropped == []
     assert load.failed["before"] == 0 and load.ok["before"] > 0
     assert load.failed["after"] == 0 and load.ok["after"] > 0
