@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the system programs the tests and the lab run for real: nginx, sshd, haproxy
-# (and sudo, for the test of `ssh.sudo`).
+# (and sudo, for the test of `ssh.sudo`; iproute2's ss, which `fab move` runs on each host).
 # On Debian/Ubuntu as root it uses apt-get; elsewhere it says what to install.
 set -euo pipefail
 
@@ -10,6 +10,7 @@ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v ssh-keygen >/dev/null 2>&1 || missing+=(openssh-client)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
 command -v sudo >/dev/null 2>&1 || missing+=(sudo)
+command -v ss >/dev/null 2>&1 || [ -x /usr/sbin/ss ] || [ -x /usr/bin/ss ] || missing+=(iproute2)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
