@@ -75,9 +75,9 @@ def aws(moto_server):
 
 
 # each fleet on its own 127.0.N.0/24 (WSGATE_TEST_NET: where to start, for a second suite beside this one)
-# Under pytest-xdist each worker (gw0, gw1) takes its own 120 networks from there.
+# Under pytest-xdist each worker (gw0, gw1, gw2) takes its own 80 networks from there.
 _WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
-_fleet_nets = itertools.count(int(os.environ.get("WSGATE_TEST_NET", "10")) + 120 * _WORKER)
+_fleet_nets = itertools.count(int(os.environ.get("WSGATE_TEST_NET", "10")) + 80 * _WORKER)
 
 
 @pytest.fixture
