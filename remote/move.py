@@ -319,7 +319,7 @@ class Move:
         answered it (nginx drops a connection whose framing it does not expect)."""
         from awsapi.clients import is_lab
 
-        name = self._dns_name(s)
+        name = (described(s) or {}).get("DNSName")
         if name and not self.dns.resolver and is_lab(s):
             self.note(f"step prove: the lab's {name} resolves only through dns.resolver (none set): proven through "
                       "the AWS API only")
@@ -349,12 +349,6 @@ class Move:
                 raise MoveStopped(f"step prove: {name}:{port} answered {answer[:80]!r}, not HTTP")
             self.note(f"verified: a request through {name}:{port} was answered ({answer.split(chr(13))[0]})")
 
-    def _dns_name(self, s: Settings) -> str | None:
-        from awsapi import classic, network
-
-        found = network.describe_network(s) if s.load_balancer.type == "network" else classic.describe(s)
-        return (found or {}).get("DNSName")
-
     def _count(self, ports: list[int]) -> dict[str, dict[int, int]]:
         if self.connections is not None:
             return self.connections(ports)
@@ -365,13 +359,16 @@ class Move:
             raise MoveStopped(f"{what}: interrupted", INTERRUPTED)
 
 
-def exists(s: Settings) -> bool:
-    """Whether the load balancer of `s` exists now (AWS)."""
+def described(s: Settings) -> dict | None:
+    """The load balancer of `s` as its API describes it now (None: it does not exist)."""
     from awsapi import classic, network
 
-    if s.load_balancer.type == "network":
-        return network.describe_network(s) is not None
-    return classic.describe(s) is not None
+    return network.describe_network(s) if s.load_balancer.type == "network" else classic.describe(s)
+
+
+def exists(s: Settings) -> bool:
+    """Whether the load balancer of `s` exists now (AWS)."""
+    return described(s) is not None
 
 
 def count_connections(s: Settings, hosts: list[Host], ports: list[int]) -> dict[str, dict[int, int]]:
