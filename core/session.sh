@@ -93,13 +93,25 @@ session() {
   if [ "$MODE" = x ]; then
     printf '%s\n' "$OWNER" > "$R/.rollout.owner"
     for d in "$R"/releases/.stage-*; do if [ -e "$d" ]; then bounded rm -rf "$d"; STALE=$((STALE + 1)); fi; done
-    bounded rm -f "$R"/.session.*  # left by sessions that were killed (none runs beside an exclusive lock)
+    for f in "$R"/.session.*; do  # left by sessions that were killed (none runs beside an exclusive lock)
+      [ ! -e "$f" ] || bounded rm -f "$f"
+    done
   fi
   BEFORE=$(readlink "$R/current" 2>/dev/null || true)
   PREVIOUS=$(readlink "$R/previous" 2>/dev/null || true)
+  CUR=$BEFORE; PRE=$PREVIOUS  # what the links name now: only this session changes them while it holds the lock
   printf 'current\t%s\nprevious\t%s\nstale\t%s\n' "$BEFORE" "$PREVIOUS" "$STALE"
   state_report
-  printf 'manifest\t%s\n' "$(tr -d '\n' < "$R/current/release.json" 2>/dev/null)"
+  M=""
+  if [ -r "$R/current/release.json" ]; then
+    while IFS= read -r l || [ -n "$l" ]; do M="$M$l"; done < "$R/current/release.json"
+  fi
+  printf 'manifest\t%s\n' "$M"
+  M=""  # and the previous release's: what nginx runs when a run was cut short between swap and reload
+  if [ -r "$R/previous/release.json" ]; then
+    while IFS= read -r l || [ -n "$l" ]; do M="$M$l"; done < "$R/previous/release.json"
+  fi
+  printf 'pmanifest\t%s\n' "$M"
   echo "$MARK_LOCKED"
   set +e
   exec 2>&1  # from here on, every answer carries its errors
@@ -121,17 +133,22 @@ reload() {
 
 put() {  # put NAME TARGET: the link ROOT/NAME -> TARGET, atomically; an empty TARGET removes it
   if [ -n "$2" ]; then bounded ln -sfn "$2" "$R/$1.new" && bounded mv -T "$R/$1.new" "$R/$1"
-  else bounded rm -f "$R/$1"; fi
+  else bounded rm -f "$R/$1"; fi || return
+  if [ "$1" = current ]; then CUR=$2; else PRE=$2; fi
 }
 
 switch() {  # switch TARGET: `current` -> TARGET, `previous` -> what `current` was
-  old=$(readlink "$R/current" 2>/dev/null || true); { [ -z "$old" ] || put previous "$old"; } && put current "$1"
+  old=$CUR; { [ -z "$old" ] || put previous "$old"; } && put current "$1"
 }
 
 prune() {  # keep the KEEP newest releases, and any release a link names (now or at the start)
-  keep=" $BEFORE $PREVIOUS $(readlink "$R/current" 2>/dev/null) $(readlink "$R/previous" 2>/dev/null) "
-  # shellcheck disable=SC2010  # newest first needs ls -t; the names are digests (no newline, no space)
-  ls -1t "$R/releases" | grep -v '^\.' | tail -n +$((KEEP + 1)) | while read -r d; do
+  set -- "$R"/releases/*
+  [ "$#" -gt "$KEEP" ] || return 0  # a glob, no process: nothing to prune yet
+  keep=" $BEFORE $PREVIOUS $CUR $PRE " n=0
+  # newest first needs ls -t (it lists no stage: those start with a dot); the names are digests
+  # shellcheck disable=SC2012  # (no newline, no space)
+  ls -1t "$R/releases" | while read -r d; do
+    n=$((n + 1)); [ "$n" -gt "$KEEP" ] || continue
     case "$keep" in *" releases/$d "*) ;; *) bounded rm -rf "$R/releases/$d";; esac
   done
 }
@@ -193,12 +210,14 @@ serve() {
     echo b > "$F"
     case "$cmd" in
       ping) rc=0 ;;
-      stage) bounded rm -rf "$S" && mkdir -p "$S" && printf '%s' "$payload" | base64 -d | bounded tar -xf - -C "$S" \
+      stage) { [ ! -e "$S" ] || bounded rm -rf "$S"; } && mkdir -p "$S" \
+               && printf '%s' "$payload" | base64 -d | bounded tar -xf - -C "$S" \
                && echo "$MARK_STAGED" && ngx "$S/nginx.conf" -t; rc=$? ;;
       discard) bounded rm -rf "$S"; rc=$? ;;
       live) D="$R/releases/$TARGET"
             { [ ! -d "$S" ] || { [ -d "$D" ] && bounded rm -rf "$S"; } || bounded mv -T "$S" "$D"; } \
-              && [ -d "$D" ] && switch "releases/$TARGET" && echo "$MARK_SWAPPED" && { prune; reload; }; rc=$? ;;
+              && [ -d "$D" ] && switch "releases/$TARGET" && echo "$MARK_SWAPPED" && reload; rc=$?
+            [ "$rc" -ne 0 ] || prune ;;  # after the reload: nginx loads while old releases go
       back) if [ -z "$PREVIOUS" ] || [ ! -d "$R/$PREVIOUS" ]; then echo "the previous release ${PREVIOUS:-(none)} is not on the host"; rc=1
             else switch "$PREVIOUS" && echo "$MARK_SWAPPED" && reload; rc=$?; fi ;;
       reload) reload; rc=$? ;;

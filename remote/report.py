@@ -13,6 +13,7 @@ import time
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from core.outcome import HostOutcome
 
@@ -27,25 +28,34 @@ class Reporter:
         self._lock = threading.RLock()  # re-entrant: a Ctrl-C handler may print while the main thread prints
         self._t0 = time.monotonic()
 
-    def _line(self, text: str) -> None:
-        if not self.quiet:
-            with self._lock:
-                self.err.print(f"[dim]{time.monotonic() - self._t0:6.2f}s[/] {text}")
+    def _line(self, *parts: str | tuple[str, str]) -> None:
+        """One progress line of plain text and (text, style) parts, after the time since the start.
+        Not a terminal (CI, a pipe, a log): the words alone, written at once (rich would drop the
+        styles anyway, after rendering each line: a large fleet prints thousands)."""
+        if self.quiet:
+            return
+        line = (f"{time.monotonic() - self._t0:6.2f}s", "dim"), " ", *parts
+        with self._lock:
+            if self.err.is_terminal:
+                self.err.print(Text.assemble(*line))
+            else:
+                self.err.file.write("".join(p if isinstance(p, str) else p[0] for p in line) + "\n")
+                self.err.file.flush()
 
     def step(self, o: HostOutcome) -> None:
         self._line(f"{o.host:<16} {o.step.value}")
 
     def done(self, o: HostOutcome) -> None:
-        self._line(f"{o.host:<16} [green]ready[/] {o.after[:12] if o.after else ''}")
+        self._line(f"{o.host:<16} ", ("ready", "green"), f" {o.after[:12] if o.after else ''}")
 
     def failed(self, o: HostOutcome) -> None:
-        self._line(f"{escape(o.host):<16} [red]FAILED at {o.step.value}[/]: {escape(o.error)}")
+        self._line(f"{o.host:<16} ", (f"FAILED at {o.step.value}", "red"), f": {o.error}")
 
     def restored(self, o: HostOutcome) -> None:
-        self._line(f"{o.host:<16} [yellow]restored[/] {o.before[:12] if o.before else '(nothing before)'}")
+        self._line(f"{o.host:<16} ", ("restored", "yellow"), f" {o.before[:12] if o.before else '(nothing before)'}")
 
     def note(self, text: str) -> None:
-        self._line(escape(text))
+        self._line(text)
 
     def table(self, title: str, outcomes: list[HostOutcome]) -> None:
         t = Table(title=title, title_justify="left")

@@ -46,6 +46,17 @@ RECONNECT_ATTEMPTS, RECONNECT_PAUSE = 4, 2.0
 DESCRIPTOR_MARGIN = 128
 
 
+_AEAD = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+
+
+class _Transport(paramiko.Transport):
+    """paramiko's transport, AES-GCM first (as OpenSSH prefers it, after ChaCha20, which paramiko lacks):
+    an AEAD cipher needs no separate MAC, which paramiko checks byte by byte in Python on every
+    packet. Every other algorithm, and the order of the rest, stays paramiko's."""
+
+    _preferred_ciphers = _AEAD + tuple(c for c in paramiko.Transport._preferred_ciphers if c not in _AEAD)
+
+
 class SshError(KitError):
     """A host could not be reached, refused us, or a command could not run."""
 
@@ -363,7 +374,7 @@ class Ssh:
         ProxyJump support would, with AutoAddPolicy): hops are ours (`_hop`)."""
         timeout = self.settings.ssh.connect_timeout
         # A host that accepts TCP and then says nothing must not hang the run either.
-        kwargs: dict = {"banner_timeout": timeout, "auth_timeout": timeout}
+        kwargs: dict = {"banner_timeout": timeout, "auth_timeout": timeout, "transport_factory": _Transport}
         if identity:
             path = os.path.expanduser(identity)
             if not os.path.isfile(path):
