@@ -1,6 +1,6 @@
 # shellcheck shell=sh
 # shellcheck disable=SC2153,SC2154  # R, N, P and the rest are assigned by the head (below), not here
-# The host side of wsgate, in POSIX sh (plus util-linux's `flock` and coreutils' `timeout`).
+# The host side of wsgate, in POSIX sh (plus util-linux's `flock` and GNU coreutils: `mv -T`, `base64`).
 #
 # Not run as a file: core/session.py sends it as one `sh -c` command (without its comment and
 # blank lines, so a heredoc here holds neither), after a head that sets `set -e` and the values
@@ -42,9 +42,20 @@ prelude() {
   [ -x "$N" ] || { echo "nginx binary $N not found" >&2; exit 127; }
 }
 
-# Any command that touches the tree, bounded by T (a hung filesystem must not hold the lock past
-# the idle limit) and without fd 9 (a child left hanging must not hold the lock either).
-bounded() { timeout "$T" "$@" 9>&-; }
+# Any command that touches the tree: without fd 9 (a child left hanging must not hold the lock)
+# and bounded by T (a hung filesystem must not hold the lock past the idle limit). It runs as its
+# own process, as any command does, named in the idle clock's file: the watchdog ends it after T
+# seconds (no `timeout` process beside each one). Its stdin stays the caller's (fd 3 carries it:
+# an asynchronous command's would be /dev/null).
+bounded() {
+  exec 3<&0
+  "$@" 9>&- 0<&3 3<&- &
+  B=$!
+  echo "b $K $B" > "$F"
+  wait "$B"; brc=$?
+  echo "b $K" > "$F"
+  return "$brc"
+}
 
 # try_lock FLOCK-ARGS...: flock on fd 9. Held by another run (flock's own exit 1: would block, or
 # the wait ran out): 1. flock missing or failing otherwise: LOCK_FAILED_EXIT, with its exit code
@@ -89,6 +100,8 @@ session() {
   if [ "$WAIT" -gt 0 ]; then try_lock "-$MODE" -w "$WAIT"; else try_lock "-$MODE" -n; fi || lrc=$?
   if [ "$lrc" -eq 1 ]; then printf 'locked\t%s\n' "$(cat "$R/.rollout.owner" 2>/dev/null)"; exit "$LOCKED_EXIT"; fi
   if [ "$lrc" -ne 0 ]; then echo "$LOCKERR" >&2; exit "$LOCK_FAILED_EXIT"; fi
+  K=0
+  watchdog
   STALE=0
   if [ "$MODE" = x ]; then
     printf '%s\n' "$OWNER" > "$R/.rollout.owner"
@@ -116,7 +129,6 @@ session() {
   set +e
   exec 2>&1  # from here on, every answer carries its errors
   S="$R/releases/$STAGE"
-  watchdog
   serve
 }
 
@@ -154,21 +166,26 @@ prune() {  # keep the KEEP newest releases, and any release a link names (now or
 }
 
 # The idle clock: a watchdog that ends this shell (and so the lock) after IDLE seconds spent
-# waiting for a request. The shell writes its state to a file with builtins (`w K` while
-# waiting for the K-th request, `b` while one runs): a request costs no process.
+# waiting for a request, and a command on the tree (`bounded`) after T seconds. The shell writes
+# its state to a file with builtins (`w K` while waiting for the K-th request, `b K` while it
+# runs, `b K PID` while its command PID runs): a request costs no process of its own.
 watchdog() {
   F="$R/.session.$$"
-  echo b > "$F"
-  trap 'kill "$WD" 2>/dev/null; bounded rm -f "$F"' EXIT
+  echo "b $K" > "$F"
+  trap 'kill "$WD" 2>/dev/null; rm -f "$F" 9>&-' EXIT
   (
-    tick=$((IDLE / 3)); [ "$tick" -ge 1 ] || tick=1  # one wake-up per tick: a short run sees none
+    tick=$IDLE; [ "$T" -ge "$tick" ] || tick=$T
+    tick=$((tick / 3)); [ "$tick" -ge 1 ] || tick=1  # one wake-up per tick: a short run sees none
     n=0; last=""
     while kill -0 "$$" 2>/dev/null; do
       sleep "$tick"
       { read -r state < "$F"; } 2>/dev/null || exit 0
-      if [ "${state%% *}" = w ] && [ "$state" = "$last" ]; then n=$((n + tick)); else n=0; fi
+      if [ "$state" = "$last" ]; then n=$((n + tick)); else n=0; fi
       last=$state
-      if [ "$n" -ge "$IDLE" ]; then kill -TERM "$$" 2>/dev/null; exit 0; fi
+      # shellcheck disable=SC2086  # the state's words: b|w, K, and PID
+      set -- $state
+      if [ "$1" = w ] && [ "$n" -ge "$IDLE" ]; then kill -TERM "$$" 2>/dev/null; exit 0; fi
+      if [ "$1" = b ] && [ -n "${3:-}" ] && [ "$n" -ge "$T" ]; then kill -TERM "$3" 2>/dev/null; n=0; fi
     done
   ) 9>&- >/dev/null 2>&1 </dev/null &
   WD=$!
@@ -207,7 +224,7 @@ serve() {
   K=0
   while K=$((K + 1)); echo "w $K" > "$F"; IFS= read -r cmd; do
     case "$cmd" in stage|restore) IFS= read -r payload || break ;; esac  # still on the idle clock
-    echo b > "$F"
+    echo "b $K" > "$F"
     case "$cmd" in
       ping) rc=0 ;;
       stage) { [ ! -e "$S" ] || bounded rm -rf "$S"; } && mkdir -p "$S" \
