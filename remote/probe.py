@@ -6,6 +6,7 @@ Needs no tool on the host and no port open toward the operator.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 from fabric import Connection
 
@@ -14,7 +15,17 @@ from core.render import health_ports
 from core.settings import Settings
 from remote.ssh import Ssh, SshError
 
-RETRY_INTERVAL = 0.02  # between polls of a host's ports (an exchange costs about a millisecond)
+# Between polls of a host's ports: the first soon (a reload takes tens of milliseconds), then
+# each wait half as long again, up to RETRY_MAX (on a busy machine a reload takes longer, and every
+# poll costs the host and the controller an SSH channel and a request).
+RETRY_INTERVAL, RETRY_MAX = 0.02, 0.25
+
+
+def _pauses() -> Iterator[float]:
+    pause = RETRY_INTERVAL
+    while True:
+        yield pause
+        pause = min(RETRY_MAX, pause * 1.5)
 
 
 def exchange(ssh: Ssh, conn: Connection, address: str, port: int, ex: Exchange, timeout: float = 5.0) -> Reply:
@@ -43,11 +54,12 @@ def wait_live(ssh: Ssh, conn: Connection, address: str, port: int, digest: str,
               timeout: float = 10.0) -> Health | None:
     """Poll the health port until nginx runs `digest` (a reload is asynchronous); the last answer."""
     deadline = time.monotonic() + timeout
-    while True:
+    for pause in _pauses():
         seen = live(ssh, conn, address, port)
         if (seen and seen.digest == digest) or time.monotonic() > deadline:
             return seen
-        time.sleep(RETRY_INTERVAL)
+        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+    raise AssertionError("unreachable")
 
 
 def probe(ssh: Ssh, conn: Connection, settings: Settings, address: str, digest: str,
@@ -70,14 +82,14 @@ def probe(ssh: Ssh, conn: Connection, settings: Settings, address: str, digest: 
             problems.append(f"health port {port}: {'answers ' + other.digest[:12] if other else 'no health answer'}, "
                             f"not {digest[:12]}")
     for check in checks(settings):
-        while True:
+        for pause in _pauses():
             try:
                 problem = check.judge(exchange(ssh, conn, address, check.port, check.exchange()), settings, digest)
             except SshError as exc:
                 problem = str(exc)
             if not problem or time.monotonic() >= deadline:
                 break
-            time.sleep(RETRY_INTERVAL)
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
         if problem:
             problems.append(problem)
     return problems

@@ -350,13 +350,15 @@ class Ssh:
         """The keys `host` may present on `port`, built from the lines that name it (once per run)."""
         name = lookup_name(host, port)
         with self._lock:
-            if name not in self._keys:
-                try:
-                    entries = self.index().keys(host, port)
-                except KnownHostsError as exc:
-                    raise HostKeyError(str(exc)) from None
-                self._keys[name] = [self._decode(e) for e in entries]
-            return self._keys[name]
+            if name in self._keys:
+                return self._keys[name]
+        index = self.index()
+        try:  # outside the lock: hashed lines cost an HMAC each, and every other host's connect goes on meanwhile
+            keys = [self._decode(e) for e in index.keys(host, port)]
+        except KnownHostsError as exc:
+            raise HostKeyError(str(exc)) from None
+        with self._lock:
+            return self._keys.setdefault(name, keys)
 
     def _decode(self, entry: Entry) -> paramiko.PKey:
         try:
@@ -364,7 +366,8 @@ class Ssh:
         except (paramiko.SSHException, ValueError, TypeError) as exc:
             raise HostKeyError(f"known_hosts {self.known_hosts} line {entry.number}: cannot read its "
                                f"{entry.key_type} key ({exc or type(exc).__name__})") from None
-        self.decoded += 1
+        with self._lock:
+            self.decoded += 1
         return key
 
     # -- connections ------------------------------------------------------------------------
