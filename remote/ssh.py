@@ -201,9 +201,6 @@ def config_line(path: str, key: str, value: str) -> int | None:
     return found[0] if found else None
 
 
-_FABRIC_CONFIG = threading.Lock()  # Fabric's Config is not safe to share across threads while a Connection is built
-
-
 def _fabric_config(settings: Settings) -> Config:
     path = _config_path(settings)
     # explicit either way: Fabric reads no ssh config file of its own (and cannot fail on one)
@@ -383,10 +380,10 @@ class Ssh:
             if not os.path.isfile(path):
                 raise SshError(f"identity file {identity} does not exist (ssh.identityFile or hosts[].identityFile)")
             kwargs["key_filename"] = [path]
-        try:
-            with _FABRIC_CONFIG:  # Connection() re-merges the shared Config: another thread's read sees it empty
-                conn = Connection(host, user=user, port=port, config=self.config, connect_timeout=timeout,
-                                  connect_kwargs=kwargs, gateway=False)
+        try:  # a Config of its own: Connection() re-merges it, and open() reads it (another thread's would
+            # see it half-merged, empty: "No attribute or config key found for 'authentication'")
+            conn = Connection(host, user=user, port=port, config=self.config.clone(), connect_timeout=timeout,
+                              connect_kwargs=kwargs, gateway=False)
         except (ValueError, KeyError, TypeError) as exc:  # an ssh config value Fabric cannot take
             raise SshError(f"ssh config {self.config_path}: a value for {host} cannot be used ({exc}); see "
                            f"docs/troubleshooting.md#bad-ssh-config") from None

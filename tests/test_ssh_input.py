@@ -101,6 +101,36 @@ def test_only_the_lines_of_a_connecting_host_are_decoded(tmp_path):
     assert ssh.decoded == 2
 
 
+def test_connections_built_in_many_threads_each_read_their_own_settings(tmp_path):
+    """Fabric re-merges a Connection's Config when it is built and reads it when it opens: the hosts'
+    connections are built and opened in parallel, so none may see another's half-merged config (a
+    shared one failed a 50-host rollout with "No attribute or config key found for 'authentication'")."""
+    (tmp_path / "kh").write_text("")
+    ssh = Ssh(settings_from("lab", ssh={"knownHosts": str(tmp_path / "kh")}))
+    errors: list[BaseException] = []
+
+    def build(n: int) -> None:
+        try:
+            for i in range(300):
+                conn = ssh._connection(f"127.0.{n}.{i % 250 + 1}", None, 22, None)
+                for _ in range(3):  # as open() reads it, while other threads build theirs
+                    assert conn.authentication.strategy_class is None and conn.port == 22
+        except BaseException as exc:  # noqa: BLE001 - any failure in a thread fails the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build, args=(n,)) for n in range(8)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch as often as they can: the race shows every time
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[0]
+
+
 # --- bad input, named before anything connects -----------------------------------------------
 
 def lab_with_config(tmp_path, text: str, **ssh):
