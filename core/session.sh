@@ -94,7 +94,7 @@ inspect() {
 # stale stages and names itself in the owner file; `s` (check) writes nothing but its own stage.
 session() {
   prelude
-  mkdir -p "$R/releases" "$R/logs" "$R/tmp"
+  [ -d "$R/releases" ] && [ -d "$R/logs" ] && [ -d "$R/tmp" ] || mkdir -p "$R/releases" "$R/logs" "$R/tmp"
   exec 9>>"$R/.rollout.lock"
   lrc=0
   if [ "$WAIT" -gt 0 ]; then try_lock "-$MODE" -w "$WAIT"; else try_lock "-$MODE" -n; fi || lrc=$?
