@@ -28,9 +28,10 @@ def _pauses() -> Iterator[float]:
         pause = min(RETRY_MAX, pause * 1.5)
 
 
-def exchange(ssh: Ssh, conn: Connection, address: str, port: int, ex: Exchange, timeout: float = 5.0) -> Reply:
-    """Send the request, read until the answer is whole or the peer closes: the parsed reply."""
-    chan = ssh.channel(conn, address, port, timeout)
+def exchange(ssh: Ssh, conn: Connection, address: str, port: int, ex: Exchange) -> Reply:
+    """Send the request, read until the answer is whole or the peer closes: the parsed reply (each
+    step bounded by ssh.connectTimeout)."""
+    chan = ssh.channel(conn, address, port)
     try:
         chan.sendall(ex.request)
         while not ex.feed(chan.recv(65536)):
@@ -50,10 +51,16 @@ def live(ssh: Ssh, conn: Connection, address: str, port: int) -> Health | None:
         return None
 
 
+def bound(settings: Settings) -> float:
+    """How long a probe waits for a reload to take and its checks to pass: 10 s, or ssh.connectTimeout
+    if longer (a machine that needs longer to connect needs longer to reload, too)."""
+    return max(10.0, float(settings.ssh.connect_timeout))
+
+
 def wait_live(ssh: Ssh, conn: Connection, address: str, port: int, digest: str,
-              timeout: float = 10.0) -> Health | None:
+              timeout: float | None = None) -> Health | None:
     """Poll the health port until nginx runs `digest` (a reload is asynchronous); the last answer."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + (bound(ssh.settings) if timeout is None else timeout)
     for pause in _pauses():
         seen = live(ssh, conn, address, port)
         if (seen and seen.digest == digest) or time.monotonic() > deadline:
@@ -63,12 +70,13 @@ def wait_live(ssh: Ssh, conn: Connection, address: str, port: int, digest: str,
 
 
 def probe(ssh: Ssh, conn: Connection, settings: Settings, address: str, digest: str,
-          timeout: float = 10.0) -> list[str]:
+          timeout: float | None = None) -> list[str]:
     """Every problem found speaking to nginx as the load balancer will; [] means ready.
 
     Right after a reload, an old worker may still take a connection or two and answer with
     the old config: a failing check is retried until `timeout` before it counts.
     """
+    timeout = bound(settings) if timeout is None else timeout
     deadline = time.monotonic() + timeout
     first, *others = health_ports(settings)  # every load balancer's health port (two during a move)
     seen = wait_live(ssh, conn, address, first, digest, timeout)

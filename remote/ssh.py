@@ -548,8 +548,10 @@ class Ssh:
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise SshError(f"connection lost: {exc or type(exc).__name__}") from None
 
-    def channel(self, conn: Connection, address: str, port: int, timeout: float = 5.0) -> paramiko.Channel:
-        """A TCP connection from the host itself to address:port (direct-tcpip over this SSH session)."""
+    def channel(self, conn: Connection, address: str, port: int, timeout: float | None = None) -> paramiko.Channel:
+        """A TCP connection from the host itself to address:port (direct-tcpip over this SSH session);
+        opening it and each read on it bounded by `timeout` (default ssh.connectTimeout)."""
+        timeout = float(self.settings.ssh.connect_timeout) if timeout is None else timeout
         try:
             chan = conn.transport.open_channel("direct-tcpip", (address, port), ("127.0.0.1", 0), timeout=timeout)
         except paramiko.ChannelException as exc:
