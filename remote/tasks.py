@@ -32,6 +32,7 @@ def _reported(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         throttled = _throttled_calls()
+        gc.freeze()  # what the imports made lives to the end: no collection need scan it again
         try:
             return fn(*args, **kwargs)
         except KitError as exc:
@@ -229,6 +230,7 @@ def _run(env: str, trees_wanted: bool, parallel, batch, apply: bool, as_json: bo
         signal.signal(sig, signal.default_int_handler)  # (the run's guard notes them; pulumi up is interrupted)
     # a rollback is an emergency path: without the load balancer's word it probes every plain port
     settings, targets, trees, now = _prepare(env, strict=trees_wanted, note=reporter.note, served=served)
+    gc.freeze()  # and so do the settings, the trees and the modules the run imported
     batches(batch, len(targets))  # a bad --batch fails here, before any host is touched
     if apply:
         _refuse_certificate(settings, reporter.note)
