@@ -39,9 +39,13 @@ def network_state(settings: Settings) -> NetworkState | None:
     groups = {a: _target_group(settings, a) for a in sorted({a for arns in forwards.values() for a in arns})}
     kit = [_target_group(settings, a) for a in _kit_group_arns(settings) if a not in groups]
     present = {i for g in [*groups.values(), *kit] for i in g.targets}
-    return NetworkState(arn, {port: tuple(groups[a] for a in arns) for port, arns in sorted(forwards.items())},
-                        {int(x["Port"]): x["Protocol"] for x in described}, tuple(sorted(present)),
-                        tuple(found.get("SecurityGroups", [])), {g.name: g for g in [*groups.values(), *kit]})
+    warm = {x.warm_port for x in network_listeners(settings)}  # the warm listeners: nobody's traffic
+    forwarded = {port: tuple(groups[a] for a in arns) for port, arns in sorted(forwards.items())}
+    return NetworkState(arn, {port: g for port, g in forwarded.items() if port not in warm},
+                        {int(x["Port"]): x["Protocol"] for x in described if int(x["Port"]) not in warm},
+                        tuple(sorted(present)), tuple(found.get("SecurityGroups", [])),
+                        {g.name: g for g in [*groups.values(), *kit]},
+                        {port: g for port, g in forwarded.items() if port in warm})
 
 
 def _kit_group_arns(settings: Settings) -> list[str]:

@@ -75,6 +75,11 @@ class NetworkListener:
     role: str  # "http" or "tls"
     plain: TargetGroup
     proxy: TargetGroup
+    # A TCP listener on this port forwards to the proxy group while proxy protocol is wanted and
+    # this listener is not on it yet: AWS health-checks only a group a listener uses, so the proxy
+    # group is proven healthy before the switch. No security group rule admits the port: nobody
+    # connects to it, AWS checks the group all the same (docs/concepts.md#the-warm-listener).
+    warm_port: int = 0
 
     def group(self, kind: str) -> TargetGroup:
         return self.proxy if kind == PROXY else self.plain
@@ -107,15 +112,16 @@ def network_health_check(s: Settings, kind: str) -> NetworkHealthCheck:
 
 def network_listeners(s: Settings) -> list[NetworkListener]:
     """TCP:80 and TLS:443, each with a plain group (ports.http / ports.tls) and a proxy group
-    (ports.proxyHttp / ports.proxyTls, `proxy_protocol_v2` on)."""
+    (ports.proxyHttp / ports.proxyTls, `proxy_protocol_v2` on), and the port of its warm listener
+    (loadBalancer.warmPort, and the next one)."""
     out = []
-    for port, protocol, role, plain, proxy in ((80, "TCP", "http", s.ports.http, s.ports.proxy_http),
-                                               (443, "TLS", "tls", s.ports.tls, s.ports.proxy_tls)):
+    for n, (port, protocol, role, plain, proxy) in enumerate(((80, "TCP", "http", s.ports.http, s.ports.proxy_http),
+                                                              (443, "TLS", "tls", s.ports.tls, s.ports.proxy_tls))):
         groups = {kind: TargetGroup(key=f"{role}-{kind}", listener_port=port, kind=kind, port=instance_port,
                                     proxy_protocol_v2=kind == PROXY, health=network_health_check(s, kind),
                                     name=target_group_name(s.load_balancer.name, kind, instance_port))
                   for kind, instance_port in ((PLAIN, plain), (PROXY, proxy))}
-        out.append(NetworkListener(port, protocol, role, groups[PLAIN], groups[PROXY]))
+        out.append(NetworkListener(port, protocol, role, groups[PLAIN], groups[PROXY], s.load_balancer.warm_port + n))
     return out
 
 

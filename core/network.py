@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from core.errors import KitError
 from core.gate import Plan, plan_for
-from core.listeners import PLAIN, PROXY, NetworkHealthCheck, network_listeners
+from core.listeners import PLAIN, PROXY, NetworkHealthCheck, NetworkListener, network_listeners
 from core.record import ReadinessRecord
 from core.settings import Settings
 
@@ -30,9 +30,12 @@ class ListenerNow:
     proxy_healthy: bool  # its proxy group has targets and every one is `healthy`
     plain_retired: bool  # it forwards to its proxy group, and its plain group exists with no target registered
     plain_drained: bool = False  # retired, and not even a draining target left: the hosts may drop its port
+    proxy_states: tuple[tuple[str, str], ...] = ()  # its proxy group's targets: (instance, state as AWS says it)
+    on_proxy: bool = False  # it forwards to its configured proxy group, and to nothing else
+    exists: bool = True  # the load balancer has this listener
 
 
-UNSEEN = ListenerNow(None, False, False)  # a listener the load balancer does not have (yet)
+UNSEEN = ListenerNow(None, False, False, exists=False)  # a listener the load balancer does not have (yet)
 
 
 def network_members(s: Settings, forwarding: dict[int, str], now: dict[int, ListenerNow],
@@ -78,17 +81,59 @@ def back_refusal(s: Settings, forwarding: dict[int, str], now: dict[int, Listene
             f"serve the plain port and {proof}, so every request through it would fail. Nothing was changed; {what}")
 
 
+def health_holds(s: Settings, forwarding: dict[int, str], now: dict[int, ListenerNow],
+                 join: tuple[str, ...]) -> dict[int, str]:
+    """Listener port -> why it stays on its plain group although the gate lets it move to its proxy
+    group: AWS does not say every target there is `healthy` (a group no listener uses is `unused`
+    and not health-checked; a new target is `initial` until its first checks pass), or an instance
+    this update registers there is not in it yet. Only a switch waits: a listener on its proxy group
+    already stays there, and one this update creates carries no connection yet (AWS checks its
+    group from the start; during a move a new load balancer has no DNS weight until proven)."""
+    out = {}
+    for x in network_listeners(s):
+        was = now.get(x.port, UNSEEN)
+        if forwarding[x.port] != PROXY or was.on_proxy or not was.exists:
+            continue
+        states = dict(was.proxy_states)
+        sick = {i: w for i, w in states.items() if w != "healthy"}
+        sick.update({i: "not registered yet" for i in join if i not in states})
+        if not sick and states:
+            continue
+        seen = "; ".join(f"{i}: {w}" for i, w in sorted(sick.items())) or "no target registered yet"
+        out[x.port] = (f"listener {x.port} stays on its plain group until AWS says every target of its proxy group "
+                       f"{x.proxy.name} is healthy ({seen}): the warm listener on port {x.warm_port} makes AWS "
+                       "health-check it; the next `pulumi up` switches (`fab rollout --apply` waits for it)")
+    return out
+
+
+def warm_listeners(s: Settings, forwarding: dict[int, str]) -> list[NetworkListener]:
+    """The listeners whose warm listener exists: proxy protocol is wanted and the listener does not
+    forward to its proxy group (once it does, its own traffic keeps the group health-checked)."""
+    return [x for x in network_listeners(s) if s.proxy_protocol and forwarding[x.port] != PROXY]
+
+
+def warm_outputs(s: Settings, warm: tuple[int, ...] | list[int]) -> dict[str, str]:
+    """The `warmListeners` output: warm listener port -> the proxy group it forwards to, for the
+    listeners `warm` names (warm_listeners)."""
+    return {str(x.warm_port): x.proxy.name for x in network_listeners(s) if x.port in warm}
+
+
 def network_layout(s: Settings, gated: Plan, now: dict[int, ListenerNow], record: ReadinessRecord | None,
-                   record_problem: str | None = None) -> tuple[dict[str, tuple[str, ...]], dict[int, str]]:
-    """(group key -> members, listener port -> PLAIN or PROXY) for the gate's plan and what AWS has
-    now (NetworkState.now); refuses a move back to a retired plain group not proven."""
+                   record_problem: str | None = None
+                   ) -> tuple[dict[str, tuple[str, ...]], dict[int, str], dict[int, str]]:
+    """(group key -> members, listener port -> PLAIN or PROXY, listener port -> why it waits for its
+    proxy group's health) for the gate's plan and what AWS has now (NetworkState.now); refuses a move
+    back to a retired plain group not proven. A listener moves to its proxy group only once AWS says
+    that group healthy (health_holds)."""
     forwarding = network_forwarding(gated.decision.ports, s)
+    holds = health_holds(s, forwarding, now, gated.join)
+    forwarding = {port: PLAIN if port in holds else kind for port, kind in forwarding.items()}
     foreign = record.foreign(s.env, s.load_balancer.name) if record else None
     own = None if foreign else record
     refused = back_refusal(s, forwarding, now, own, gated.join, foreign or (None if record else record_problem))
     if refused:
         raise KitError(refused)
-    return network_members(s, forwarding, now, gated.join), forwarding
+    return network_members(s, forwarding, now, gated.join), forwarding, holds
 
 
 @dataclass(frozen=True)
@@ -114,6 +159,9 @@ class NetworkState:
     present: tuple[str, ...] = ()  # instances in any of the kit's groups, forwarded to or not
     security_groups: tuple[str, ...] = ()  # the load balancer's own
     groups: dict[str, TargetGroupState] = field(default_factory=dict)  # the kit's groups that exist, by name
+    # the warm listeners (on loadBalancer.warmPort and the next port): port -> the groups each forwards
+    # to. Not in `listeners`: nobody reaches them, so they send nobody's traffic or header anywhere
+    warm: dict[int, tuple[TargetGroupState, ...]] = field(default_factory=dict)
 
     def now(self, settings: Settings) -> dict[int, ListenerNow]:
         """Per listener of the kit: which of its groups it forwards to, whether every target of its
@@ -132,7 +180,9 @@ class NetworkState:
                 # only ever retired from the proxy side: an empty plain group of a listener not on its
                 # proxy group (a first update cut short, say) is just not filled yet
                 plain_retired=forwards == PROXY and plain is not None and not plain.targets,
-                plain_drained=forwards == PROXY and plain is not None and not (plain.targets or plain.draining))
+                plain_drained=forwards == PROXY and plain is not None and not (plain.targets or plain.draining),
+                proxy_states=tuple(sorted(proxy.states.items())) if proxy else (),
+                on_proxy=[g.name for g in forwarded] == [x.proxy.name], exists=x.port in self.listeners)
         return out
 
     def retired(self, settings: Settings) -> list[int]:

@@ -268,6 +268,10 @@ class LoadBalancer(Model):
     # network: the least seconds the hosts keep reading the header after the listeners left the proxy
     # groups (a listener change reaches the load balancer's nodes over time: users report about 75 s)
     switch_drain: Annotated[int, Field(ge=1, le=3600)] = 75
+    # network: the warm listener of the TCP:80 listener's proxy group listens here, the TLS:443
+    # one's on the next port (1024-65534: never a listener's own 80 or 443); a TCP listener nobody
+    # can reach that makes AWS health-check a proxy group before a listener switches to it
+    warm_port: Annotated[int, Field(ge=1024, le=65534)] = 64080
     # network, TLS listener: never h2 (nginx would get cleartext h2 on a plain HTTP/1.1 port)
     alpn_policy: Literal["None", "HTTP1Only"] = "HTTP1Only"
     access_logs: AccessLogs | None = None

@@ -24,10 +24,13 @@ class NetworkLoadBalancerArgs:
     settings: Settings
     forwarding: dict[int, str]  # listener port -> "plain" or "proxy" (core.network.network_forwarding)
     members: dict[str, tuple[str, ...]]  # group key -> the instances registered there (core.network.network_members)
+    warm: tuple[int, ...] = ()  # the listeners whose warm listener exists (core.network.warm_listeners)
+    holds: dict[int, str] | None = None  # listener port -> why it waits for its proxy group's health
 
 
 class WsGateNetworkLoadBalancer(pulumi.ComponentResource):
-    """NLB, security groups, four target groups with their attachments, two listeners."""
+    """NLB, security groups, four target groups with their attachments, two listeners, and a warm
+    listener for each proxy group a listener may switch to."""
 
     def __init__(self, name: str, args: NetworkLoadBalancerArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("wsgate:index:NetworkLoadBalancer", name, None, opts)
@@ -90,9 +93,25 @@ class WsGateNetworkLoadBalancer(pulumi.ComponentResource):
                 opts=pulumi.ResourceOptions(parent=self, depends_on=list(self.members[target.key])),
             )
 
+        # A warm listener per proxy group the gate may switch to: AWS health-checks only a group a
+        # listener uses. No security group rule admits its port: nobody connects, AWS checks anyway.
+        self.warm: dict[int, aws.lb.Listener] = {}
+        for listener in (x for x in listeners if x.port in args.warm):
+            self.warm[listener.port] = aws.lb.Listener(
+                f"{name}-warm-{listener.role}",
+                load_balancer_arn=self.nlb.arn,
+                port=listener.warm_port,
+                protocol="TCP",
+                default_actions=[aws.lb.ListenerDefaultActionArgs(
+                    type="forward", target_group_arn=self.target_groups[listener.proxy.key].arn)],
+                tags={**tags, "wsgate:warm": str(listener.port)},
+                opts=pulumi.ResourceOptions(parent=self, depends_on=list(self.members[listener.proxy.key])),
+            )
+
         self.dns_name = self.nlb.dns_name
         self.zone_id = self.nlb.zone_id  # its canonical hosted zone: an alias record's target zone
         self.forwarding, self.group_members = args.forwarding, args.members  # the gate's layout, for the outputs
+        self.settings, self.health_waiting, self.warm_for = s, dict(args.holds or {}), args.warm
         self.register_outputs({
             "dnsName": self.nlb.dns_name,
             "lbSecurityGroupId": self.lb_security_group.id,

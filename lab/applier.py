@@ -23,7 +23,7 @@ from core.listeners import (
     listeners,
     network_listeners,
 )
-from core.network import network_layout, network_plan
+from core.network import network_layout, network_plan, warm_listeners, warm_outputs
 from core.record import ReadinessRecord
 from core.settings import Settings, stack_file
 
@@ -237,17 +237,26 @@ def apply_network(settings: Settings) -> dict[str, Any]:
     state = network_state(s)  # before any change, as the program reads it
     record, problem = read_record(s)
     gated = network_plan(s, state, record, problem)
-    members, forwarding = network_layout(s, gated, state.now(s) if state else {}, record, problem)
+    members, forwarding, holds = network_layout(s, gated, state.now(s) if state else {}, record, problem)
     arn = state.arn if state else _create_network_lb(s)
     nlb_listeners = network_listeners(s)
+    warm = [x.port for x in warm_listeners(s, forwarding)]
     groups = {g.key: _target_group(s, g) for x in nlb_listeners for g in (x.plain, x.proxy)}
     for x in nlb_listeners:  # registrations first: a listener never forwards to a group before them
         for g in (x.plain, x.proxy):
             _members(s, groups[g.key], g.port, members[g.key])
+    for x in nlb_listeners:  # the warm listeners before the listeners, their removal after (Pulumi's order)
+        if x.port in warm:
+            _warm(s, arn, x, groups[x.proxy.key])
     for x in nlb_listeners:
         _listener(s, arn, x, groups[x.group(forwarding[x.port]).key])
+    for x in nlb_listeners:
+        if x.port not in warm:
+            _warm(s, arn, x, None)
     return {**outputs(gated), "listenerTargets": {str(port): kind for port, kind in forwarding.items()},
-            "retiredPlainGroups": sorted(key for key, joined in members.items() if not joined and gated.join)}
+            "retiredPlainGroups": sorted(key for key, joined in members.items() if not joined and gated.join),
+            "healthWaiting": {str(port): why for port, why in sorted(holds.items())},
+            "warmListeners": warm_outputs(s, warm)}
 
 
 def _create_network_lb(s: Settings) -> str:
@@ -338,6 +347,25 @@ def _listener(s: Settings, lb_arn: str, x: NetworkListener, target: str) -> None
             {"Key": "tcp.idle_timeout.seconds", "Value": str(lb.idle_timeout)}])
 
 
+def _warm(s: Settings, lb_arn: str, x: NetworkListener, target: str | None) -> None:
+    """The warm listener of `x` (TCP on its warm port) forwarding to `target`, its proxy group;
+    None: no warm listener there."""
+    from awsapi.clients import client, pages
+
+    elbv2 = client(s, "elbv2")
+    forward = [{"Type": "forward", "TargetGroupArn": target}] if target else []
+    found = [ln for ln in pages(f"elbv2 describe-listeners {s.load_balancer.name}", elbv2, "describe_listeners",
+                                "Listeners", LoadBalancerArn=lb_arn) if ln["Port"] == x.warm_port]
+    if found and not target:
+        elbv2.delete_listener(ListenerArn=found[0]["ListenerArn"])
+    elif target and not found:
+        tags = [{"Key": "wsgate:env", "Value": s.env}, {"Key": "wsgate:warm", "Value": str(x.port)}]
+        elbv2.create_listener(LoadBalancerArn=lb_arn, Protocol="TCP", Port=x.warm_port, DefaultActions=forward,
+                              Tags=tags)
+    elif target and [a.get("TargetGroupArn") for a in found[0].get("DefaultActions", [])] != [target]:
+        elbv2.modify_listener(ListenerArn=found[0]["ListenerArn"], DefaultActions=forward)
+
+
 # --- the lab's environments ----------------------------------------------------------------------
 
 def lab_network(settings: Settings) -> tuple[str, list[str]]:
@@ -405,6 +433,8 @@ class LabApplier:
         out = apply(self.settings)
         if "listenerTargets" in out:
             note("listeners: " + ", ".join(f"{port} -> {kind}" for port, kind in out["listenerTargets"].items()))
+        for why in out.get("healthWaiting", {}).values():
+            note(why)
         return out
 
 

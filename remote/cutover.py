@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from core.errors import KitError
 from core.gate import follow_refusal
-from core.listeners import drain_seconds
+from core.listeners import drain_seconds, network_listeners
 from core.network import group_health, target_health
 from core.outcome import HostOutcome
 from core.probe import plain_proven, proven_ports
@@ -462,13 +462,18 @@ def _apply(run: Rollout, applier: Applier, want: list[int], before: list[int]) -
     """`pulumi up`, then prove through the AWS API that the header goes to exactly the ports `want`
     (`before`: where it went when the run started; a switch is then followed by a health proof)."""
     outputs = applier.apply(run.reporter.note)
+    waiting = sorted(int(port) for port in outputs.get("healthWaiting") or {})
+    if want and waiting:  # a listener stayed on plain until AWS says its proxy group healthy: wait, then switch
+        _proxy_healthy(run, waiting)
+        outputs = applier.apply(run.reporter.note)
     from awsapi.balancer import header_ports
 
     have = header_ports(run.settings)
     if have != want:
+        held = "; ".join((outputs.get("healthWaiting") or {}).values())
         raise KitError(f"after pulumi up the load balancer sends the PROXY header to ports {have or 'none'}, "
                        f"expected {want or 'none'}; gate: {outputs.get('proxyProtocolGate')}: "
-                       f"{outputs.get('gateMessage')}")
+                       f"{outputs.get('gateMessage')}" + (f"; {held}" if held else ""))
     run.reporter.note(f"verified: the load balancer sends the PROXY header to ports {have or 'none'}")
     if run.settings.load_balancer.type == "network" and have != before:
         _healthy(run)
@@ -496,6 +501,40 @@ def _healthy(run: Rollout, timeout: float = 300, every: float = 5) -> None:
         if time.monotonic() > deadline:
             raise KitError("after the switch not every instance is healthy in the target groups the listeners "
                            "forward to: " + "; ".join(f"{i}: {why}" for i, why in sorted(sick.items())))
+
+
+def _proxy_healthy(run: Rollout, ports: list[int], timeout: float = 900, every: float = 5) -> None:
+    """The listeners on `ports` stayed on their plain groups: wait until AWS says every target of
+    their proxy groups `healthy` (their warm listeners make AWS check them: a few health-check
+    intervals, AWS says first checks "can take a few minutes"), then the caller applies again."""
+    from awsapi.network import network_state
+
+    s = run.settings
+    groups = [x.proxy.name for x in network_listeners(s) if x.port in ports]
+    run.reporter.note(f"waiting for AWS to report every target of {', '.join(groups)} healthy before the switch "
+                      f"(at most {timeout:.0f}s)")
+    deadline = time.monotonic() + timeout
+    while True:
+        state = network_state(s)
+        if state is None:
+            raise KitError("the network load balancer is gone after pulumi up")
+        sick = {name: {i: w for i, w in state.groups[name].states.items() if w != "healthy"}
+                if name in state.groups and state.groups[name].targets else {"(none)": "no target registered"}
+                for name in groups}
+        sick = {name: states for name, states in sick.items() if states}
+        if not sick:
+            run.reporter.note(f"verified: every target of {', '.join(groups)} is healthy")
+            return
+        seen = "; ".join(f"{name}: " + ", ".join(f"{i} {w}" for i, w in sorted(states.items()))
+                         for name, states in sorted(sick.items()))
+        if run.interrupted.wait(every):
+            raise KitError(f"interrupted while waiting for the proxy groups to be healthy ({seen}); the listeners "
+                           "stay on the plain groups: run `fab rollout --apply` again")
+        if time.monotonic() > deadline:
+            raise KitError(f"the proxy groups are not healthy after {timeout:.0f}s ({seen}), so the listeners stay "
+                           "on the plain groups: check that the hosts serve the proxy ports (`fab status`) and "
+                           "that the load balancer's security group reaches them, then run `fab rollout --apply` "
+                           "again")
 
 
 def failed_hosts(outcomes: list[HostOutcome]) -> list[HostOutcome]:

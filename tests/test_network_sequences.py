@@ -10,11 +10,15 @@ order of `remote/cutover.py` and `remote/tasks.py` (refusals, the two-step turn-
 
 A listener change reaches the load balancer's nodes over time: until it has, the group the
 listener left still gets new connections, and the new group's targets report `initial` (their
-first health checks take longer than the change takes to spread).
+first health checks take longer than the change takes to spread). AWS health-checks only a group
+some listener forwards to (a warm listener counts): the others' targets report `unused`, and a
+target reports `initial` until its first checks pass (after it registered, or its group came into
+use); `fab rollout --apply` waits for them when a listener waits for its proxy group's health.
 
 After every step: every target registered in a group a listener forwards to, or just left,
 serves that group's port (reading the header on a proxy port), no such group is empty, and
-every target registered or still draining in a plain group serves its port.
+every target registered or still draining in a plain group serves its port; and no listener ever
+moved to a proxy group with a target AWS did not report `healthy` at that moment.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from core import record as records
 from core.errors import KitError
 from core.listeners import PLAIN, PROXY, network_listeners
-from core.network import NetworkState, TargetGroupState, network_layout, network_plan
+from core.network import NetworkState, TargetGroupState, network_layout, network_plan, warm_listeners
 from core.probe import plain_proven, proven_ports
 from core.render import served_ports
 from tests.conftest import settings_from
@@ -60,15 +64,25 @@ class Runs(RuleBasedStateMachine):
         # reaches the load balancer's nodes (new connections may still go there); the new group's
         # targets report `initial` until then (their first health checks take longer than that)
         self.lagging: dict[int, str] = {}
+        self.warm: set[int] = set()  # the listeners whose warm listener exists
+        self.fresh: set[tuple[str, str]] = set()  # (group key, instance): first health checks not passed yet
+        self.holds: dict[int, str] = {}  # the last complete `pulumi up`'s listeners waiting for health
+        self.bad_moves: list[str] = []  # a listener moved to a proxy group with a target not `healthy`
 
     # --- what AWS says, as network_state would read it -------------------------------------------
 
+    def used(self) -> set[str]:
+        """The groups AWS health-checks: some listener, or a warm one, forwards to them."""
+        return ({x.group(self.forwards[x.port]).key for x in self.listeners}
+                | {x.proxy.key for x in self.listeners if x.port in self.warm})
+
     def state(self) -> NetworkState:
-        used = {x.group(self.forwards[x.port]).key for x in self.listeners}
+        used = self.used()
         settling = {x.group(self.forwards[x.port]).key for x in self.listeners if x.port in self.lagging}
         groups = {}
         for key, g in self.groups.items():
-            states = {i: "initial" if key in settling else ("healthy" if g.port in self.serves[i] else "unhealthy")
+            states = {i: "initial" if key in settling or (key, i) in self.fresh else
+                      ("healthy" if g.port in self.serves[i] else "unhealthy")
                       if key in used else "unused" for i in sorted(self.members[key])}
             groups[g.name] = TargetGroupState(f"arn:{g.name}", g.name, g.port, g.proxy_protocol_v2,
                                               tuple(sorted(self.members[key])), states=states,
@@ -87,12 +101,14 @@ class Runs(RuleBasedStateMachine):
         state = self.state()
         gated = network_plan(s, state, self.record, None if self.record else "no readiness record")
         try:
-            members, forwarding = network_layout(s, gated, state.now(s), self.record)
+            members, forwarding, holds = network_layout(s, gated, state.now(s), self.record)
         except KitError:
             return False
+        warm = {x.port for x in warm_listeners(s, forwarding)}
         ops: list[tuple] = []
         for key, want in members.items():
             ops += [("register", key, i) for i in sorted(set(want) - self.members[key])]
+        ops += [("warm", port, True) for port in sorted(warm - self.warm)]
         ops += [("listener", x.port, forwarding[x.port]) for x in self.listeners
                 if forwarding[x.port] != self.forwards[x.port]]
         if order:  # another order Pulumi may take: a listener still after its own group's registrations
@@ -106,18 +122,33 @@ class Runs(RuleBasedStateMachine):
                         ops.insert(last, ops.pop(mine[0]))
         for key, want in members.items():  # deletions last
             ops += [("deregister", key, i) for i in sorted(self.members[key] - set(want))]
+        ops += [("warm", port, False) for port in sorted(self.warm - warm)]
         for op in ops[:cut]:
+            used = self.used()
             if op[0] == "register":
                 self.members[op[1]].add(op[2])
                 self.draining[op[1]].discard(op[2])
+                self.fresh.add((op[1], op[2]))
             elif op[0] == "deregister":
                 self.members[op[1]].discard(op[2])
                 self.draining[op[1]].add(op[2])
+            elif op[0] == "warm":
+                (self.warm.add if op[2] else self.warm.discard)(op[1])
             else:
-                old = next(x for x in self.listeners if x.port == op[1]).group(self.forwards[op[1]]).key
-                self.lagging.setdefault(op[1], old)
+                x = next(x for x in self.listeners if x.port == op[1])
+                if op[2] == PROXY:  # what AWS says of the group at the moment the listener moves there
+                    now = self.state().groups[x.proxy.name].states
+                    sick = {i: w for i, w in now.items() if w != "healthy"}
+                    if sick or not now:
+                        self.bad_moves.append(f"listener {x.port} moved to {x.proxy.key}: {sick or 'no target'}")
+                self.lagging.setdefault(op[1], x.group(self.forwards[op[1]]).key)
                 self.forwards[op[1]] = op[2]
-        return cut is None or cut >= len(ops)
+            # a group that came into use gets its first health checks
+            self.fresh |= {(key, i) for key in self.used() - used for i in self.members[key]}
+        done = cut is None or cut >= len(ops)
+        if done:
+            self.holds = holds
+        return done
 
     @rule(data=st.data())
     def pulumi_up_by_hand(self, data):
@@ -134,6 +165,10 @@ class Runs(RuleBasedStateMachine):
     @rule()
     def listener_changes_reach_every_node(self):
         self.lagging = {}
+
+    @rule()
+    def health_checks_pass(self):
+        self.fresh = set()
 
     @rule()
     def deregistration_delay_passes(self):
@@ -195,7 +230,14 @@ class Runs(RuleBasedStateMachine):
             return False
         self.meanwhile(data)
         if apply:
-            self.up(s, data.draw(st.one_of(st.none(), st.integers(0, 8))))
+            self.holds = {}
+            if self.up(s, data.draw(st.one_of(st.none(), st.integers(0, 8)))) and self.holds:
+                # cutover._proxy_healthy: until AWS says the proxy groups healthy (or its bound passes)
+                if not data.draw(st.booleans(), label="healthy within the bound"):
+                    return False
+                self.fresh = set()
+                self.meanwhile(data)
+                self.up(s, data.draw(st.one_of(st.none(), st.integers(0, 8))))
         return True
 
     def meanwhile(self, data) -> None:
@@ -244,6 +286,10 @@ class Runs(RuleBasedStateMachine):
             assert self.members[key], f"listener {port} left {key}, which nodes still use, with no target"
             for i in self.members[key]:
                 assert group.port in self.serves[i], f"listener {port} left {key}: {i} no longer serves it"
+
+    @invariant()
+    def no_listener_moved_to_a_proxy_group_not_proven_healthy(self):
+        assert not self.bad_moves, self.bad_moves
 
     @invariant()
     def a_plain_port_is_served_while_its_group_may_send_to_it(self):

@@ -7,11 +7,16 @@ as ELB, or Route 53's REST operation named from its method and path) and either 
 (AccessDenied, as a missing IAM permission does) or forwards it to moto and then closes the
 connection without an answer (the call took effect, its answer was lost). Each rule fires a
 given number of times, then lets requests through.
+
+moto reports every registered target `healthy`, used or not. `health_as_aws` makes ELBv2's
+DescribeTargetHealth answer as AWS does: `unused` in a group no listener forwards to (AWS does
+not health-check it), `initial` for the first reads after a listener starts forwarding to it.
 """
 
 from __future__ import annotations
 
 import http.client
+import re
 import shutil
 import threading
 from dataclasses import dataclass
@@ -40,6 +45,11 @@ class AwsFaults:
         self.upstream = urlparse(upstream)
         self.rules: list[Rule] = []
         self.seen: list[str] = []  # every action, in order
+        self.health: tuple[str, int] | None = None  # health_as_aws: (region, reads that say `initial`)
+        self._reads: dict[str, int] = {}  # group ARN -> DescribeTargetHealth reads since a listener used it
+        # health_as_aws: each listener change (port, group ARN, what its health said then), in order
+        self.moves: list[tuple[int, str, str]] = []
+        self._used: set[str] | None = None  # the groups some listener forwards to (None: read again)
         self._lock = threading.Lock()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -54,6 +64,64 @@ class AwsFaults:
     def clear(self) -> None:
         with self._lock:
             self.rules.clear()
+
+    def health_as_aws(self, region: str, initial_reads: int = 0) -> None:
+        """From now on DescribeTargetHealth says `unused` for every target of a group no listener of
+        any load balancer forwards to, and `initial` for the first `initial_reads` reads of a group
+        after a listener started forwarding to it (again); other answers as moto gives them."""
+        with self._lock:
+            self.health, self._used = (region, initial_reads), None
+            self._reads.clear()
+
+    def _used_groups(self) -> set[str]:
+        """The target groups some listener forwards to, read once after each listener change that
+        came through here (the kit's, and the tests' own)."""
+        assert self.health is not None
+        used = self._used
+        if used is None:
+            used = self._used = _used_groups(self.upstream.geturl(), self.health[0])
+        return used
+
+    def _said(self, arn: str) -> str:
+        """What DescribeTargetHealth says of group `arn`'s targets now (health_as_aws), not counted as a read."""
+        assert self.health is not None
+        if arn not in self._used_groups():
+            return "unused"
+        with self._lock:
+            return "initial" if self._reads.get(arn, 0) < self.health[1] else "healthy"
+
+    def _moved(self, action: str, form: dict[str, list[str]]) -> None:
+        """A listener change about to be made: recorded with what the group's health says now."""
+        assert self.health is not None
+        arn = (form.get("DefaultActions.member.1.TargetGroupArn") or [""])[0]
+        if not arn:
+            return
+        if action == "CreateListener":
+            port = int(form["Port"][0])
+        else:
+            import boto3
+
+            elbv2 = boto3.client("elbv2", region_name=self.health[0], endpoint_url=self.upstream.geturl(),
+                                 aws_access_key_id="testing", aws_secret_access_key="testing")
+            port = elbv2.describe_listeners(ListenerArns=form["ListenerArn"])["Listeners"][0]["Port"]
+        self.moves.append((port, arn, self._said(arn)))
+
+    def _health(self, arn: str, data: bytes) -> bytes:
+        """moto's DescribeTargetHealth answer for group `arn`, as AWS would give it (health_as_aws)."""
+        assert self.health is not None
+        initial = self.health[1]
+        if arn in self._used_groups():
+            with self._lock:
+                self._reads[arn] = reads = self._reads.get(arn, 0) + 1
+            if reads > initial:
+                return data
+            state = b"<State>initial</State><Reason>Elb.RegistrationInProgress</Reason>"
+        else:
+            with self._lock:
+                self._reads.pop(arn, None)
+            state = (b"<State>unused</State><Reason>Target.NotInUse</Reason><Description>Target group is not "
+                     b"configured to receive traffic from the load balancer</Description>")
+        return re.sub(rb"<State>healthy</State>", state, data)
 
     def _fault(self, action: str) -> str | None:
         with self._lock:
@@ -89,6 +157,8 @@ class AwsFaults:
                      .get("Action") or [""])[0]
                 action = action or _rest_action(self.command, urlparse(self.path).path)
                 fault = faults._fault(action)
+                if action in ("CreateListener", "ModifyListener") and faults.health:
+                    faults._moved(action, parse_qs(body.decode()))
                 if fault == "refuse":
                     text = (b'{"__type":"AccessDeniedException","message":"User is not authorized to perform: '
                             + action.encode() + b' (injected)"}') if target else (
@@ -101,6 +171,10 @@ class AwsFaults:
                     self.wfile.write(text)
                     return
                 status, headers, data = self._forward(body)
+                if action in LISTENER_CHANGES:
+                    faults._used = None
+                if action == "DescribeTargetHealth" and faults.health and status == 200:
+                    data = faults._health(parse_qs(body.decode())["TargetGroupArn"][0], data)
                 if fault == "drop":  # it happened upstream; the answer never comes
                     self.close_connection = True
                     return
@@ -119,6 +193,24 @@ class AwsFaults:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+LISTENER_CHANGES = ("CreateListener", "ModifyListener", "DeleteListener", "DeleteLoadBalancer")
+
+
+def _used_groups(url: str, region: str) -> set[str]:
+    """The target groups some listener forwards to, as the endpoint at `url` has them."""
+    import boto3
+
+    elbv2 = boto3.client("elbv2", region_name=region, endpoint_url=url, aws_access_key_id="testing",
+                         aws_secret_access_key="testing")
+    used: set[str] = set()
+    for lb in elbv2.describe_load_balancers()["LoadBalancers"]:
+        for listener in elbv2.describe_listeners(LoadBalancerArn=lb["LoadBalancerArn"])["Listeners"]:
+            for action in listener.get("DefaultActions", []):
+                used |= {g["TargetGroupArn"] for g in (action.get("ForwardConfig") or {}).get("TargetGroups", [])}
+                used |= {action["TargetGroupArn"]} if action.get("TargetGroupArn") else set()
+    return used
 
 
 def _rest_action(method: str, path: str) -> str:

@@ -1,0 +1,224 @@
+"""A network listener moves to its proxy target group only once AWS says every target there is
+healthy, and AWS health-checks only a group some listener forwards to: a warm listener (TCP, on
+loadBalancer.warmPort and the next port, reachable by nobody) forwards to each proxy group until
+its listener does.
+
+moto says `healthy` for every registered target, used or not, so it cannot show the fault: the
+AWS endpoint here is moto behind tests.support.faults.AwsFaults, whose DescribeTargetHealth
+answers as AWS does (`unused` in a group no listener forwards to, `initial` for its first reads
+once one does). The Pulumi program runs under Pulumi's mock runtime fed from that endpoint
+(as in test_program_network.py); the lab's applier, its stand-in for `pulumi up`, makes the same
+changes there with boto3, and both must decide alike at every step.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import awsapi.balancer
+import awsapi.network
+import tests.test_program_network as program
+from core.listeners import PLAIN, PROXY, network_listeners
+from core.network import ListenerNow, health_holds, network_forwarding, warm_listeners
+from core.settings import from_config
+from lab.applier import apply
+from tests.conftest import settings_from, stack_config
+from tests.support.faults import AwsFaults
+
+INSTANCES, REGION = program.INSTANCES, program.REGION
+WARM = {"64080": "wsgate-staging-proxy-82", "64081": "wsgate-staging-proxy-83"}
+NOT_YET = 10**6  # `initial` for this many reads: as long as a test needs
+
+
+@pytest.fixture
+def endpoint(aws):
+    """moto behind a proxy whose target health is AWS's."""
+    proxy = AwsFaults(aws.url)
+    proxy.health_as_aws(REGION, initial_reads=NOT_YET)
+    yield proxy
+    proxy.stop()
+
+
+def lab_settings(url: str, **lb):
+    """The settings the program runs with (program.run), for the lab's applier."""
+    config = {**stack_config("staging"), "aws:endpoints": program.endpoints(url),
+              "wsgate:loadBalancer": program.network_lb(**lb)}
+    program._live_placement(config, url)
+    return from_config("staging", config, "Pulumi.staging.yaml")
+
+
+def warm_declared(mocks) -> dict[str, str]:
+    """Warm listener port -> the target group it forwards to, as the program declares them."""
+    out = {}
+    for r in mocks.of(program.LISTENER):
+        if r.inputs["port"] in (80, 443):
+            continue
+        assert r.inputs["protocol"] == "TCP" and "certificateArn" not in r.inputs
+        (action,) = r.inputs["defaultActions"]
+        out[str(int(r.inputs["port"]))] = action["targetGroupArn"].rsplit("/", 2)[-2]
+    return out
+
+
+def warm_in_aws(s) -> dict[str, list[str]]:
+    """Warm listener port -> the target groups it forwards to, as the endpoint has them."""
+    state = awsapi.network.network_state(s)
+    assert state is not None
+    return {str(port): [g.name for g in groups] for port, groups in state.warm.items()}
+
+
+def both_decide(url: str, monkeypatch) -> tuple[dict, dict]:
+    """One `pulumi up`: the program's decisions (mock runtime), then the lab's applier applying the
+    same from the same state; they must agree. Returns (the program's exports, the applier's outputs)."""
+    mocks, exports, warnings = program.run(url, monkeypatch)
+    s = lab_settings(url)
+    out = apply(s)
+    kinds = {port: mocks.forwards_to(port) for port in (80, 443)}
+    assert {k: out[k] for k in ("listenerTargets", "healthWaiting", "warmListeners", "proxyProtocolGate")} == \
+        {k: exports[k] for k in ("listenerTargets", "healthWaiting", "warmListeners", "proxyProtocolGate")}
+    assert exports["listenerTargets"] == {str(port): kind for port, kind in kinds.items()}
+    assert exports["warmListeners"] == warm_declared(mocks)
+    assert warm_in_aws(s) == {port: [name] for port, name in exports["warmListeners"].items()}
+    for why in exports["healthWaiting"].values():
+        assert any(why in w for w in warnings)  # the preview says it too
+    return exports, out
+
+
+def test_no_listener_moves_to_a_proxy_group_aws_has_not_proven_healthy(endpoint, monkeypatch):
+    """Every instance proven, the gate open: the first update keeps both listeners on plain and
+    declares the warm listeners (the groups are `unused`), the next one still waits while AWS says
+    `initial`, and once it says `healthy` the listeners switch and the warm listeners go."""
+    url = endpoint.url
+    program.nlb_in_aws(url, {80: PLAIN, 443: PLAIN})
+    program.write_record(url, INSTANCES)  # on 82 and 83
+    s = lab_settings(url)
+
+    exports, _ = both_decide(url, monkeypatch)
+    assert exports["proxyProtocolGate"] == "open" and exports["listenerTargets"] == program.BOTH_PLAIN
+    assert exports["warmListeners"] == WARM
+    assert set(exports["healthWaiting"]) == {"80", "443"}
+    assert "wsgate-staging-proxy-82 is healthy" in exports["healthWaiting"]["80"]
+    assert "unused" in exports["healthWaiting"]["80"] and "port 64080" in exports["healthWaiting"]["80"]
+    # the warm listeners send nobody's traffic: not taken for listeners sending the header
+    assert awsapi.balancer.header_ports(s) == []
+
+    exports, _ = both_decide(url, monkeypatch)  # health-checked now, first checks not passed
+    assert exports["listenerTargets"] == program.BOTH_PLAIN and exports["warmListeners"] == WARM
+    assert "initial" in exports["healthWaiting"]["443"] and "unused" not in exports["healthWaiting"]["443"]
+
+    endpoint.health_as_aws(REGION)  # every target passed its first checks
+    exports, _ = both_decide(url, monkeypatch)
+    assert exports["listenerTargets"] == program.BOTH_PROXY and exports["healthWaiting"] == {}
+    assert exports["warmListeners"] == {}  # the listeners' own traffic keeps the groups checked
+    assert awsapi.balancer.header_ports(s) == [82, 83]
+
+
+def test_a_listener_this_update_creates_is_no_switch(endpoint, monkeypatch):
+    """No load balancer yet, a record proving everyone: its listeners carry no connection before
+    they exist, so they forward to the proxy groups from the start (AWS checks them from then)."""
+    program.write_record(endpoint.url, INSTANCES)
+    mocks, exports, _ = program.run(endpoint.url, monkeypatch)
+    assert (mocks.forwards_to(80), mocks.forwards_to(443)) == (PROXY, PROXY)
+    assert warm_declared(mocks) == {} and exports["healthWaiting"] == {}
+
+
+def test_a_warm_listener_is_reachable_by_nobody(endpoint, monkeypatch):
+    """No security group rule names its port: AWS health-checks the group whoever may connect."""
+    mocks, _, _ = program.run(endpoint.url, monkeypatch)
+    assert warm_declared(mocks) == WARM  # proxy protocol on, no listener on its proxy group
+    ports = {r.inputs.get("fromPort") for r in mocks.of(program.INGRESS)}
+    assert not ports & {64080, 64081} and sorted(p for p in ports if p in (80, 443)) == [80, 443]
+
+
+def test_no_warm_listener_with_proxy_protocol_off_or_a_listener_on_its_proxy_group(endpoint, monkeypatch):
+    program.nlb_in_aws(endpoint.url, {80: PROXY, 443: PLAIN})
+    mocks, exports, _ = program.run(endpoint.url, monkeypatch)
+    assert warm_declared(mocks) == {"64081": "wsgate-staging-proxy-83"} and exports["healthWaiting"] == {}
+    mocks, exports, _ = program.run(endpoint.url, monkeypatch, **{"wsgate:proxyProtocol": "false"})
+    assert warm_declared(mocks) == {} and exports["warmListeners"] == {}
+
+
+def test_a_listener_on_its_proxy_group_stays_there_while_a_target_is_not_healthy(endpoint, monkeypatch):
+    """Health decides a switch, not a listener already switched (a sticky gate keeps it)."""
+    program.nlb_in_aws(endpoint.url, {80: PROXY, 443: PROXY})
+    program.write_record(endpoint.url, INSTANCES)
+    mocks, exports, _ = program.run(endpoint.url, monkeypatch)  # `initial` there
+    assert exports["listenerTargets"] == program.BOTH_PROXY and exports["healthWaiting"] == {}
+
+
+# --- pure ----------------------------------------------------------------------------------
+
+def test_health_holds_name_each_target_that_is_not_healthy_or_not_registered():
+    s = settings_from("staging", load_balancer=program.network_lb())
+    forwarding = network_forwarding((82, 83), s)
+    healthy = ListenerNow(PLAIN, True, False, proxy_states=tuple((i, "healthy") for i in INSTANCES))
+    assert health_holds(s, forwarding, {80: healthy, 443: healthy}, tuple(INSTANCES)) == {}
+    new = "i-0123456789abcdef9"
+    held = health_holds(s, forwarding, {80: healthy, 443: healthy}, (*INSTANCES, new))
+    assert set(held) == {80, 443} and f"{new}: not registered yet" in held[80]
+    sick = ListenerNow(PLAIN, False, False, proxy_states=((INSTANCES[0], "healthy"),
+                                                          (INSTANCES[1], "unhealthy: Health checks failed")))
+    held = health_holds(s, forwarding, {80: sick, 443: healthy}, tuple(INSTANCES))
+    assert list(held) == [80] and f"{INSTANCES[1]}: unhealthy: Health checks failed" in held[80]
+    assert INSTANCES[0] not in held[80]
+    assert health_holds(s, network_forwarding((), s), {}, tuple(INSTANCES)) == {}  # the gate keeps plain
+
+
+def test_warm_ports_follow_the_setting_and_are_never_a_listeners_own():
+    s = settings_from("staging", load_balancer=program.network_lb(warmPort=20000))
+    assert [x.warm_port for x in network_listeners(s)] == [20000, 20001]
+    assert [x.port for x in warm_listeners(s, network_forwarding((83,), s))] == [80]
+    for bad in (443, 79, 65535):
+        assert "loadBalancer.warmPort" in program.refused(lb={"warmPort": bad})
+
+
+# --- `fab rollout --apply` on real hosts ----------------------------------------------------
+
+FLEET_SIZE = 1
+
+
+@pytest.mark.integration
+def test_fab_rollout_apply_waits_for_the_proxy_groups_health_then_switches(fleet, aws):
+    """Proxy protocol turned on over a network load balancer on plain: the first `pulumi up` keeps
+    the listeners on plain (their proxy groups were never health-checked) and adds the warm
+    listeners, the run waits until AWS says the groups healthy, applies again, and only then do the
+    listeners forward to the proxy groups."""
+    import boto3
+
+    from tests.support.procs import free_ports
+    from tests.test_rollout import fab, settings
+
+    proxy = AwsFaults(aws.url)
+    try:
+        proxy.health_as_aws("us-east-1")  # `initial` reads: the program tests above
+        fleet.set("wsgate:proxyProtocol", False)  # the load balancer as it was: on plain, no warm listener
+        ec2 = boto3.client("ec2", endpoint_url=aws.url, region_name="us-east-1")
+        vpc = ec2.create_vpc(CidrBlock="10.97.0.0/16")["Vpc"]["VpcId"]
+        subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.97.1.0/24",
+                                   AvailabilityZone="us-east-1a")["Subnet"]["SubnetId"]
+        proxy_http, proxy_tls = free_ports(2, [h.address for h in fleet.hosts])
+        fleet.set("aws:endpoints", [{x: proxy.url for x in ("ec2", "elb", "elbv2", "ssm", "sts")}])
+        fleet.set("wsgate:ports", {"proxyHttp": proxy_http, "proxyTls": proxy_tls})
+        lb = {k: v for k, v in fleet.config["wsgate:loadBalancer"].items() if k != "availabilityZones"}
+        fleet.config["wsgate:loadBalancer"] = {**lb, "type": "network", "subnets": [subnet], "vpcId": vpc,
+                                               "deregistrationDelay": 0, "switchDrain": 1}
+        fleet.write()
+        apply(settings(fleet))  # `pulumi up`
+        assert warm_in_aws(settings(fleet)) == {}
+        fleet.set("wsgate:proxyProtocol", True)
+
+        result = fab(fleet, "rollout", "--apply", timeout=300)
+
+        out = result.stdout + result.stderr
+        assert result.returncode == 0, out
+        assert "stays on its plain group until AWS says every target of its proxy group" in out
+        assert "unused" in out
+        assert "waiting for AWS to report every target of" in out and "is healthy" in out
+        s = settings(fleet)
+        assert awsapi.balancer.header_ports(s) == sorted([proxy_http, proxy_tls])
+        assert warm_in_aws(s) == {}  # gone once the listeners forward to the proxy groups
+        groups = {g.proxy.name for g in network_listeners(s)}
+        to_proxy = [(port, state) for port, arn, state in proxy.moves
+                    if port in (80, 443) and arn.rsplit("/", 2)[-2] in groups]
+        assert [port for port, _ in to_proxy] and all(state == "healthy" for _, state in to_proxy), proxy.moves
+    finally:
+        proxy.stop()
