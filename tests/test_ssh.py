@@ -53,6 +53,26 @@ def test_a_bastion_is_used_and_its_host_key_checked_too(fleet):
         Ssh(load(str(fleet.env_file))).connect(load(str(fleet.env_file)).hosts[1])
 
 
+def test_aes_gcm_is_preferred_and_a_server_without_it_still_connects(fleet):
+    """AES-GCM first (no MAC checked byte by byte in Python per packet), but a hardened sshd that
+    offers only CTR ciphers is still reached, with the same strict host key."""
+    h1, h2 = fleet.hosts
+    h2.stop()
+    with (h2.dir / "sshd_config").open("a") as f:
+        f.write("Ciphers aes256-ctr\n")
+    h2.start()
+    s = load(str(fleet.env_file))
+    ssh = Ssh(s)
+    try:
+        for host, cipher in ((s.hosts[0], "aes128-gcm@openssh.com"), (s.hosts[1], "aes256-ctr")):
+            conn = ssh.connect(host)
+            assert conn.transport.remote_cipher == cipher
+            assert ssh.run(conn, "echo reached").stdout.strip() == "reached"
+            conn.close()
+    finally:
+        ssh.close()
+
+
 def test_sudo_wraps_every_remote_command(fleet):
     from core.session import Remote
 
