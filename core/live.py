@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from core.session import Remote
 
@@ -23,20 +23,17 @@ class LiveState:
     nginx: str  # no | ours | foreign
     pid: str
     cmdline: str
-    manifest: dict
+    manifest: dict  # the release.json of the release `current` names
     stale: int = 0
+    previous_manifest: dict = field(default_factory=dict)  # and of the one `previous` names
 
     @classmethod
     def parse(cls, stdout: str) -> LiveState:
         s = parse_state(stdout)
-        try:
-            manifest = json.loads(s.get("manifest") or "{}")
-        except ValueError:
-            manifest = {}
         return cls(current=s.get("current", ""), previous=s.get("previous", ""), nginx=s.get("nginx", "no"),
-                   pid=s.get("pid", ""), cmdline=s.get("cmdline", ""),
-                   manifest=manifest if isinstance(manifest, dict) else {},
-                   stale=int(s["stale"]) if s.get("stale", "").isdigit() else 0)
+                   pid=s.get("pid", ""), cmdline=s.get("cmdline", ""), manifest=_manifest(s.get("manifest")),
+                   stale=int(s["stale"]) if s.get("stale", "").isdigit() else 0,
+                   previous_manifest=_manifest(s.get("pmanifest")))
 
     def restore_line(self) -> bytes:
         """The `restore` request's payload: these links, and nginx running or not."""
@@ -60,6 +57,32 @@ class LiveState:
                 f"`{remote.nginx} -p {remote.root}/ -c {remote.root}/current/nginx.conf -s reload` (runs what "
                 "`current` names), then run again (docs/troubleshooting.md#nginx-runs-another-release)")
 
+    def health_ports(self, address: str, port: int) -> list[tuple[str, int]]:
+        """Where to ask what nginx runs, in order: the health port (and bind address) of the release
+        `current` names, of the one `previous` names (what runs after a run cut short between its
+        swap and its reload), then the settings' (`address`, `port`). Each pair once."""
+        out: list[tuple[str, int]] = []
+        for manifest in (self.manifest, self.previous_manifest):
+            ports = manifest.get("ports")
+            health = ports.get("health") if isinstance(ports, dict) else None
+            if isinstance(health, int) and not isinstance(health, bool) and 0 < health < 65536:
+                bind = manifest.get("bind")
+                out.append((bind if isinstance(bind, str) and bind else address, health))
+        out.append((address, port))
+        return list(dict.fromkeys(out))
+
+    def unanswered(self, asked: list[tuple[str, int]], remote: Remote) -> str:
+        """Why a host whose nginx is the kit's but answers on none of `asked` must not be changed:
+        what it runs is unknown, so a restore could load another release than the one it serves."""
+        ports = ", ".join(f"{a}:{p}" for a, p in asked)
+        return (f"nginx pid {self.pid or '?'} runs from {remote.root}/current/nginx.conf but answers on none of the "
+                f"health ports its releases and the settings name ({ports}): what it runs is unknown, so after a "
+                "failure the restore could load another release than the one it serves, and the host is not "
+                "touched. Find what it runs (its health port answers `ok DIGEST`), then reconcile it: "
+                f"`ln -sfn releases/DIGEST {remote.root}/current` (keeps what runs) or "
+                f"`{remote.nginx} -p {remote.root}/ -c {remote.root}/current/nginx.conf -s reload` (runs what "
+                "`current` names), then run again (docs/troubleshooting.md#nginx-runs-another-release)")
+
     def foreign(self, remote: Remote) -> str | None:
         """Why the host is not ours to change (an nginx we did not start), or None."""
         if self.nginx != "foreign":
@@ -67,6 +90,15 @@ class LiveState:
         return (f"nginx pid {self.pid or '?'} (pid file {remote.pid_file}) runs `{self.cmdline.strip() or '?'}`, "
                 f"not {remote.root}/current/nginx.conf: wsgate never signals an nginx it did not start. "
                 "Hand the host over first (docs/operations.md#handing-a-host-over)")
+
+
+def _manifest(text: str | None) -> dict:
+    """A release.json line as a dict ({} when absent or not an object)."""
+    try:
+        manifest = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
 def parse_state(stdout: str) -> dict[str, str]:

@@ -324,16 +324,29 @@ class Rollout:
     def _as_it_runs(self, h: _Host, state: LiveState) -> LiveState:
         """What a restore must bring back: the state as reported, or, when nginx runs this run's
         target while `current` names another release, with `current` naming the target. A host
-        whose nginx runs a third release is refused (a restore would load the wrong one)."""
+        whose nginx runs a third release is refused (a restore would load the wrong one), and so is
+        one whose nginx answers on none of the health ports its releases and the settings name
+        (what it runs is unknown: a run that changes the health port asks the new one, where the
+        release nginx still runs does not answer)."""
         if state.nginx != "ours":
             return state
-        seen = live(self.ssh, h.conn, self._address(h), self.settings.ports.health)  # type: ignore[arg-type]
-        running, target = (seen.digest if seen else None), h.outcome.target
+        asked = state.health_ports(self._address(h), self.settings.ports.health)
+        seen = None
+        for address, port in asked:
+            seen = live(self.ssh, h.conn, address, port)  # type: ignore[arg-type]
+            if seen:
+                break
+        if seen is None:
+            raise StepFailed(state.unanswered(asked, h.remote))
+        running, target = seen.digest, h.outcome.target
         why = state.disagreement(running, target, h.remote)
         if why:
             raise StepFailed(why)
         if running == target and digest_of_link(state.current) != target:
-            manifest = json.loads(h.tree.files.get(MANIFEST_FILE) or "{}") if h.tree else {}
+            if h.tree:
+                manifest = json.loads(h.tree.files.get(MANIFEST_FILE) or "{}")
+            else:  # a rollback: the target is the release `previous` names
+                manifest = state.previous_manifest if digest_of_link(state.previous) == target else {}
             return state.running(target, manifest if isinstance(manifest, dict) else {})
         return state
 
