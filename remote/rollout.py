@@ -430,12 +430,35 @@ class Rollout:
         if not r.ok:
             raise StepFailed(f"reload failed: {nginx_error(r.stdout.split(SWAPPED)[-1])}")
         self._step(h, Step.PROBE)
-        problems = probe(self.ssh, h.conn, self.settings, self._address(h), digest)
+        problems = self._rollback_probe(h, digest) if h.tree is None else None
+        if problems is None:
+            problems = probe(self.ssh, h.conn, self.settings, self._address(h), digest)
         if problems:
             raise StepFailed("; ".join(problems))
         h.outcome.after = digest
         h.outcome.finish()
         self.reporter.done(h.outcome)
+
+    def _rollback_probe(self, h: _Host, digest: str) -> list[str] | None:
+        """A rollback onto a release that serves other ports than the settings name (its release.json
+        says so: the ports changed since): proven on its own health port and address, since the
+        settings' port checks would ask ports it does not serve; None: the usual probe applies."""
+        from core.render import manifest_ports
+
+        assert h.before is not None and h.conn is not None
+        manifest = h.before.previous_manifest
+        ports = manifest.get("ports")
+        if not isinstance(ports, dict) or ports == manifest_ports(self.settings):
+            return None
+        health, bind = ports.get("health"), manifest.get("bind")
+        port = health if isinstance(health, int) and 0 < health < 65536 else self.settings.ports.health
+        address = bind if isinstance(bind, str) and bind else self._address(h)
+        seen = wait_live(self.ssh, h.conn, address, port, digest)
+        if not seen or seen.digest != digest:
+            return [f"port {port} says {seen.digest[:12] if seen else 'nothing'} after the rollback to {digest[:12]}"]
+        self.reporter.note(f"{h.host.name}: its previous release serves ports {ports}, not the settings' "
+                           f"{manifest_ports(self.settings)}: proven on its own health port {port} only")
+        return []
 
     def _restore(self, h: _Host) -> None:
         """Both links and nginx exactly as they were when this run locked the host, proven on the
