@@ -6,7 +6,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from awsapi.clients import AwsError, by_name, call, chunks, client, error_code, pages
 from core.listeners import NetworkHealthCheck, network_listeners
-from core.network import NetworkState, TargetGroupState
+from core.network import SWITCHED_TAG, NetworkState, TargetGroupState, stamped
 from core.settings import Settings
 
 
@@ -41,11 +41,27 @@ def network_state(settings: Settings) -> NetworkState | None:
     present = {i for g in [*groups.values(), *kit] for i in g.targets}
     warm = {x.warm_port for x in network_listeners(settings)}  # the warm listeners: nobody's traffic
     forwarded = {port: tuple(groups[a] for a in arns) for port, arns in sorted(forwards.items())}
+    switched = _switched(settings, {int(x["Port"]): x["ListenerArn"] for x in described if int(x["Port"]) not in warm})
     return NetworkState(arn, {port: g for port, g in forwarded.items() if port not in warm},
                         {int(x["Port"]): x["Protocol"] for x in described if int(x["Port"]) not in warm},
                         tuple(sorted(present)), tuple(found.get("SecurityGroups", [])),
                         {g.name: g for g in [*groups.values(), *kit]},
-                        {port: g for port, g in forwarded.items() if port in warm})
+                        {port: g for port, g in forwarded.items() if port in warm}, switched)
+
+
+def _switched(settings: Settings, arns: dict[int, str]) -> dict[int, float]:
+    """Listener port -> when it switched to its proxy group, by its SWITCHED_TAG (a listener
+    without the tag, or with a value that is no time, is left out)."""
+    elbv2 = client(settings, "elbv2")
+    port_of = {arn: port for port, arn in arns.items()}
+    out: dict[int, float] = {}
+    for batch in chunks(sorted(port_of), 20):  # DescribeTags takes 20 resources a call
+        tagged = call("elbv2 describe-tags", elbv2.describe_tags, ResourceArns=batch)["TagDescriptions"]
+        for d in tagged:
+            at = stamped(next((t.get("Value") for t in d.get("Tags", []) if t["Key"] == SWITCHED_TAG), None))
+            if at is not None:
+                out[port_of[d["ResourceArn"]]] = at
+    return out
 
 
 def _kit_group_arns(settings: Settings) -> list[str]:

@@ -9,8 +9,9 @@ import shlex
 from dataclasses import dataclass, field
 
 from core.gate import plan_for
-from core.listeners import listeners
+from core.listeners import NetworkListener, listeners, network_listeners
 from core.live import digest_of_link
+from core.network import ListenerNow, health_holds, network_forwarding, retire_waits
 from core.record import ReadinessRecord
 from core.render import Tree
 from core.settings import Settings
@@ -72,6 +73,19 @@ class BalancerFacts:
     present: list[str] | None = None  # network: instances in any of the kit's groups (None: `registered`)
     # network: per listener, the groups it forwards to: {listener, group, port, proxyProtocolV2, targets}
     groups: list[dict] = field(default_factory=list)
+    # network: each listener as the program reads it (NetworkState.now; None: not read), and the
+    # listeners whose warm listener exists (their proxy group is health-checked: a switch only waits)
+    network: dict[int, ListenerNow] | None = None
+    warm: list[int] = field(default_factory=list)
+
+
+def _switch_waits(s: Settings, lb: BalancerFacts, decision_ports: tuple[int, ...] | list[int],
+                  join: tuple[str, ...]) -> dict[NetworkListener, str]:
+    """Network listener -> why it is not on its proxy group yet although the gate lets it: AWS does
+    not say that group healthy yet while its warm listener has AWS check it (health_holds). Only
+    those: a listener with no warm listener needs `pulumi up` to get one."""
+    holds = health_holds(s, network_forwarding(decision_ports, s), lb.network or {}, join)
+    return {x: holds[x.port] for x in network_listeners(s) if x.port in holds and x.port in lb.warm}
 
 
 def host_problems(s: Settings, h: HostFacts, header_ports: list[int] | None,
@@ -203,9 +217,10 @@ def _network_port_problem(s: Settings, port: int, mode: str, header_ports: list[
 
 
 def balancer_problems(s: Settings, lb: BalancerFacts | None, record: ReadinessRecord | None,
-                      record_problem: str | None) -> tuple[list[str], list[str], dict]:
+                      record_problem: str | None, clock: float | None = None) -> tuple[list[str], list[str], dict]:
     """(problems, notes, the gate's view) for the load balancer, the gate computed exactly as
-    the Pulumi program computes it (backends: loadBalancer.instances)."""
+    the Pulumi program computes it (backends: loadBalancer.instances). `clock`: now, seconds since
+    the epoch (a network plain group waiting to retire is said only with it)."""
     backends = list(s.load_balancer.instances)
     header_ports = list(lb.header_ports) if lb else []
     gated = plan_for(s, registered=lb.registered if lb else [], header_ports=header_ports, record=record,
@@ -229,8 +244,15 @@ def balancer_problems(s: Settings, lb: BalancerFacts | None, record: ReadinessRe
         now = "the listeners send PROXY v2 to ports"
     else:
         want_ports, now = list(decision.ports), "the ProxyProtocol policy is on ports"
-    if sorted(lb.header_ports) != want_ports:
+    waiting = _switch_waits(s, lb, decision.ports, gated.join) if lb.network is not None else {}
+    if sorted(lb.header_ports) != want_ports and not (
+            waiting and set(lb.header_ports) <= set(want_ports)
+            and set(want_ports) - set(lb.header_ports) <= {x.proxy.port for x in waiting}):
         problems.append(f"{now} {lb.header_ports or 'none'}, the gate wants {want_ports or 'none'}: run `pulumi up`")
+    notes += [waiting[x] for x in sorted(waiting, key=lambda x: x.port)]
+    if lb.network is not None and clock is not None:
+        waits = retire_waits(s, network_forwarding(decision.ports, s), lb.network, clock)
+        notes += [waits[port] for port in sorted(waits)]
     for protocol, port, instance_protocol, instance_port in lb.listeners:
         if instance_protocol.upper() != "TCP":
             if lb.lab_endpoint:

@@ -5,12 +5,31 @@ plain ports are retired, and when a move back to a plain group is refused. Pure.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from core.errors import KitError
 from core.gate import Plan, plan_for
 from core.listeners import PLAIN, PROXY, NetworkHealthCheck, NetworkListener, network_listeners
 from core.record import ReadinessRecord
 from core.settings import Settings
+
+# The listener's tag saying when it switched to its proxy group (UTC, ISO-8601 seconds): AWS's
+# clock for retiring its plain group (network_members), written by the update that switches.
+SWITCHED_TAG = "wsgate:switched-to-proxy-at"
+
+
+def stamp(at: float) -> str:
+    """`at` (seconds since the epoch) as SWITCHED_TAG spells it."""
+    return datetime.fromtimestamp(int(at), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def stamped(value: str | None) -> float | None:
+    """SWITCHED_TAG's value as seconds since the epoch; None: absent or not a time (treated as
+    \"switched now\": see network_members)."""
+    try:
+        return datetime.strptime(value or "", "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return None
 
 
 def network_forwarding(decision_ports: tuple[int, ...] | list[int], s: Settings) -> dict[int, str]:
@@ -33,26 +52,80 @@ class ListenerNow:
     proxy_states: tuple[tuple[str, str], ...] = ()  # its proxy group's targets: (instance, state as AWS says it)
     on_proxy: bool = False  # it forwards to its configured proxy group, and to nothing else
     exists: bool = True  # the load balancer has this listener
+    switched_at: float | None = None  # its SWITCHED_TAG (seconds since the epoch); None: absent
 
 
 UNSEEN = ListenerNow(None, False, False, exists=False)  # a listener the load balancer does not have (yet)
 
 
+def switch_stamps(forwarding: dict[int, str], now: dict[int, ListenerNow], clock: float) -> dict[int, str | None]:
+    """Listener port -> its SWITCHED_TAG as this update declares it (None: no tag). A listener
+    that stays on its proxy group keeps the time AWS has, never a new one; one that switches now,
+    or is on proxy without the tag (switched by an older kit, or by hand), gets `clock`; a
+    listener on its plain group has none."""
+    out: dict[int, str | None] = {}
+    for port, kind in forwarding.items():
+        was = now.get(port, UNSEEN)
+        kept = was.switched_at if was.forwards == PROXY else None
+        out[port] = None if kind != PROXY else stamp(clock if kept is None else kept)
+    return out
+
+
+def _retiring(s: Settings, x: NetworkListener, forwarding: dict[int, str], was: ListenerNow,
+              clock: float) -> tuple[bool, str | None]:
+    """(whether this update leaves `x`'s plain group empty, why it keeps it although the listener
+    stays on its proxy group: None when it does not)."""
+    if forwarding[x.port] != PROXY:
+        return False, None
+    if was.forwards == PROXY and was.plain_retired:
+        return True, None  # stays retired while the listener stays on proxy, whatever the health says
+    drain = s.load_balancer.switch_drain
+    since = clock if was.forwards != PROXY or was.switched_at is None else was.switched_at
+    until = since + drain
+    if was.forwards == PROXY and was.proxy_healthy and clock >= until:
+        return True, None
+    if not was.exists:
+        return False, None  # a listener this update creates: nothing to say yet
+    if clock < until:
+        why = (f"until {stamp(until)}: loadBalancer.switchDrain ({drain} s) after listener {x.port} switched to its "
+               f"proxy group ({stamp(since)}, its {SWITCHED_TAG} tag), the load balancer's nodes may still send "
+               "new connections there")
+    else:
+        why = f"until AWS says every target of its proxy group {x.proxy.name} is healthy"
+    return False, (f"the plain group {x.plain.name} of listener {x.port} is kept (not retired) {why}; "
+                   "the first `pulumi up` after that retires it")
+
+
 def network_members(s: Settings, forwarding: dict[int, str], now: dict[int, ListenerNow],
-                    join: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+                    join: tuple[str, ...], clock: float) -> dict[str, tuple[str, ...]]:
     """Group key -> the instances registered in it. Every member in every group, except the plain
     group of a listener that stays on its proxy group: that one is retired (its members
     deregistered, so AWS drains them for `deregistrationDelay` and then lists none; only then do
-    the hosts stop serving its port, NetworkState.retired). Retiring starts only in an
-    update after the one that switched (the listener forwards to the proxy group already, every
-    target healthy there: the switch is in use), and a retired group stays empty while its listener
+    the hosts stop serving its port, NetworkState.retired). Retiring starts only in an update
+    after the one that switched (the listener forwards to the proxy group already, every target
+    healthy there: the switch is in use), and not before `loadBalancer.switchDrain` seconds passed
+    since the switch by the listener's SWITCHED_TAG (`clock`: now, seconds since the epoch): a
+    listener change reaches the load balancer's nodes over time, and until it has they may send
+    new connections to the plain group. A listener on proxy without the tag counts as switched at
+    `clock` (the update writes it: switch_stamps). A retired group stays empty while its listener
     stays on proxy."""
     out: dict[str, tuple[str, ...]] = {}
     for x in network_listeners(s):
-        was = now.get(x.port, UNSEEN)
-        retire = forwarding[x.port] == PROXY and was.forwards == PROXY and (was.plain_retired or was.proxy_healthy)
+        retire, _ = _retiring(s, x, forwarding, now.get(x.port, UNSEEN), clock)
         out[x.plain.key] = () if retire else join
         out[x.proxy.key] = join
+    return out
+
+
+def retire_waits(s: Settings, forwarding: dict[int, str], now: dict[int, ListenerNow],
+                 clock: float) -> dict[int, str]:
+    """Listener port -> why its plain group is kept although the listener stays on (or moves to) its
+    proxy group, and until when (the `retireWaiting` output, said in the preview too)."""
+    out = {}
+    for x in network_listeners(s):
+        _, why = _retiring(s, x, forwarding, now.get(x.port, UNSEEN), clock)
+        if why:
+            out[x.port] = why
     return out
 
 
@@ -118,13 +191,22 @@ def warm_outputs(s: Settings, warm: tuple[int, ...] | list[int]) -> dict[str, st
     return {str(x.warm_port): x.proxy.name for x in network_listeners(s) if x.port in warm}
 
 
+@dataclass(frozen=True)
+class NetworkLayout:
+    """What one update declares for a network load balancer (network_layout)."""
+
+    members: dict[str, tuple[str, ...]]  # group key -> the instances registered there (network_members)
+    forwarding: dict[int, str]  # listener port -> PLAIN or PROXY
+    holds: dict[int, str]  # listener port -> why it waits for its proxy group's health (health_holds)
+    retire_waits: dict[int, str]  # listener port -> why its plain group is kept, until when (retire_waits)
+    switched: dict[int, str | None]  # listener port -> its SWITCHED_TAG (switch_stamps)
+
+
 def network_layout(s: Settings, gated: Plan, now: dict[int, ListenerNow], record: ReadinessRecord | None,
-                   record_problem: str | None = None
-                   ) -> tuple[dict[str, tuple[str, ...]], dict[int, str], dict[int, str]]:
-    """(group key -> members, listener port -> PLAIN or PROXY, listener port -> why it waits for its
-    proxy group's health) for the gate's plan and what AWS has now (NetworkState.now); refuses a move
-    back to a retired plain group not proven. A listener moves to its proxy group only once AWS says
-    that group healthy (health_holds)."""
+                   record_problem: str | None = None, *, clock: float) -> NetworkLayout:
+    """The layout for the gate's plan and what AWS has now (NetworkState.now) at `clock` (seconds
+    since the epoch); refuses a move back to a retired plain group not proven. A listener moves to
+    its proxy group only once AWS says that group healthy (health_holds)."""
     forwarding = network_forwarding(gated.decision.ports, s)
     holds = health_holds(s, forwarding, now, gated.join)
     forwarding = {port: PLAIN if port in holds else kind for port, kind in forwarding.items()}
@@ -133,7 +215,8 @@ def network_layout(s: Settings, gated: Plan, now: dict[int, ListenerNow], record
     refused = back_refusal(s, forwarding, now, own, gated.join, foreign or (None if record else record_problem))
     if refused:
         raise KitError(refused)
-    return network_members(s, forwarding, now, gated.join), forwarding, holds
+    return NetworkLayout(network_members(s, forwarding, now, gated.join, clock), forwarding, holds,
+                         retire_waits(s, forwarding, now, clock), switch_stamps(forwarding, now, clock))
 
 
 @dataclass(frozen=True)
@@ -162,6 +245,7 @@ class NetworkState:
     # the warm listeners (on loadBalancer.warmPort and the next port): port -> the groups each forwards
     # to. Not in `listeners`: nobody reaches them, so they send nobody's traffic or header anywhere
     warm: dict[int, tuple[TargetGroupState, ...]] = field(default_factory=dict)
+    switched: dict[int, float] = field(default_factory=dict)  # listener port -> its SWITCHED_TAG (epoch seconds)
 
     def now(self, settings: Settings) -> dict[int, ListenerNow]:
         """Per listener of the kit: which of its groups it forwards to, whether every target of its
@@ -182,7 +266,8 @@ class NetworkState:
                 plain_retired=forwards == PROXY and plain is not None and not plain.targets,
                 plain_drained=forwards == PROXY and plain is not None and not (plain.targets or plain.draining),
                 proxy_states=tuple(sorted(proxy.states.items())) if proxy else (),
-                on_proxy=[g.name for g in forwarded] == [x.proxy.name], exists=x.port in self.listeners)
+                on_proxy=[g.name for g in forwarded] == [x.proxy.name], exists=x.port in self.listeners,
+                switched_at=self.switched.get(x.port))
         return out
 
     def retired(self, settings: Settings) -> list[int]:

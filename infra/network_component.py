@@ -15,6 +15,7 @@ import pulumi
 import pulumi_aws as aws
 
 from core.listeners import TargetGroup, network_listeners
+from core.network import SWITCHED_TAG
 from core.settings import Settings
 from infra.security import security_groups
 
@@ -26,6 +27,8 @@ class NetworkLoadBalancerArgs:
     members: dict[str, tuple[str, ...]]  # group key -> the instances registered there (core.network.network_members)
     warm: tuple[int, ...] = ()  # the listeners whose warm listener exists (core.network.warm_listeners)
     holds: dict[int, str] | None = None  # listener port -> why it waits for its proxy group's health
+    switched: dict[int, str | None] | None = None  # listener port -> its switch time tag (core.network.switch_stamps)
+    retire_waits: dict[int, str] | None = None  # listener port -> why its plain group is kept, until when
 
 
 class WsGateNetworkLoadBalancer(pulumi.ComponentResource):
@@ -88,7 +91,8 @@ class WsGateNetworkLoadBalancer(pulumi.ComponentResource):
                 tcp_idle_timeout_seconds=None if tls else lb.idle_timeout,  # TLS listeners: fixed at 350 s
                 default_actions=[aws.lb.ListenerDefaultActionArgs(
                     type="forward", target_group_arn=self.target_groups[target.key].arn)],
-                tags=tags,
+                # when it switched to its proxy group: AWS's clock for retiring its plain group
+                tags={**tags, **({SWITCHED_TAG: at} if (at := (args.switched or {}).get(listener.port)) else {})},
                 # never forward to a group before its members are registered (a new group after a port change)
                 opts=pulumi.ResourceOptions(parent=self, depends_on=list(self.members[target.key])),
             )
@@ -112,6 +116,7 @@ class WsGateNetworkLoadBalancer(pulumi.ComponentResource):
         self.zone_id = self.nlb.zone_id  # its canonical hosted zone: an alias record's target zone
         self.forwarding, self.group_members = args.forwarding, args.members  # the gate's layout, for the outputs
         self.settings, self.health_waiting, self.warm_for = s, dict(args.holds or {}), args.warm
+        self.retire_waiting = dict(args.retire_waits or {})
         self.register_outputs({
             "dnsName": self.nlb.dns_name,
             "lbSecurityGroupId": self.lb_security_group.id,

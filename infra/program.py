@@ -16,6 +16,7 @@ readiness record proves its ports.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pulumi
@@ -27,7 +28,7 @@ from awsapi.clients import is_lab
 from core.errors import KitError
 from core.gate import Plan, plan_for
 from core.move import MoveRecord, declared, matches, move_path
-from core.network import NetworkState, network_layout, network_plan, warm_listeners, warm_outputs
+from core.network import NetworkLayout, NetworkState, network_layout, network_plan, warm_listeners, warm_outputs
 from core.record import ReadinessRecord, decode
 from core.settings import Settings, check_neighbours, from_config
 from infra.classic_component import LoadBalancerArgs, WsGateLoadBalancer
@@ -238,33 +239,36 @@ def network_now(s: Settings) -> NetworkState | None:
                        "will not decide blind: the program needs elasticloadbalancing:Describe* on it") from None
 
 
-def network_gate_plan(s: Settings, found: dict[str, str] | None = None
-                      ) -> tuple[Plan, dict[str, tuple[str, ...]], dict[int, str], dict[int, str]]:
+def network_gate_plan(s: Settings, found: dict[str, str] | None = None) -> tuple[Plan, NetworkLayout]:
     """The same gate over the proxy ports: `header_ports` is the proxy ports a listener forwards to now
     with PROXY v2 on, `registered` the instances in the groups the listeners forward to, and every
     instance in any of the kit's groups must be proven before a listener moves to its proxy group.
-    With it: who is registered in which group, where each listener forwards, and which listener waits
-    for AWS to say its proxy group healthy. A listener whose plain group was retired goes back to it
-    only once the record proves the plain port served again (else the program stops before declaring
-    anything)."""
+    With it: who is registered in which group, where each listener forwards, which listener waits
+    for AWS to say its proxy group healthy, and which plain group waits to retire (core.network.NetworkLayout).
+    A listener whose plain group was retired goes back to it only once the record proves the plain
+    port served again (else the program stops before declaring anything)."""
     found = parameters(s) if found is None else found
     record, problem = read_record(found, s)
     state = network_now(s)
     gated = network_plan(s, state, record, problem)
-    return gated, *network_layout(s, gated, state.now(s) if state else {}, record, problem)
+    return gated, network_layout(s, gated, state.now(s) if state else {}, record, problem, clock=time.time())
 
 
 def network_declare(s: Settings, found: dict[str, str] | None = None, who: str = ""
                     ) -> tuple[WsGateNetworkLoadBalancer, Plan]:
     """One network load balancer and its gate."""
-    gated, members, forwarding, holds = network_gate_plan(s, found)
+    gated, layout = network_gate_plan(s, found)
+    holds, waits = layout.holds, layout.retire_waits
     stranded = sorted(set(gated.decision.ports) - set(s.proxy_ports))
     announce(gated, *([f"proxy port(s) {', '.join(map(str, stranded))} are no longer ports.proxyHttp/proxyTls: "
                        "their listeners forward to the plain groups until `fab rollout` proves the new ports"]
                       if stranded else []), *[holds[port] for port in sorted(holds)], who=who)
+    for port in sorted(waits):  # no problem, the kit's own pace: said, not warned
+        pulumi.log.info(who + waits[port])
     lb = WsGateNetworkLoadBalancer(s.load_balancer.name, NetworkLoadBalancerArgs(
-        settings=s, forwarding=forwarding, members=members,
-        warm=tuple(x.port for x in warm_listeners(s, forwarding)), holds=holds))
+        settings=s, forwarding=layout.forwarding, members=layout.members,
+        warm=tuple(x.port for x in warm_listeners(s, layout.forwarding)), holds=holds, switched=layout.switched,
+        retire_waits=waits))
     return lb, gated
 
 
@@ -274,6 +278,7 @@ def export_network(lb: WsGateNetworkLoadBalancer, gated: Plan) -> None:
     pulumi.export("listenerTargets", {str(port): kind for port, kind in forwarding.items()})
     pulumi.export("retiredPlainGroups", sorted(key for key, joined in members.items() if not joined and gated.join))
     pulumi.export("healthWaiting", {str(port): why for port, why in sorted(lb.health_waiting.items())})
+    pulumi.export("retireWaiting", {str(port): why for port, why in sorted(lb.retire_waiting.items())})
     pulumi.export("warmListeners", warm_outputs(lb.settings, lb.warm_for))
 
 

@@ -10,6 +10,7 @@ refuses any environment whose endpoints are not on loopback.
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +24,7 @@ from core.listeners import (
     listeners,
     network_listeners,
 )
-from core.network import network_layout, network_plan, warm_listeners, warm_outputs
+from core.network import SWITCHED_TAG, network_layout, network_plan, warm_listeners, warm_outputs
 from core.record import ReadinessRecord
 from core.settings import Settings, stack_file
 
@@ -237,7 +238,8 @@ def apply_network(settings: Settings) -> dict[str, Any]:
     state = network_state(s)  # before any change, as the program reads it
     record, problem = read_record(s)
     gated = network_plan(s, state, record, problem)
-    members, forwarding, holds = network_layout(s, gated, state.now(s) if state else {}, record, problem)
+    layout = network_layout(s, gated, state.now(s) if state else {}, record, problem, clock=time.time())
+    members, forwarding, holds = layout.members, layout.forwarding, layout.holds
     arn = state.arn if state else _create_network_lb(s)
     nlb_listeners = network_listeners(s)
     warm = [x.port for x in warm_listeners(s, forwarding)]
@@ -249,13 +251,14 @@ def apply_network(settings: Settings) -> dict[str, Any]:
         if x.port in warm:
             _warm(s, arn, x, groups[x.proxy.key])
     for x in nlb_listeners:
-        _listener(s, arn, x, groups[x.group(forwarding[x.port]).key])
+        _listener(s, arn, x, groups[x.group(forwarding[x.port]).key], layout.switched[x.port])
     for x in nlb_listeners:
         if x.port not in warm:
             _warm(s, arn, x, None)
     return {**outputs(gated), "listenerTargets": {str(port): kind for port, kind in forwarding.items()},
             "retiredPlainGroups": sorted(key for key, joined in members.items() if not joined and gated.join),
             "healthWaiting": {str(port): why for port, why in sorted(holds.items())},
+            "retireWaiting": {str(port): why for port, why in sorted(layout.retire_waits.items())},
             "warmListeners": warm_outputs(s, warm)}
 
 
@@ -324,9 +327,10 @@ def _members(s: Settings, arn: str, port: int, members: tuple[str, ...]) -> None
         elbv2.deregister_targets(TargetGroupArn=arn, Targets=[{"Id": i, "Port": port} for i in batch])
 
 
-def _listener(s: Settings, lb_arn: str, x: NetworkListener, target: str) -> None:
-    """The listener, created if missing, forwarding to `target`. A switch sends only the default
-    action (the other fields are unchanged; moto's modify_listener also refuses Protocol=TLS)."""
+def _listener(s: Settings, lb_arn: str, x: NetworkListener, target: str, switched: str | None) -> None:
+    """The listener, created if missing, forwarding to `target`, its SWITCHED_TAG `switched` (None:
+    none). A switch sends only the default action (the other fields are unchanged; moto's
+    modify_listener also refuses Protocol=TLS)."""
     from awsapi.clients import client, pages
 
     lb, elbv2 = s.load_balancer, client(s, "elbv2")
@@ -342,6 +346,10 @@ def _listener(s: Settings, lb_arn: str, x: NetworkListener, target: str) -> None
         arn = found[0]["ListenerArn"]
         if [a.get("TargetGroupArn") for a in found[0].get("DefaultActions", [])] != [target]:
             elbv2.modify_listener(ListenerArn=arn, DefaultActions=forward)
+    if switched:
+        elbv2.add_tags(ResourceArns=[arn], Tags=[{"Key": SWITCHED_TAG, "Value": switched}])
+    else:
+        elbv2.remove_tags(ResourceArns=[arn], TagKeys=[SWITCHED_TAG])
     if x.protocol == "TCP":  # a TLS listener's idle timeout is fixed
         elbv2.modify_listener_attributes(ListenerArn=arn, Attributes=[
             {"Key": "tcp.idle_timeout.seconds", "Value": str(lb.idle_timeout)}])
@@ -433,7 +441,7 @@ class LabApplier:
         out = apply(self.settings)
         if "listenerTargets" in out:
             note("listeners: " + ", ".join(f"{port} -> {kind}" for port, kind in out["listenerTargets"].items()))
-        for why in out.get("healthWaiting", {}).values():
+        for why in [*out.get("healthWaiting", {}).values(), *out.get("retireWaiting", {}).values()]:
             note(why)
         return out
 

@@ -3,6 +3,7 @@ AWS API), let `core/doctor.py` judge it, and show every row with its verdict."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import TYPE_CHECKING
@@ -28,6 +29,7 @@ from core.doctor import (
     probed_ports,
 )
 from core.errors import KitError
+from core.listeners import network_listeners
 from core.live import parse_state
 from core.network import group_health, target_health
 from core.probe import PROBE_HEADER, PROBE_HEADER_V2, PROBE_PATH, Check
@@ -158,6 +160,8 @@ def _network_balancer(settings: Settings, now: Traffic | None = None) -> Balance
         security_groups=list(state.security_groups),
         ingress=ingress,
         unknown=unknown,
+        network=state.now(settings),
+        warm=[x.port for x in network_listeners(settings) if x.warm_port in state.warm],
     )
 
 
@@ -179,7 +183,7 @@ def gather(settings: Settings, hosts: list[Host], trees: dict[str, Tree], ssh: S
             record = parameters.read_record(settings)
         except KitError as exc:
             record_problem = str(exc)
-        problems, notes, gate = balancer_problems(settings, lb, record, record_problem)
+        problems, notes, gate = balancer_problems(settings, lb, record, record_problem, time.time())
         view["loadBalancer"] = {**asdict(lb), "type": settings.load_balancer.type, "problems": problems, "notes": notes}
         view["gate"] = {**gate, "record": None if record is None else {
             "writtenAt": record.written_at.isoformat(), "ports": record.proxy_protocol_ports,

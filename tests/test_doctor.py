@@ -156,6 +156,39 @@ def test_the_network_gate_is_compared_with_the_proxy_ports_the_listeners_forward
     assert "the listeners send PROXY v2 to ports [83], the gate wants none: run `pulumi up`" in problems
 
 
+def test_status_says_a_listener_waits_for_its_proxy_groups_health_or_a_plain_group_for_its_switch_drain():
+    """The gate open, AWS not saying the proxy groups healthy yet while the warm listeners have them
+    checked: the next `pulumi up` would not switch either, so status says why it waits, not `run
+    `pulumi up``; without a warm listener a `pulumi up` is what it takes. On proxy, switched seconds
+    ago: the plain groups wait for switchDrain, and status says until when."""
+    from core import record as records
+    from core.listeners import PLAIN, PROXY
+
+    s = network()
+    instances = list(s.load_balancer.instances)
+    record = records.build("staging", [82, 83], {i: "d" * 64 for i in instances}, load_balancer=s.load_balancer.name)
+    state = network_state(s, {80: PLAIN, 443: PLAIN}, plain_targets=instances, proxy_healthy=False)
+    lb = BalancerFacts(exists=True, listeners=[("TCP", 80, "TCP", 80), ("TLS", 443, "TCP", 81)],
+                       header_ports=[], registered=instances, present=instances,
+                       health={i: "InService" for i in instances}, network=state.now(s), warm=[80, 443])
+    problems, notes, gate = balancer_problems(s, lb, record, None, 0.0)
+    assert gate["state"] == "open" and gate["ports"] == [82, 83]
+    assert not any("run `pulumi up`" in p for p in problems), problems
+    assert sum("stays on its plain group until AWS says every target of its proxy group" in n for n in notes) == 2
+    problems, _, _ = balancer_problems(s, BalancerFacts(**{**lb.__dict__, "warm": [80]}), record, None, 0.0)
+    assert "the listeners send PROXY v2 to ports none, the gate wants [82, 83]: run `pulumi up`" in problems
+
+    drain = s.load_balancer.switch_drain
+    on = network_state(s, {80: PROXY, 443: PROXY}, plain_targets=instances, switched_at=1000.0)
+    switched = BalancerFacts(**{**lb.__dict__, "header_ports": [82, 83], "network": on.now(s), "warm": []})
+    problems, notes, _ = balancer_problems(s, switched, record, None, 1000.0 + drain - 1)
+    assert not problems, problems
+    (wait,) = [n for n in notes if "wsgate-staging-plain-80" in n]
+    assert "kept (not retired) until 1970-01-01T00:" in wait and "loadBalancer.switchDrain" in wait
+    _, notes, _ = balancer_problems(s, switched, record, None, 1000.0 + drain)
+    assert not any("kept (not retired)" in n for n in notes)  # the next update retires them
+
+
 def test_fab_status_reads_a_network_load_balancer_through_the_elbv2_api(aws):
     """The facts `fab status` gathers for a network load balancer (a loopback ELBv2 endpoint): each
     listener with the group it forwards to, the proxy ports among them, members and their health."""
@@ -195,9 +228,11 @@ def group_state(name: str, port: int, v2: bool, targets=(), draining=(), healthy
                             states={i: "healthy" if healthy else "initial" for i in targets}, draining=tuple(draining))
 
 
-def network_state(s, forwards: dict[int, str], plain_targets=(), plain_draining=(), proxy_healthy=True):
-    """A network load balancer as network_state reads it: each listener on the group `forwards` names."""
-    from core.listeners import network_listeners
+def network_state(s, forwards: dict[int, str], plain_targets=(), plain_draining=(), proxy_healthy=True,
+                  switched_at: float | None = 0.0):
+    """A network load balancer as network_state reads it: each listener on the group `forwards` names,
+    one on its proxy group tagged as switched at `switched_at` (None: no tag)."""
+    from core.listeners import PROXY, network_listeners
     from core.network import NetworkState
 
     members = ("i-0123456789abcdef0", "i-0123456789abcdef1")
@@ -206,7 +241,8 @@ def network_state(s, forwards: dict[int, str], plain_targets=(), plain_draining=
         groups[x.plain.name] = group_state(x.plain.name, x.plain.port, False, plain_targets, plain_draining)
         groups[x.proxy.name] = group_state(x.proxy.name, x.proxy.port, True, members, healthy=proxy_healthy)
         listeners[x.port] = (groups[x.group(forwards[x.port]).name],)
-    return NetworkState("arn:lb", listeners, groups=groups)
+    switched = {port: switched_at for port, kind in forwards.items() if kind == PROXY and switched_at is not None}
+    return NetworkState("arn:lb", listeners, groups=groups, switched=switched)
 
 
 def test_a_plain_port_is_retired_only_once_aws_lists_no_target_in_its_group_not_even_a_draining_one():
@@ -229,20 +265,26 @@ def test_the_program_retires_a_plain_group_an_update_after_the_switch_and_keeps_
     from core.network import network_members
 
     s = network()
+    drain = s.load_balancer.switch_drain
+    later = drain + 1.0  # the clock: switchDrain and a second after the switch (tagged at 0)
     join = ("i-0123456789abcdef0", "i-0123456789abcdef1")
     both = {80: PROXY, 443: PROXY}
     switching = network_state(s, {80: PLAIN, 443: PLAIN}, plain_targets=join).now(s)
-    assert network_members(s, both, switching, join) == {k: join for k in (
+    assert network_members(s, both, switching, join, later) == {k: join for k in (
         "http-plain", "http-proxy", "tls-plain", "tls-proxy")}
     settled = network_state(s, both, plain_targets=join).now(s)
-    assert network_members(s, both, settled, join) == {
+    assert network_members(s, both, settled, join, later) == {
         "http-plain": (), "http-proxy": join, "tls-plain": (), "tls-proxy": join}
+    # within switchDrain of the switch (by its tag), or with no tag at all: kept
+    assert network_members(s, both, settled, join, drain - 1.0)["http-plain"] == join
+    untagged = network_state(s, both, plain_targets=join, switched_at=None).now(s)
+    assert network_members(s, both, untagged, join, later)["http-plain"] == join
     unhealthy = network_state(s, both, plain_targets=join, proxy_healthy=False).now(s)
-    assert network_members(s, both, unhealthy, join)["http-plain"] == join  # the switch not in use yet
-    retired = network_state(s, both, proxy_healthy=False).now(s)
-    assert network_members(s, both, retired, join)["http-plain"] == ()  # a health flap does not re-register
+    assert network_members(s, both, unhealthy, join, later)["http-plain"] == join  # the switch not in use yet
+    retired = network_state(s, both, proxy_healthy=False, switched_at=None).now(s)
+    assert network_members(s, both, retired, join, 0.0)["http-plain"] == ()  # a health flap does not re-register
     back = {80: PLAIN, 443: PLAIN}
-    assert network_members(s, back, retired, join)["http-plain"] == join
+    assert network_members(s, back, retired, join, later)["http-plain"] == join
 
 
 def test_a_plain_port_not_served_while_turning_off_names_the_command_that_serves_it_again():

@@ -8,17 +8,20 @@ in AWS; every decision is the kit's own: `core.network.network_plan` and `core.n
 `served_ports`, `proven_ports` and `plain_proven` (what a rollout serves and records), and the
 order of `remote/cutover.py` and `remote/tasks.py` (refusals, the two-step turn-off).
 
-A listener change reaches the load balancer's nodes over time: until it has, the group the
-listener left still gets new connections, and the new group's targets report `initial` (their
-first health checks take longer than the change takes to spread). AWS health-checks only a group
-some listener forwards to (a warm listener counts): the others' targets report `unused`, and a
-target reports `initial` until its first checks pass (after it registered, or its group came into
-use); `fab rollout --apply` waits for them when a listener waits for its proxy group's health.
+A listener change reaches the load balancer's nodes over time, within `loadBalancer.switchDrain`
+seconds (time passes in steps of a second or of switchDrain): until it has, the group the listener
+left still gets new connections. AWS health-checks only a group some listener forwards to (a warm
+listener counts): the others' targets report `unused`, and a target reports `initial` until its
+first checks pass (after it registered, or its group came into use); `fab rollout --apply` waits
+for them when a listener waits for its proxy group's health. A proxy group its warm listener kept
+checked reads `healthy` the moment its listener switches: only the switch time the update tags the
+listener with (read back from AWS) holds its plain group's retirement back.
 
 After every step: every target registered in a group a listener forwards to, or just left,
 serves that group's port (reading the header on a proxy port), no such group is empty, and
 every target registered or still draining in a plain group serves its port; and no listener ever
-moved to a proxy group with a target AWS did not report `healthy` at that moment.
+moved to a proxy group with a target AWS did not report `healthy` at that moment; and no plain
+group was retired (a member deregistered) within switchDrain of its listener's switch.
 """
 
 from __future__ import annotations
@@ -32,12 +35,13 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from core import record as records
 from core.errors import KitError
 from core.listeners import PLAIN, PROXY, network_listeners
-from core.network import NetworkState, TargetGroupState, network_layout, network_plan, warm_listeners
+from core.network import NetworkState, TargetGroupState, network_layout, network_plan, stamped, warm_listeners
 from core.probe import plain_proven, proven_ports
 from core.render import served_ports
 from tests.conftest import settings_from
 
 ENV = "staging"
+START = 1_800_000_000.0  # the clock at the start (whole seconds: the switch tag keeps seconds)
 
 
 @cache
@@ -64,6 +68,10 @@ class Runs(RuleBasedStateMachine):
         # reaches the load balancer's nodes (new connections may still go there); the new group's
         # targets report `initial` until then (their first health checks take longer than that)
         self.lagging: dict[int, str] = {}
+        self.clock = START
+        self.switch_time: dict[int, float] = {}  # listener -> when it last changed (the model's truth)
+        self.tags: dict[int, float] = {}  # listener -> its switch time tag in AWS
+        self.early: list[str] = []  # a plain group retired within switchDrain of its listener's switch
         self.warm: set[int] = set()  # the listeners whose warm listener exists
         self.fresh: set[tuple[str, str]] = set()  # (group key, instance): first health checks not passed yet
         self.holds: dict[int, str] = {}  # the last complete `pulumi up`'s listeners waiting for health
@@ -78,10 +86,9 @@ class Runs(RuleBasedStateMachine):
 
     def state(self) -> NetworkState:
         used = self.used()
-        settling = {x.group(self.forwards[x.port]).key for x in self.listeners if x.port in self.lagging}
         groups = {}
         for key, g in self.groups.items():
-            states = {i: "initial" if key in settling or (key, i) in self.fresh else
+            states = {i: "initial" if (key, i) in self.fresh else
                       ("healthy" if g.port in self.serves[i] else "unhealthy")
                       if key in used else "unused" for i in sorted(self.members[key])}
             groups[g.name] = TargetGroupState(f"arn:{g.name}", g.name, g.port, g.proxy_protocol_v2,
@@ -89,7 +96,7 @@ class Runs(RuleBasedStateMachine):
                                               draining=tuple(sorted(self.draining[key])))
         listeners = {x.port: (groups[x.group(self.forwards[x.port]).name],) for x in self.listeners}
         return NetworkState("arn:lb", listeners, present=tuple(sorted(set().union(*self.members.values()))),
-                            groups=groups)
+                            groups=groups, switched=dict(self.tags))
 
     def header_ports(self) -> list[int]:
         return sorted(x.proxy.port for x in self.listeners if self.forwards[x.port] == PROXY)
@@ -101,16 +108,18 @@ class Runs(RuleBasedStateMachine):
         state = self.state()
         gated = network_plan(s, state, self.record, None if self.record else "no readiness record")
         try:
-            members, forwarding, holds = network_layout(s, gated, state.now(s), self.record)
+            layout = network_layout(s, gated, state.now(s), self.record, clock=self.clock)
         except KitError:
             return False
+        members, forwarding, holds = layout.members, layout.forwarding, layout.holds
+        tags = {port: stamped(at) for port, at in layout.switched.items()}
         warm = {x.port for x in warm_listeners(s, forwarding)}
         ops: list[tuple] = []
         for key, want in members.items():
             ops += [("register", key, i) for i in sorted(set(want) - self.members[key])]
         ops += [("warm", port, True) for port in sorted(warm - self.warm)]
         ops += [("listener", x.port, forwarding[x.port]) for x in self.listeners
-                if forwarding[x.port] != self.forwards[x.port]]
+                if forwarding[x.port] != self.forwards[x.port] or tags[x.port] != self.tags.get(x.port)]
         if order:  # another order Pulumi may take: a listener still after its own group's registrations
             ops = [ops[i] for i in order if i < len(ops)] + [op for n, op in enumerate(ops) if n not in order]
             for x in self.listeners:
@@ -130,6 +139,10 @@ class Runs(RuleBasedStateMachine):
                 self.draining[op[1]].discard(op[2])
                 self.fresh.add((op[1], op[2]))
             elif op[0] == "deregister":
+                x = next(x for x in self.listeners if x.plain.key == op[1] or x.proxy.key == op[1])
+                since = self.clock - self.switch_time.get(x.port, START - s.load_balancer.switch_drain)
+                if op[1] == x.plain.key and since < s.load_balancer.switch_drain:
+                    self.early.append(f"{op[1]} retired {since:.0f} s after listener {x.port} switched")
                 self.members[op[1]].discard(op[2])
                 self.draining[op[1]].add(op[2])
             elif op[0] == "warm":
@@ -141,7 +154,14 @@ class Runs(RuleBasedStateMachine):
                     sick = {i: w for i, w in now.items() if w != "healthy"}
                     if sick or not now:
                         self.bad_moves.append(f"listener {x.port} moved to {x.proxy.key}: {sick or 'no target'}")
-                self.lagging.setdefault(op[1], x.group(self.forwards[op[1]]).key)
+                tag = tags[op[1]]  # the listener's tags change with it, in one operation
+                if tag is None:
+                    self.tags.pop(op[1], None)
+                else:
+                    self.tags[op[1]] = tag
+                if op[2] != self.forwards[op[1]]:
+                    self.lagging.setdefault(op[1], x.group(self.forwards[op[1]]).key)
+                    self.switch_time[op[1]] = self.clock
                 self.forwards[op[1]] = op[2]
             # a group that came into use gets its first health checks
             self.fresh |= {(key, i) for key in self.used() - used for i in self.members[key]}
@@ -165,6 +185,17 @@ class Runs(RuleBasedStateMachine):
     @rule()
     def listener_changes_reach_every_node(self):
         self.lagging = {}
+
+    @rule(whole=st.booleans())
+    def time_passes(self, whole):
+        """A second, or switchDrain: by then every listener change reached every node."""
+        self.advance(_settings(self.wanted).load_balancer.switch_drain if whole else 1)
+
+    def advance(self, seconds: float) -> None:
+        self.clock += seconds
+        drain = _settings(self.wanted).load_balancer.switch_drain
+        self.lagging = {port: key for port, key in self.lagging.items()
+                        if self.clock - self.switch_time[port] < drain}
 
     @rule()
     def health_checks_pass(self):
@@ -215,8 +246,8 @@ class Runs(RuleBasedStateMachine):
                 return False
             dropped = {0}
             self.meanwhile(data)
-        if dropped:  # the drain (cutover._drain): deregistrationDelay, longer than a change takes to spread
-            self.lagging = {}
+        if dropped:  # the drain (cutover._drain): at least switchDrain, as long as a change takes to spread
+            self.advance(s.load_balancer.switch_drain)
         if turning_off and not fails:
             self.record = None  # deleted before the hosts go live (put back if they roll back)
         if turning_off and header:
@@ -286,6 +317,10 @@ class Runs(RuleBasedStateMachine):
             assert self.members[key], f"listener {port} left {key}, which nodes still use, with no target"
             for i in self.members[key]:
                 assert group.port in self.serves[i], f"listener {port} left {key}: {i} no longer serves it"
+
+    @invariant()
+    def no_plain_group_is_retired_within_switch_drain_of_its_listeners_switch(self):
+        assert not self.early, self.early
 
     @invariant()
     def no_listener_moved_to_a_proxy_group_not_proven_healthy(self):

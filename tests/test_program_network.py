@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import boto3
 import pulumi
@@ -22,7 +23,7 @@ import awsapi.parameters
 from core import record as records
 from core.errors import KitError, SettingsError
 from core.listeners import PLAIN, PROXY, network_listeners, target_group_name
-from core.network import network_forwarding
+from core.network import SWITCHED_TAG, network_forwarding, stamp, stamped
 from tests.conftest import settings_from, stack_config
 from tests.test_program import Recorder, Warnings, engine_format
 
@@ -138,10 +139,11 @@ def write_record(aws_url: str, instances: list[str], ports: list[int] | None = N
 
 
 def nlb_in_aws(aws_url: str, forwarding: dict[int, str], registered: dict[str, list[str]] | None = None,
-               proxy_v2: bool = True) -> None:
+               proxy_v2: bool = True, switched_ago: float | None = 3600) -> None:
     """The network load balancer as an earlier `pulumi up` left it: its four groups (PROXY v2 on the
     proxy ones, unless `proxy_v2` is False), `registered` (group key -> instances; default: every
-    configured instance in every group), each listener forwarding to the kind `forwarding` names."""
+    configured instance in every group), each listener forwarding to the kind `forwarding` names; one
+    on its proxy group tagged as switched `switched_ago` seconds ago (None: no tag)."""
     s = settings_for(aws_url)
     ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=aws_url)
     elbv2 = boto3.client("elbv2", region_name=REGION, endpoint_url=aws_url)
@@ -167,9 +169,34 @@ def nlb_in_aws(aws_url: str, forwarding: dict[int, str], registered: dict[str, l
             arns[group.kind] = arn
         tls = {"Certificates": [{"CertificateArn": certificate}], "SslPolicy": s.load_balancer.ssl_policy,
                "AlpnPolicy": [s.load_balancer.alpn_policy]} if listener.protocol == "TLS" else {}
-        elbv2.create_listener(LoadBalancerArn=lb["LoadBalancerArn"], Protocol=listener.protocol, Port=listener.port,
-                              DefaultActions=[{"Type": "forward", "TargetGroupArn": arns[forwarding[listener.port]]}],
-                              **tls)
+        made = elbv2.create_listener(
+            LoadBalancerArn=lb["LoadBalancerArn"], Protocol=listener.protocol, Port=listener.port,
+            DefaultActions=[{"Type": "forward", "TargetGroupArn": arns[forwarding[listener.port]]}], **tls)
+        if forwarding[listener.port] == PROXY and switched_ago is not None:  # as the switching update tags it
+            elbv2.add_tags(ResourceArns=[made["Listeners"][0]["ListenerArn"]],
+                           Tags=[{"Key": SWITCHED_TAG, "Value": stamp(time.time() - switched_ago)}])
+
+
+def switched_at(aws_url: str, port: int, at: float) -> None:
+    """Listener `port`'s switch time tag set to `at` through the ELBv2 API: the clock a test moves."""
+    s = settings_for(aws_url)
+    elbv2 = boto3.client("elbv2", region_name=REGION, endpoint_url=aws_url)
+    (lb,) = elbv2.describe_load_balancers(Names=[s.load_balancer.name])["LoadBalancers"]
+    (arn,) = [x["ListenerArn"] for x in elbv2.describe_listeners(LoadBalancerArn=lb["LoadBalancerArn"])["Listeners"]
+              if x["Port"] == port]
+    elbv2.add_tags(ResourceArns=[arn], Tags=[{"Key": SWITCHED_TAG, "Value": stamp(at)}])
+
+
+def switch_tags(aws_url: str) -> dict[int, str | None]:
+    """Listener port -> its switch time tag as the ELBv2 API has it (None: no tag)."""
+    s = settings_for(aws_url)
+    elbv2 = boto3.client("elbv2", region_name=REGION, endpoint_url=aws_url)
+    (lb,) = elbv2.describe_load_balancers(Names=[s.load_balancer.name])["LoadBalancers"]
+    arns = {x["ListenerArn"]: x["Port"] for x in elbv2.describe_listeners(LoadBalancerArn=lb["LoadBalancerArn"])
+            ["Listeners"] if x["Port"] in (80, 443)}
+    tags = elbv2.describe_tags(ResourceArns=sorted(arns))["TagDescriptions"]
+    return {arns[d["ResourceArn"]]: next((t["Value"] for t in d["Tags"] if t["Key"] == SWITCHED_TAG), None)
+            for d in tags}
 
 
 # --- the resource graph --------------------------------------------------------------------
@@ -575,6 +602,85 @@ def test_an_update_after_the_switch_retires_the_plain_groups(aws, monkeypatch):
     assert exports["listenerTargets"] == BOTH_PROXY
     assert exports["retiredPlainGroups"] == ["http-plain", "tls-plain"]
     assert mocks.attached() == {port: INSTANCES for port in (82, 83)}  # deregistered: AWS drains them
+
+
+def as_declared(aws_url: str, mocks: NetworkRecorder) -> None:
+    """The listeners 80 and 443 changed in AWS as the program declared them (what `pulumi up` does):
+    their default action and their switch time tag."""
+    s = settings_for(aws_url)
+    elbv2 = boto3.client("elbv2", region_name=REGION, endpoint_url=aws_url)
+    (lb,) = elbv2.describe_load_balancers(Names=[s.load_balancer.name])["LoadBalancers"]
+    groups = {g["TargetGroupName"]: g["TargetGroupArn"] for g in elbv2.describe_target_groups()["TargetGroups"]}
+    for live in elbv2.describe_listeners(LoadBalancerArn=lb["LoadBalancerArn"])["Listeners"]:
+        if live["Port"] not in (80, 443):
+            continue
+        declared = mocks.listener(live["Port"]).inputs
+        (action,) = declared["defaultActions"]
+        elbv2.modify_listener(ListenerArn=live["ListenerArn"], DefaultActions=[
+            {"Type": "forward", "TargetGroupArn": groups[action["targetGroupArn"].rsplit("/", 2)[-2]]}])
+        if SWITCHED_TAG in declared["tags"]:
+            elbv2.add_tags(ResourceArns=[live["ListenerArn"]],
+                           Tags=[{"Key": SWITCHED_TAG, "Value": declared["tags"][SWITCHED_TAG]}])
+        else:
+            elbv2.remove_tags(ResourceArns=[live["ListenerArn"]], TagKeys=[SWITCHED_TAG])
+
+
+def test_a_plain_group_is_retired_only_switch_drain_after_the_switch_by_the_listeners_tag(aws, monkeypatch):
+    """A proxy group its warm listener kept checked reads `healthy` the moment its listener switches
+    (moto says `healthy` throughout), while the load balancer's nodes may still send new connections
+    to the plain group for `loadBalancer.switchDrain` seconds. The switching update tags each listener
+    with the time; an update seconds later keeps the plain groups and that time; once the tag is
+    switchDrain old (moved back here through the ELBv2 API, as a clock) the next update retires them."""
+    nlb_in_aws(aws.url, {80: PLAIN, 443: PLAIN})
+    write_record(aws.url, INSTANCES)
+    drain = settings_for(aws.url).load_balancer.switch_drain
+    before = time.time()
+    mocks, exports, warnings = run(aws.url, monkeypatch)  # the switch
+    assert exports["listenerTargets"] == BOTH_PROXY and exports["retiredPlainGroups"] == []
+    assert set(exports["retireWaiting"]) == {"80", "443"} and not warnings  # said, not warned: the kit's pace
+    as_declared(aws.url, mocks)
+    tags = switch_tags(aws.url)
+    assert all(before - 1 <= (stamped(tag) or 0) <= time.time() for tag in tags.values()), tags
+
+    mocks, exports, _ = run(aws.url, monkeypatch)  # seconds later (CI, or a second `fab rollout --apply`)
+    assert exports["listenerTargets"] == BOTH_PROXY and exports["retiredPlainGroups"] == []
+    assert mocks.attached() == {port: INSTANCES for port in (80, 81, 82, 83)}  # nobody deregistered
+    assert {port: mocks.listener(port).inputs["tags"][SWITCHED_TAG] for port in (80, 443)} == tags  # AWS's time
+    until = stamp((stamped(tags[80]) or 0) + drain)
+    assert f"kept (not retired) until {until}" in exports["retireWaiting"]["80"]
+    as_declared(aws.url, mocks)
+    assert switch_tags(aws.url) == tags
+
+    for port in (80, 443):
+        switched_at(aws.url, port, time.time() - drain - 1)
+    aged = switch_tags(aws.url)
+    mocks, exports, _ = run(aws.url, monkeypatch)
+    assert exports["retiredPlainGroups"] == ["http-plain", "tls-plain"] and exports["retireWaiting"] == {}
+    assert mocks.attached() == {port: INSTANCES for port in (82, 83)}  # deregistered: AWS drains them
+    assert {port: mocks.listener(port).inputs["tags"][SWITCHED_TAG] for port in (80, 443)} == aged  # kept
+
+
+def test_a_listener_on_proxy_without_the_switch_tag_counts_as_switched_now(aws, monkeypatch):
+    """Switched by an older kit, or by hand: no proof from AWS when, so the update tags it with its
+    own time and keeps the plain group for switchDrain from then."""
+    nlb_in_aws(aws.url, {80: PROXY, 443: PROXY}, switched_ago=None)
+    write_record(aws.url, INSTANCES)
+    before = time.time()
+    mocks, exports, _ = run(aws.url, monkeypatch)
+    assert exports["listenerTargets"] == BOTH_PROXY and exports["retiredPlainGroups"] == []
+    assert mocks.attached() == {port: INSTANCES for port in (80, 81, 82, 83)}
+    at = {stamped(mocks.listener(port).inputs["tags"][SWITCHED_TAG]) or 0 for port in (80, 443)}
+    assert all(before - 1 <= x <= time.time() for x in at)
+    assert "loadBalancer.switchDrain (75 s)" in exports["retireWaiting"]["443"]
+
+
+def test_a_listener_moving_back_to_its_plain_group_loses_its_switch_tag(aws, monkeypatch):
+    nlb_in_aws(aws.url, {80: PROXY, 443: PROXY})
+    write_record(aws.url, INSTANCES, plain=[80, 81])
+    mocks, exports, _ = run(aws.url, monkeypatch, **{"wsgate:proxyProtocol": "false"})
+    assert exports["listenerTargets"] == BOTH_PLAIN
+    assert not any(SWITCHED_TAG in mocks.listener(port).inputs["tags"] for port in (80, 443))
+    assert exports["retireWaiting"] == {}
 
 
 def test_only_the_listener_on_proxy_retires_its_plain_group(aws, monkeypatch):

@@ -19,7 +19,7 @@ import awsapi.balancer
 import awsapi.network
 import tests.test_program_network as program
 from core.listeners import PLAIN, PROXY, network_listeners
-from core.network import ListenerNow, health_holds, network_forwarding, warm_listeners
+from core.network import SWITCHED_TAG, ListenerNow, health_holds, network_forwarding, warm_listeners
 from core.settings import from_config
 from lab.applier import apply
 from tests.conftest import settings_from, stack_config
@@ -73,8 +73,15 @@ def both_decide(url: str, monkeypatch) -> tuple[dict, dict]:
     s = lab_settings(url)
     out = apply(s)
     kinds = {port: mocks.forwards_to(port) for port in (80, 443)}
-    assert {k: out[k] for k in ("listenerTargets", "healthWaiting", "warmListeners", "proxyProtocolGate")} == \
-        {k: exports[k] for k in ("listenerTargets", "healthWaiting", "warmListeners", "proxyProtocolGate")}
+    keys = ("listenerTargets", "healthWaiting", "warmListeners", "proxyProtocolGate", "retiredPlainGroups")
+    assert {k: out[k] for k in keys} == {k: exports[k] for k in keys}
+    assert set(out["retireWaiting"]) == set(exports["retireWaiting"])  # its words name the time of each run
+    assert registered_in_aws(s) == mocks.attached()
+    # the switch time: declared on a listener on its proxy group, in AWS as the applier left it
+    assert {port: SWITCHED_TAG in mocks.listener(port).inputs["tags"] for port in (80, 443)} == \
+        {port: kind == PROXY for port, kind in kinds.items()}
+    assert {port: tag is not None for port, tag in program.switch_tags(url).items()} == \
+        {port: kind == PROXY for port, kind in kinds.items()}
     assert exports["listenerTargets"] == {str(port): kind for port, kind in kinds.items()}
     assert exports["warmListeners"] == warm_declared(mocks)
     assert warm_in_aws(s) == {port: [name] for port, name in exports["warmListeners"].items()}
@@ -110,6 +117,21 @@ def test_no_listener_moves_to_a_proxy_group_aws_has_not_proven_healthy(endpoint,
     assert exports["listenerTargets"] == program.BOTH_PROXY and exports["healthWaiting"] == {}
     assert exports["warmListeners"] == {}  # the listeners' own traffic keeps the groups checked
     assert awsapi.balancer.header_ports(s) == [82, 83]
+    tags = program.switch_tags(url)
+
+    # seconds later every proxy target reads `healthy` (the warm listener had them checked), while the
+    # load balancer's nodes may still send new connections to the plain groups: both keep them
+    exports, _ = both_decide(url, monkeypatch)
+    assert exports["retiredPlainGroups"] == [] and set(exports["retireWaiting"]) == {"80", "443"}
+    assert registered_in_aws(s) == {p: INSTANCES for p in (80, 81, 82, 83)}
+    assert program.switch_tags(url) == tags  # the switch time as AWS has it, never a new one
+
+
+def registered_in_aws(s) -> dict[int, list[str]]:
+    """Instance port -> the instances registered (not draining) in the kit's group of that port."""
+    state = awsapi.network.network_state(s)
+    assert state is not None
+    return {g.port: sorted(g.targets) for g in sorted(state.groups.values(), key=lambda g: g.port) if g.targets}
 
 
 def test_a_listener_this_update_creates_is_no_switch(endpoint, monkeypatch):
