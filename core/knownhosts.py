@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import fnmatch
+import hashlib
 import hmac
 from dataclasses import dataclass, field
 
@@ -26,6 +27,23 @@ HASHED = "|1|"
 REVOKED, CERT_AUTHORITY = "@revoked", "@cert-authority"
 MARKERS = (REVOKED, CERT_AUTHORITY)
 SSH_PORT = 22
+_INNER, _OUTER = bytes(b ^ 0x36 for b in range(256)), bytes(b ^ 0x5C for b in range(256))  # HMAC's pads
+
+
+class _Hmac:
+    """HMAC-SHA1 under one salt, its padded key hashed once: each name it is asked about then costs
+    two copies of a hash state, not a whole HMAC (thousands of hashed lines, for every host)."""
+
+    def __init__(self, salt: bytes):
+        key = (hashlib.sha1(salt).digest() if len(salt) > 64 else salt).ljust(64, b"\0")
+        self._inner, self._outer = hashlib.sha1(key.translate(_INNER)), hashlib.sha1(key.translate(_OUTER))
+
+    def digest(self, message: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
 
 
 class KnownHostsError(KitError):
@@ -59,7 +77,7 @@ class KnownHosts:
 
     source: str
     plain: dict[str, list[Entry]] = field(default_factory=dict)  # exact lower-case name -> lines
-    hashed: list[tuple[bytes, bytes, Entry]] = field(default_factory=list)  # (salt, digest, line)
+    hashed: list[tuple[_Hmac, bytes, Entry]] = field(default_factory=list)  # (HMAC under its salt, digest, line)
     patterns: list[tuple[list[str], list[str], Entry]] = field(default_factory=list)  # (positive, negated, line)
     negated: list[tuple[list[str], set[str], Entry]] = field(default_factory=list)  # exact names with a `!` beside
 
@@ -96,7 +114,7 @@ class KnownHosts:
                 salt, digest = (base64.b64decode(part, validate=True) for part in salt_hash)
             except (binascii.Error, ValueError):
                 raise self._bad(number, "a hashed host name is not |1|salt|hash in base64") from None
-            self.hashed.append((salt, digest, entry))
+            self.hashed.append((_Hmac(salt), digest, entry))
             return
         names = [n.lower() for n in hosts.split(",") if n]
         positive = [n for n in names if not n.startswith("!")]
@@ -117,8 +135,7 @@ class KnownHosts:
         name = lookup_name(host, port)
         found = list(self.plain.get(name, ()))
         encoded = name.encode()
-        found += [e for salt, digest, e in self.hashed
-                  if hmac.compare_digest(hmac.digest(salt, encoded, "sha1"), digest)]
+        found += [e for mac, digest, e in self.hashed if hmac.compare_digest(mac.digest(encoded), digest)]
         found += [e for positive, negated, e in self.negated if name in positive and name not in negated]
         found += [e for positive, negated, e in self.patterns
                   if any(_glob(p, name) for p in positive) and not any(_glob(p, name) for p in negated)]
