@@ -513,7 +513,7 @@ def test_runs_over_drifted_hosts_serve_what_ran_or_what_was_intended(fleet, tmp_
     Run.fleet, Run.faults, Run.health = fleet, proxy, (fleet.ports["health"], other)
     try:
         run_state_machine_as_test(Run, settings=run_settings(
-            max_examples=4, stateful_step_count=8, deadline=None, database=None,
+            max_examples=3, stateful_step_count=8, deadline=None, database=None,
             phases=[Phase.explicit, Phase.generate],  # shrinking on real hosts takes minutes: the steps print as run
             suppress_health_check=list(HealthCheck)))
     finally:

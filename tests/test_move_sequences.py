@@ -228,5 +228,5 @@ def test_moves_cut_short_in_any_order_never_send_where_the_hosts_disagree(aws):
         url = aws.url
 
     run_state_machine_as_test(Run, settings=run_settings(
-        max_examples=15, stateful_step_count=8, deadline=None, database=None,
+        max_examples=8, stateful_step_count=8, deadline=None, database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
