@@ -61,13 +61,7 @@ class LiveState:
         """Where to ask what nginx runs, in order: the health port (and bind address) of the release
         `current` names, of the one `previous` names (what runs after a run cut short between its
         swap and its reload), then the settings' (`address`, `port`). Each pair once."""
-        out: list[tuple[str, int]] = []
-        for manifest in (self.manifest, self.previous_manifest):
-            ports = manifest.get("ports")
-            health = ports.get("health") if isinstance(ports, dict) else None
-            if isinstance(health, int) and not isinstance(health, bool) and 0 < health < 65536:
-                bind = manifest.get("bind")
-                out.append((bind if isinstance(bind, str) and bind else address, health))
+        out = [health_address(m, address, port) for m in (self.manifest, self.previous_manifest) if health_of(m)]
         out.append((address, port))
         return list(dict.fromkeys(out))
 
@@ -144,3 +138,17 @@ def nginx_error(output: str) -> str:
             if marker in line:
                 return line
     return lines[-1] if lines else "no output"
+
+
+def health_of(manifest: dict) -> int | None:
+    """The health port a release's release.json names, or None (absent or not a port)."""
+    ports = manifest.get("ports")
+    health = ports.get("health") if isinstance(ports, dict) else None
+    return health if isinstance(health, int) and not isinstance(health, bool) and 0 < health < 65536 else None
+
+
+def health_address(manifest: dict, address: str, port: int) -> tuple[str, int]:
+    """Where a release answers for its health: its release.json's bind address and health port,
+    each falling back to `address` and `port` when it names none."""
+    bind = manifest.get("bind")
+    return (bind if isinstance(bind, str) and bind else address), health_of(manifest) or port

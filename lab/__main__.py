@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -528,19 +527,10 @@ def free_ports(n: int, addresses: list[str], avoid: set[int]) -> list[int]:
     while len(out) < n:
         if port > 65535:
             raise KitError(f"no {n} free ports above {max(avoid)} on {', '.join(addresses)}")
-        if port not in avoid and all(_free(a, port) for a in addresses):
+        if port not in avoid and all(lab_hosts.port_free(a, port) for a in addresses):
             out.append(port)
         port += 1
     return out
-
-
-def _free(address: str, port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind((address, port))
-        except OSError:
-            return False
-    return True
 
 
 def classic_block(lb: dict, region: str) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -39,6 +40,16 @@ def keygen(path: Path) -> str:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "wsgate-lab", "-f", str(path)],
                        check=True)
     return Path(f"{path}.pub").read_text().strip()
+
+
+def port_free(address: str, port: int) -> bool:
+    """Nothing is bound to address:port now (a bind succeeds)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind((address, port))
+        except OSError:
+            return False
+    return True
 
 
 def wait_port(address: str, port: int, timeout: float = 10.0) -> None:

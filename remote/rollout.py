@@ -41,7 +41,7 @@ from fabric import Connection
 
 from core.batches import split
 from core.errors import KitError
-from core.live import LiveState, digest_of_link, nginx_error, parse_files, parse_state, tree_diff
+from core.live import LiveState, digest_of_link, health_address, nginx_error, parse_files, parse_state, tree_diff
 from core.outcome import HostOutcome, Step
 from core.render import MANIFEST_FILE, Tree
 from core.session import DONE, LOCK_FAILED_EXIT, LOCKED, LOCKED_EXIT, STAGED, SWAPPED, Mode, Remote
@@ -447,17 +447,15 @@ class Rollout:
 
         assert h.before is not None and h.conn is not None
         manifest = h.before.previous_manifest
-        ports = manifest.get("ports")
-        if not isinstance(ports, dict) or ports == manifest_ports(self.settings):
+        ports, settings_ports = manifest.get("ports"), manifest_ports(self.settings)
+        if not isinstance(ports, dict) or ports == settings_ports:
             return None
-        health, bind = ports.get("health"), manifest.get("bind")
-        port = health if isinstance(health, int) and 0 < health < 65536 else self.settings.ports.health
-        address = bind if isinstance(bind, str) and bind else self._address(h)
+        address, port = health_address(manifest, self._address(h), self.settings.ports.health)
         seen = wait_live(self.ssh, h.conn, address, port, digest)
         if not seen or seen.digest != digest:
             return [f"port {port} says {seen.digest[:12] if seen else 'nothing'} after the rollback to {digest[:12]}"]
         self.reporter.note(f"{h.host.name}: its previous release serves ports {ports}, not the settings' "
-                           f"{manifest_ports(self.settings)}: proven on its own health port {port} only")
+                           f"{settings_ports}: proven on its own health port {port} only")
         return []
 
     def _restore(self, h: _Host) -> None:

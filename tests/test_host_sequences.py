@@ -28,7 +28,6 @@ import shutil
 import socket
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -50,7 +49,7 @@ from tests.support.faults import AwsFaults, hanging_nginx
 from tests.support.moto import reset as reset_aws
 from tests.support.procs import free_ports
 from tests.test_faults import drop_connections, link, lock_free
-from tests.test_rollout import settings
+from tests.test_rollout import live_digest, live_digests, settings
 
 pytestmark = pytest.mark.integration
 FLEET_SIZE = 2
@@ -196,13 +195,7 @@ class HostSequences(RuleBasedStateMachine):
     def serves(self, name: str) -> str | None:
         """The digest the host's nginx answers with on whichever health port it serves."""
         h = self.by_name[name]
-        for port in self.health:
-            try:
-                with urllib.request.urlopen(f"http://{h.address}:{port}/healthz", timeout=2) as r:
-                    return r.read().decode().split()[1]
-            except OSError:
-                continue
-        return None
+        return next((d for port in self.health if (d := live_digest(h.address, port))), None)
 
     def read(self, name: str) -> Host:
         root = self.by_name[name].root
@@ -428,18 +421,6 @@ class HostSequences(RuleBasedStateMachine):
         assert self.stored_record() == self.record
 
 
-def health_of(fleet, port: int) -> dict[str, str | None]:
-    """What each host's nginx says it runs on health port `port`."""
-    out: dict[str, str | None] = {}
-    for h in fleet.hosts:
-        try:
-            with urllib.request.urlopen(f"http://{h.address}:{port}/healthz", timeout=2) as r:
-                out[h.name] = r.read().decode().split()[1]
-        except OSError:
-            out[h.name] = None
-    return out
-
-
 def test_what_runs_is_asked_where_each_release_serves_its_health_port_then_where_the_settings_say():
     from core.live import LiveState
 
@@ -462,7 +443,7 @@ def test_current_ahead_on_a_run_that_moves_the_health_port_is_refused_not_restor
         assert run(fleet, False)[0].ok
     h1, h2 = fleet.hosts
     old = fleet.ports["health"]
-    running = health_of(fleet, old)
+    running = live_digests(fleet, old)
     new = free_ports(1, [h.address for h in fleet.hosts])[0]
     fleet.set("wsgate:ports", {"health": new})
     s = settings(fleet)
@@ -479,7 +460,7 @@ def test_current_ahead_on_a_run_that_moves_the_health_port_is_refused_not_restor
     with port_taken(h2.address, new):  # h2 cannot take the new port: a run that got going fails there
         verdict, outcomes, _ = run(fleet, False)
     assert not verdict.ok
-    assert health_of(fleet, old) == running, "a host no longer serves what it served"
+    assert live_digests(fleet, old) == running, "a host no longer serves what it served"
     assert not any(o.restored or o.changed for o in outcomes.values()), {n: o.error for n, o in outcomes.items()}
     assert {h.name: (link(h.root / "current"), link(h.root / "previous")) for h in fleet.hosts} == links
     assert all(lock_free(h) for h in fleet.hosts)
@@ -496,7 +477,7 @@ def test_current_ahead_on_a_run_that_moves_the_health_port_is_refused_not_restor
     _put_link(h1.root, "current", running["h1"])  # the reconcile command, in effect
     verdict, outcomes, _ = run(fleet, False)
     assert verdict.ok, {n: o.error for n, o in outcomes.items()}
-    assert health_of(fleet, new) == {n: t.digest for n, t in render_hosts(settings(fleet)).items()}
+    assert live_digests(fleet, new) == {n: t.digest for n, t in render_hosts(settings(fleet)).items()}
 
 
 @pytest.mark.timeout(900)  # hypothesis shrinking a failure takes longer than a run

@@ -31,18 +31,20 @@ def settings(fleet):
     return load(str(fleet.env_file))
 
 
-def live_digests(fleet) -> dict[str, str | None]:
-    """What each host's nginx says it runs (plain HTTP to the health port)."""
+def live_digest(address: str, port: int) -> str | None:
+    """What nginx at address:port says it runs (plain HTTP to its health port); None: no answer."""
     import urllib.request
 
-    out = {}
-    for h in fleet.hosts:
-        try:
-            with urllib.request.urlopen(f"http://{h.address}:{fleet.ports['health']}/healthz", timeout=2) as r:
-                out[h.name] = r.read().decode().split()[1]
-        except OSError:
-            out[h.name] = None
-    return out
+    try:
+        with urllib.request.urlopen(f"http://{address}:{port}/healthz", timeout=2) as r:
+            return r.read().decode().split()[1]
+    except OSError:
+        return None
+
+
+def live_digests(fleet, port: int | None = None) -> dict[str, str | None]:
+    """What each host's nginx says it runs on health port `port` (default: the fleet's)."""
+    return {h.name: live_digest(h.address, port or fleet.ports["health"]) for h in fleet.hosts}
 
 
 def targets(fleet) -> dict[str, str]:

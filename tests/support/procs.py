@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lab.hosts import wait_port  # noqa: F401  (one waiter for lab and tests)
+from lab.hosts import port_free, wait_port  # noqa: F401  (one waiter and one port check for lab and tests)
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 
@@ -23,18 +23,9 @@ def free_ports(count: int, addresses: list[str]) -> list[int]:
     ports: list[int] = []
     while len(ports) < count:
         port = free_port(addresses[0])
-        if port not in ports and all(_free(a, port) for a in addresses):
+        if port not in ports and all(port_free(a, port) for a in addresses):
             ports.append(port)
     return ports
-
-
-def _free(address: str, port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((address, port))
-        except OSError:
-            return False
-    return True
 
 
 def start_app(address: str, port: int, log: Path) -> subprocess.Popen:
