@@ -478,8 +478,7 @@ class Rollout:
                 raise StepFailed(f"restore failed: {nginx_error(r.stdout.split(SWAPPED)[-1])}")
             before = digest_of_link(h.before.current)
             if before and h.before.nginx == "ours":
-                port = int(h.before.manifest.get("ports", {}).get("health") or self.settings.ports.health)
-                address = h.before.manifest.get("bind") or self._address(h)
+                address, port = health_address(h.before.manifest, self._address(h), self.settings.ports.health)
                 seen = wait_live(self.ssh, h.conn, address, port, before)
                 if not seen or seen.digest != before:
                     raise StepFailed(f"port {port} says {seen.digest[:12] if seen else 'nothing'} after restoring "
