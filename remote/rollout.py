@@ -43,6 +43,7 @@ from core.batches import split
 from core.errors import KitError
 from core.live import LiveState, digest_of_link, health_address, nginx_error, parse_files, parse_state, tree_diff
 from core.outcome import HostOutcome, Step
+from core.probe import Health
 from core.render import MANIFEST_FILE, Tree
 from core.session import DONE, LOCK_FAILED_EXIT, LOCKED, LOCKED_EXIT, STAGED, SWAPPED, Mode, Remote
 from core.settings import Host, Settings
@@ -52,6 +53,10 @@ from remote.report import Reporter
 from remote.ssh import Session, Ssh, SshError
 
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each ends a run as Ctrl-C does: restored
+# After a reload an old worker answers a connection or two until it has taken the signal (longer
+# on a loaded host): an answer that disagrees with the links is asked again this often, this far
+# apart, before it counts (a real disagreement stays; a refusal waits about a second for it).
+REASKS, REASK_PAUSE = 4, 0.25
 
 
 class StepFailed(KitError):
@@ -338,7 +343,9 @@ class Rollout:
                 break
         if seen is None:
             raise StepFailed(state.unanswered(asked, h.remote))
-        running, target = seen.digest, h.outcome.target
+        target = h.outcome.target
+        seen = self._reasked(h, address, port, seen, lambda d: not state.disagreement(d, target, h.remote))
+        running = seen.digest
         why = state.disagreement(running, target, h.remote)
         if why:
             raise StepFailed(why)
@@ -386,10 +393,22 @@ class Rollout:
             self.reporter.note(f"{h.host.name}: removed {state.stale} stage(s) left by interrupted runs")
         return state
 
+    def _reasked(self, h: _Host, address: str, port: int, seen: Health, agrees: Callable[[str], bool]) -> Health:
+        """`seen`, or, when `agrees` says no to what it runs, a later answer from the same port: an old
+        worker may answer just after a reload (REASKS)."""
+        for _ in range(REASKS):
+            if agrees(seen.digest):
+                break
+            time.sleep(REASK_PAUSE)
+            seen = live(self.ssh, h.conn, address, port) or seen  # type: ignore[arg-type]
+        return seen
+
     def _confirm_unchanged(self, h: _Host) -> None:
         state = self._lock(h)
-        seen = live(self.ssh, h.conn, self._address(h), self.settings.ports.health)  # type: ignore[arg-type]
-        target = h.outcome.target
+        address, target = self._address(h), h.outcome.target
+        seen = live(self.ssh, h.conn, address, self.settings.ports.health)  # type: ignore[arg-type]
+        if seen:
+            seen = self._reasked(h, address, self.settings.ports.health, seen, lambda d: d == target)
         if digest_of_link(state.current) != target or not seen or seen.digest != target:
             raise StepFailed(f"changed since it was inspected: `current` names {state.current or 'nothing'}, "
                              f"nginx runs {(seen.digest if seen else 'unknown')[:12]}, expected {target[:12]}")
