@@ -42,9 +42,21 @@ def live_digest(address: str, port: int) -> str | None:
         return None
 
 
-def live_digests(fleet, port: int | None = None) -> dict[str, str | None]:
-    """What each host's nginx says it runs on health port `port` (default: the fleet's)."""
-    return {h.name: live_digest(h.address, port or fleet.ports["health"]) for h in fleet.hosts}
+def live_digests(fleet, port: int | None = None, hold: float = 0.3, timeout: float = 15.0) -> dict[str, str | None]:
+    """What each host's nginx says it runs on health port `port` (default: the fleet's), once the
+    answers stayed the same for `hold` seconds (just after a reload an old worker may answer a
+    connection or two, longer on a loaded machine), or as last read when `timeout` is up."""
+    def read() -> dict[str, str | None]:
+        return {h.name: live_digest(h.address, port or fleet.ports["health"]) for h in fleet.hosts}
+
+    deadline, now = time.monotonic() + timeout, read()
+    since = time.monotonic()
+    while time.monotonic() - since < hold and time.monotonic() < deadline:
+        time.sleep(0.05)
+        again = read()
+        if again != now:
+            now, since = again, time.monotonic()
+    return now
 
 
 def targets(fleet) -> dict[str, str]:
