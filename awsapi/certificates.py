@@ -1,15 +1,20 @@
 """The 443 listener's certificate as ACM or IAM describes it now, and the one the live listener has.
 
 A Classic ELB takes a certificate only by deleting and recreating its 443 listener; an ARN AWS then
-refuses (not issued, another region's, gone) leaves no 443 listener at all. So it is checked first.
+refuses (not issued, another region's, gone) leaves no 443 listener at all, and one AWS takes but
+cannot serve (expired, a key the kind cannot use) leaves a listener every TLS client fails on. So
+it is checked first; core.certificate judges what is read here.
 """
 
 from __future__ import annotations
 
+import datetime
+
 from botocore.exceptions import BotoCoreError, ClientError
 
 from awsapi import classic
-from awsapi.clients import AwsError, client, error_code, loopback
+from awsapi.clients import AwsError, client, error_code, loopback, pages
+from core import certificate
 from core.settings import Settings
 
 _MISSING = {"ResourceNotFoundException", "NoSuchEntity", "ValidationException", "InvalidArnException"}
@@ -24,10 +29,51 @@ class NotChecked(AwsError):
         self.lab = lab
 
 
-def certificate_problem(settings: Settings) -> str | None:
-    """Why loadBalancer.certificateArn cannot serve the 443 listener (None: ACM says it is ISSUED, in
-    this region; IAM that the server certificate exists). NotChecked when ACM or IAM cannot be asked."""
-    arn = settings.load_balancer.certificate_arn
+def certificate_problem(settings: Settings, arn: str | None = None,
+                        now: datetime.datetime | None = None) -> str | None:
+    """Why the certificate (`arn`, else loadBalancer.certificateArn) cannot serve the 443 listener
+    (None: ACM says it is ISSUED, in this region, or IAM has it; it is valid at `now`, default the
+    clock; it is for serverName and dns.name; its key is one the load balancer's kind takes).
+    NotChecked when ACM or IAM cannot be asked."""
+    arn = arn or settings.load_balancer.certificate_arn
+    found = _described(settings, arn)
+    if isinstance(found, str):
+        return found
+    return certificate.problem(found, settings.load_balancer.type, now or _now(), _used(settings))
+
+
+def certificate_note(settings: Settings, arn: str | None = None, now: datetime.datetime | None = None,
+                     days: int = certificate.EXPIRY_NOTE_DAYS) -> str | None:
+    """When the certificate expires, if within `days` of `now` ("certificate ARN expires in N days
+    ..."): for the preview, `fab status` and the rollout. None when it expires later, when
+    certificate_problem refuses it, and when ACM or IAM cannot be asked or read (that says why):
+    a note never stops a run."""
+    arn = arn or settings.load_balancer.certificate_arn
+    try:
+        found = _described(settings, arn)
+    except AwsError:
+        return None
+    now = now or _now()
+    if isinstance(found, str) or certificate.problem(found, settings.load_balancer.type, now, _used(settings)):
+        return None
+    return certificate.note(found, now, days)
+
+
+def live_verdicts(settings: Settings, now: datetime.datetime | None = None) -> tuple[list[str], list[str]]:
+    """`fab status`: (problems, notes) of the certificate the live 443 listener has, what every TLS
+    client gets now (loadBalancer.certificateArn while no listener has one): a problem when it cannot
+    serve, a note when it expires within EXPIRY_NOTE_DAYS or when ACM or IAM cannot be asked."""
+    arn = listener_certificate(settings) or settings.load_balancer.certificate_arn
+    try:
+        problem = certificate_problem(settings, arn, now)
+    except NotChecked as exc:
+        return [], ([] if exc.lab else [str(exc)])
+    note = None if problem else certificate_note(settings, arn, now)
+    return ([problem] if problem else []), ([note] if note else [])
+
+
+def _described(settings: Settings, arn: str) -> certificate.Described | str:
+    """The certificate as ACM or IAM describes it, or why it cannot be one (another region's, gone)."""
     service, region = arn.split(":")[2], arn.split(":")[3]
     if service == "acm" and region != settings.aws.region:
         return (f"certificate {arn} is in region {region}, the load balancer in {settings.aws.region}: a load balancer "
@@ -35,15 +81,9 @@ def certificate_problem(settings: Settings) -> str | None:
     api = _api(settings, service)
     try:
         if service == "acm":
-            found = api.describe_certificate(CertificateArn=arn)["Certificate"]
-            status = found.get("Status", "?")  # EXPIRED, REVOKED, PENDING_VALIDATION, ...
-        else:
-            name = arn.rsplit("/", 1)[-1]
-            meta = api.get_server_certificate(ServerCertificateName=name)["ServerCertificate"][
-                "ServerCertificateMetadata"]
-            if meta.get("Arn") != arn:
-                return f"certificate {arn} does not exist (IAM's server certificate {name} is {meta.get('Arn')})"
-            status = "ISSUED"  # IAM keeps no status: it exists
+            return _acm(arn, api.describe_certificate(CertificateArn=arn)["Certificate"])
+        name = arn.rsplit("/", 1)[-1]
+        found = api.get_server_certificate(ServerCertificateName=name)["ServerCertificate"]
     except ClientError as exc:
         code = error_code(exc)
         if code in _MISSING:
@@ -53,9 +93,39 @@ def certificate_problem(settings: Settings) -> str | None:
         raise AwsError(f"{service} reading certificate {arn}: {exc}") from None
     except BotoCoreError as exc:
         raise AwsError(f"{service} reading certificate {arn}: {exc}") from None
-    if status != "ISSUED":
-        return f"certificate {arn} is {status}, not ISSUED: AWS refuses it for a listener"
-    return None
+    meta = found["ServerCertificateMetadata"]
+    if meta.get("Arn") != arn:
+        return f"certificate {arn} does not exist (IAM's server certificate {name} is {meta.get('Arn')})"
+    return _iam(arn, found.get("CertificateBody", ""), meta)
+
+
+def _used(settings: Settings) -> dict[str, str]:
+    """The names clients connect to: serverName (where port 80 redirects), and dns.name when set."""
+    used = {"serverName": settings.server_name}
+    if settings.dns and settings.dns.name.lower() != settings.server_name.lower():
+        used["dns.name"] = settings.dns.name
+    return used
+
+
+def _acm(arn: str, found: dict) -> certificate.Described:
+    renewal = (found.get("RenewalSummary") or {}).get("RenewalStatus") or found.get("RenewalEligibility")
+    names = tuple(dict.fromkeys([*filter(None, [found.get("DomainName")]), *found.get("SubjectAlternativeNames", [])]))
+    return certificate.Described(arn, "acm", found.get("Status", "?"), found.get("KeyAlgorithm"),
+                                 found.get("NotBefore"), found.get("NotAfter"), found.get("Type"), renewal, names)
+
+
+def _iam(arn: str, body: str, meta: dict) -> certificate.Described:
+    """IAM keeps no status, key algorithm or names: they, and both dates, come from the certificate itself
+    (what a TLS client judges), its metadata's Expiration only when the body does not parse."""
+    try:
+        algorithm, not_before, not_after, names = certificate.pem_fields(body)
+    except ValueError:
+        return certificate.Described(arn, "iam", "ISSUED", None, None, meta.get("Expiration"))
+    return certificate.Described(arn, "iam", "ISSUED", algorithm, not_before, not_after, names=names)
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
 
 
 def _api(settings: Settings, service: str):
@@ -67,7 +137,19 @@ def _api(settings: Settings, service: str):
 
 
 def listener_certificate(settings: Settings) -> str | None:
-    """The certificate the live Classic ELB's 443 listener has (None: no such load balancer or listener)."""
+    """The certificate the live load balancer's 443 listener has: a Classic ELB's SSLCertificateId, a
+    network load balancer's TLS listener's default certificate (None: no such load balancer or listener)."""
+    if settings.load_balancer.type == "network":
+        from awsapi import network
+
+        found = network.describe_network(settings)
+        if found is None:
+            return None
+        for x in pages(f"elbv2 describe-listeners {settings.load_balancer.name}", client(settings, "elbv2"),
+                       "describe_listeners", "Listeners", LoadBalancerArn=found["LoadBalancerArn"]):
+            if int(x["Port"]) == 443:
+                return next((c["CertificateArn"] for c in x.get("Certificates", []) if c.get("IsDefault", True)), None)
+        return None
     for x in (classic.describe(settings) or {}).get("ListenerDescriptions", []):
         if x["Listener"]["LoadBalancerPort"] == 443:
             return x["Listener"].get("SSLCertificateId")

@@ -169,7 +169,7 @@ def gather(settings: Settings, hosts: list[Host], trees: dict[str, Tree], ssh: S
            now: Traffic | None = None) -> dict:
     """Every fact and every verdict, as one JSON-able view; view["ok"] only when all agree. `now`:
     the load balancer's traffic as the task read it to render (not read again)."""
-    from awsapi import parameters
+    from awsapi import certificates, parameters
 
     with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(hosts)))) as pool:
         facts = list(pool.map(lambda h: _host(settings, h, trees[h.name], ssh), hosts))
@@ -184,6 +184,11 @@ def gather(settings: Settings, hosts: list[Host], trees: dict[str, Tree], ssh: S
         except KitError as exc:
             record_problem = str(exc)
         problems, notes, gate = balancer_problems(settings, lb, record, record_problem, time.time())
+        try:  # what every TLS client gets from the live 443 listener: unusable, or expiring soon
+            cert_problems, cert_notes = certificates.live_verdicts(settings)
+        except KitError as exc:
+            cert_problems, cert_notes = [], [f"certificate not checked: {exc}"]
+        problems, notes = [*problems, *cert_problems], [*notes, *cert_notes]
         view["loadBalancer"] = {**asdict(lb), "type": settings.load_balancer.type, "problems": problems, "notes": notes}
         view["gate"] = {**gate, "record": None if record is None else {
             "writtenAt": record.written_at.isoformat(), "ports": record.proxy_protocol_ports,

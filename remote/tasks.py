@@ -209,6 +209,9 @@ def _refuse_certificate(settings: Settings, note: Callable[[str], None]) -> None
     if problem:
         raise KitError(f"{problem}: `pulumi up` would refuse it; nothing was changed "
                        "(docs/troubleshooting.md#the-certificate-cannot-serve)")
+    soon = certificates.certificate_note(settings)
+    if soon:
+        note(soon)
 
 
 def _run(env: str, trees_wanted: bool, parallel, batch, apply: bool, as_json: bool, what: str,
