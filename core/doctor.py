@@ -81,9 +81,10 @@ class BalancerFacts:
 
 def _switch_waits(s: Settings, lb: BalancerFacts, decision_ports: tuple[int, ...] | list[int],
                   join: tuple[str, ...]) -> dict[NetworkListener, str]:
-    """Network listener -> why it is not on its proxy group yet although the gate lets it: AWS does
-    not say that group healthy yet while its warm listener has AWS check it (health_holds). Only
-    those: a listener with no warm listener needs `pulumi up` to get one."""
+    """Network listener -> why it is not on the group the gate moves it to yet (its proxy group, or
+    back to its plain group): AWS does not say that group healthy yet while its warm listener has
+    AWS check it (health_holds). Only those: a listener with no warm listener needs `pulumi up` to
+    get one."""
     holds = health_holds(s, network_forwarding(decision_ports, s), lb.network or {}, join)
     return {x: holds[x.port] for x in network_listeners(s) if x.port in holds and x.port in lb.warm}
 
@@ -232,7 +233,10 @@ def balancer_problems(s: Settings, lb: BalancerFacts | None, record: ReadinessRe
     notes: list[str] = []
     if lb is None or not lb.exists:
         return [f"load balancer {s.load_balancer.name} does not exist: run `pulumi up`"], notes, gate
-    if decision.warn or (not s.proxy_protocol and header_ports):
+    waiting = _switch_waits(s, lb, decision.ports, gated.join) if lb.network is not None else {}
+    # turning off, a listener still on its proxy group while AWS checks its plain group: the kit's pace
+    going_back = {x.proxy.port for x in waiting if not s.proxy_protocol}
+    if decision.warn or (not s.proxy_protocol and not set(header_ports) <= going_back):
         problems.append(f"gate {decision.state.value}: {decision.message}")
     if s.retired:
         notes.append(f"plain port(s) {', '.join(map(str, sorted(s.retired)))} retired: their listeners forward to "
@@ -244,10 +248,9 @@ def balancer_problems(s: Settings, lb: BalancerFacts | None, record: ReadinessRe
         now = "the listeners send PROXY v2 to ports"
     else:
         want_ports, now = list(decision.ports), "the ProxyProtocol policy is on ports"
-    waiting = _switch_waits(s, lb, decision.ports, gated.join) if lb.network is not None else {}
+    # a listener waiting for the health of the group it moves to (either way) is where it should be for now
     if sorted(lb.header_ports) != want_ports and not (
-            waiting and set(lb.header_ports) <= set(want_ports)
-            and set(want_ports) - set(lb.header_ports) <= {x.proxy.port for x in waiting}):
+            waiting and set(lb.header_ports) ^ set(want_ports) <= {x.proxy.port for x in waiting}):
         problems.append(f"{now} {lb.header_ports or 'none'}, the gate wants {want_ports or 'none'}: run `pulumi up`")
     notes += [waiting[x] for x in sorted(waiting, key=lambda x: x.port)]
     if lb.network is not None and clock is not None:

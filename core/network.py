@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 from core.errors import KitError
 from core.gate import Plan, plan_for
-from core.listeners import PLAIN, PROXY, NetworkHealthCheck, NetworkListener, network_listeners
+from core.listeners import PLAIN, PROXY, NetworkHealthCheck, NetworkListener, TargetGroup, network_listeners
 from core.record import ReadinessRecord
 from core.settings import Settings
 
@@ -50,6 +50,7 @@ class ListenerNow:
     plain_retired: bool  # it forwards to its proxy group, and its plain group exists with no target registered
     plain_drained: bool = False  # retired, and not even a draining target left: the hosts may drop its port
     proxy_states: tuple[tuple[str, str], ...] = ()  # its proxy group's targets: (instance, state as AWS says it)
+    plain_states: tuple[tuple[str, str], ...] = ()  # its plain group's targets, the same
     on_proxy: bool = False  # it forwards to its configured proxy group, and to nothing else
     exists: bool = True  # the load balancer has this listener
     switched_at: float | None = None  # its SWITCHED_TAG (seconds since the epoch); None: absent
@@ -156,39 +157,56 @@ def back_refusal(s: Settings, forwarding: dict[int, str], now: dict[int, Listene
 
 def health_holds(s: Settings, forwarding: dict[int, str], now: dict[int, ListenerNow],
                  join: tuple[str, ...]) -> dict[int, str]:
-    """Listener port -> why it stays on its plain group although the gate lets it move to its proxy
-    group: AWS does not say every target there is `healthy` (a group no listener uses is `unused`
-    and not health-checked; a new target is `initial` until its first checks pass), or an instance
-    this update registers there is not in it yet. Only a switch waits: a listener on its proxy group
-    already stays there, and one this update creates carries no connection yet (AWS checks its
-    group from the start; during a move a new load balancer has no DNS weight until proven)."""
+    """Listener port -> why it stays where it forwards now although `forwarding` moves it to its
+    other group: AWS does not say every target of that group `healthy` (a group no listener uses is
+    `unused` and not health-checked; a new target is `initial` until its first checks pass), or an
+    instance this update registers there is not in it yet. Both ways: to its proxy group (from its
+    plain group, or from elsewhere), and back from its proxy group to its plain group (a turn-off:
+    the hosts keep reading the header meanwhile). Only a switch waits: a listener already on the group
+    `forwarding` names stays there, and one this update creates carries no connection yet (AWS
+    checks its group from the start; during a move a new load balancer has no DNS weight until
+    proven)."""
     out = {}
     for x in network_listeners(s):
         was = now.get(x.port, UNSEEN)
-        if forwarding[x.port] != PROXY or was.on_proxy or not was.exists:
+        if not was.exists:
             continue
-        states = dict(was.proxy_states)
+        if forwarding[x.port] == PROXY and not was.on_proxy:
+            group, states, stays, then = x.proxy, dict(was.proxy_states), x.plain, "switches"
+        elif forwarding[x.port] == PLAIN and was.on_proxy:
+            group, states, stays, then = x.plain, dict(was.plain_states), x.proxy, "switches it back"
+        else:
+            continue
         sick = {i: w for i, w in states.items() if w != "healthy"}
         sick.update({i: "not registered yet" for i in join if i not in states})
         if not sick and states:
             continue
         seen = "; ".join(f"{i}: {w}" for i, w in sorted(sick.items())) or "no target registered yet"
-        out[x.port] = (f"listener {x.port} stays on its plain group until AWS says every target of its proxy group "
-                       f"{x.proxy.name} is healthy ({seen}): the warm listener on port {x.warm_port} makes AWS "
-                       "health-check it; the next `pulumi up` switches (`fab rollout --apply` waits for it)")
+        out[x.port] = (f"listener {x.port} stays on its {stays.kind} group until AWS says every target of its "
+                       f"{group.kind} group {group.name} is healthy ({seen}): the warm listener on port "
+                       f"{x.warm_port} makes AWS health-check it; the next `pulumi up` {then} (`fab rollout "
+                       "--apply` waits for it)")
     return out
 
 
 def warm_listeners(s: Settings, forwarding: dict[int, str]) -> list[NetworkListener]:
-    """The listeners whose warm listener exists: proxy protocol is wanted and the listener does not
-    forward to its proxy group (once it does, its own traffic keeps the group health-checked)."""
-    return [x for x in network_listeners(s) if s.proxy_protocol and forwarding[x.port] != PROXY]
+    """The listeners whose warm listener exists: each that does not forward to the group of the kind
+    proxyProtocol wants (its proxy group while true, its plain group while false), so that AWS
+    health-checks that group before the listener moves there (once it forwards there, its own
+    traffic keeps the group checked)."""
+    wanted = PROXY if s.proxy_protocol else PLAIN
+    return [x for x in network_listeners(s) if forwarding[x.port] != wanted]
 
 
-def warm_outputs(s: Settings, warm: tuple[int, ...] | list[int]) -> dict[str, str]:
-    """The `warmListeners` output: warm listener port -> the proxy group it forwards to, for the
-    listeners `warm` names (warm_listeners)."""
-    return {str(x.warm_port): x.proxy.name for x in network_listeners(s) if x.port in warm}
+def warm_group(x: NetworkListener, forwarding: dict[int, str]) -> TargetGroup:
+    """The group `x`'s warm listener forwards to: the one `x` does not forward to (`forwarding`)."""
+    return x.group(PLAIN if forwarding[x.port] == PROXY else PROXY)
+
+
+def warm_outputs(s: Settings, forwarding: dict[int, str], warm: tuple[int, ...] | list[int]) -> dict[str, str]:
+    """The `warmListeners` output: warm listener port -> the group it forwards to (warm_group), for
+    the listeners `warm` names (warm_listeners)."""
+    return {str(x.warm_port): warm_group(x, forwarding).name for x in network_listeners(s) if x.port in warm}
 
 
 @dataclass(frozen=True)
@@ -197,7 +215,7 @@ class NetworkLayout:
 
     members: dict[str, tuple[str, ...]]  # group key -> the instances registered there (network_members)
     forwarding: dict[int, str]  # listener port -> PLAIN or PROXY
-    holds: dict[int, str]  # listener port -> why it waits for its proxy group's health (health_holds)
+    holds: dict[int, str]  # listener port -> why it waits for its other group's health (health_holds)
     retire_waits: dict[int, str]  # listener port -> why its plain group is kept, until when (retire_waits)
     switched: dict[int, str | None]  # listener port -> its SWITCHED_TAG (switch_stamps)
 
@@ -206,17 +224,21 @@ def network_layout(s: Settings, gated: Plan, now: dict[int, ListenerNow], record
                    record_problem: str | None = None, *, clock: float) -> NetworkLayout:
     """The layout for the gate's plan and what AWS has now (NetworkState.now) at `clock` (seconds
     since the epoch); refuses a move back to a retired plain group not proven. A listener moves to
-    its proxy group only once AWS says that group healthy (health_holds)."""
-    forwarding = network_forwarding(gated.decision.ports, s)
-    holds = health_holds(s, forwarding, now, gated.join)
-    forwarding = {port: PLAIN if port in holds else kind for port, kind in forwarding.items()}
+    its other group, either way, only once AWS says that group healthy (health_holds). A listener
+    held on its proxy group on its way back counts as on its way for its plain group: filled, never
+    retired (AWS health-checks only a group with targets), and a retired one only on the proof."""
+    wanted = network_forwarding(gated.decision.ports, s)
+    holds = health_holds(s, wanted, now, gated.join)
+    forwarding = {port: (PROXY if kind == PLAIN else PLAIN) if port in holds else kind for port, kind in wanted.items()}
+    # where each listener is or is going: on proxy only when it stays there and is meant to
+    heading = {port: PROXY if kind == wanted[port] == PROXY else PLAIN for port, kind in forwarding.items()}
     foreign = record.foreign(s.env, s.load_balancer.name) if record else None
     own = None if foreign else record
-    refused = back_refusal(s, forwarding, now, own, gated.join, foreign or (None if record else record_problem))
+    refused = back_refusal(s, heading, now, own, gated.join, foreign or (None if record else record_problem))
     if refused:
         raise KitError(refused)
-    return NetworkLayout(network_members(s, forwarding, now, gated.join, clock), forwarding, holds,
-                         retire_waits(s, forwarding, now, clock), switch_stamps(forwarding, now, clock))
+    return NetworkLayout(network_members(s, heading, now, gated.join, clock), forwarding, holds,
+                         retire_waits(s, heading, now, clock), switch_stamps(forwarding, now, clock))
 
 
 @dataclass(frozen=True)
@@ -266,6 +288,7 @@ class NetworkState:
                 plain_retired=forwards == PROXY and plain is not None and not plain.targets,
                 plain_drained=forwards == PROXY and plain is not None and not (plain.targets or plain.draining),
                 proxy_states=tuple(sorted(proxy.states.items())) if proxy else (),
+                plain_states=tuple(sorted(plain.states.items())) if plain else (),
                 on_proxy=[g.name for g in forwarded] == [x.proxy.name], exists=x.port in self.listeners,
                 switched_at=self.switched.get(x.port))
         return out

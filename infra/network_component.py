@@ -15,7 +15,7 @@ import pulumi
 import pulumi_aws as aws
 
 from core.listeners import TargetGroup, network_listeners
-from core.network import SWITCHED_TAG
+from core.network import SWITCHED_TAG, warm_group
 from core.settings import Settings
 from infra.security import security_groups
 
@@ -26,14 +26,14 @@ class NetworkLoadBalancerArgs:
     forwarding: dict[int, str]  # listener port -> "plain" or "proxy" (core.network.network_forwarding)
     members: dict[str, tuple[str, ...]]  # group key -> the instances registered there (core.network.network_members)
     warm: tuple[int, ...] = ()  # the listeners whose warm listener exists (core.network.warm_listeners)
-    holds: dict[int, str] | None = None  # listener port -> why it waits for its proxy group's health
+    holds: dict[int, str] | None = None  # listener port -> why it waits for its other group's health
     switched: dict[int, str | None] | None = None  # listener port -> its switch time tag (core.network.switch_stamps)
     retire_waits: dict[int, str] | None = None  # listener port -> why its plain group is kept, until when
 
 
 class WsGateNetworkLoadBalancer(pulumi.ComponentResource):
     """NLB, security groups, four target groups with their attachments, two listeners, and a warm
-    listener for each proxy group a listener may switch to."""
+    listener for each group a listener is to switch to (core.network.warm_listeners)."""
 
     def __init__(self, name: str, args: NetworkLoadBalancerArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("wsgate:index:NetworkLoadBalancer", name, None, opts)
@@ -97,19 +97,21 @@ class WsGateNetworkLoadBalancer(pulumi.ComponentResource):
                 opts=pulumi.ResourceOptions(parent=self, depends_on=list(self.members[target.key])),
             )
 
-        # A warm listener per proxy group the gate may switch to: AWS health-checks only a group a
-        # listener uses. No security group rule admits its port: nobody connects, AWS checks anyway.
+        # A warm listener per group a listener is to move to (its proxy group, or back to its plain
+        # group): AWS health-checks only a group a listener uses. No security group rule admits its
+        # port: nobody connects, AWS checks anyway.
         self.warm: dict[int, aws.lb.Listener] = {}
         for listener in (x for x in listeners if x.port in args.warm):
+            group = warm_group(listener, args.forwarding)
             self.warm[listener.port] = aws.lb.Listener(
                 f"{name}-warm-{listener.role}",
                 load_balancer_arn=self.nlb.arn,
                 port=listener.warm_port,
                 protocol="TCP",
                 default_actions=[aws.lb.ListenerDefaultActionArgs(
-                    type="forward", target_group_arn=self.target_groups[listener.proxy.key].arn)],
+                    type="forward", target_group_arn=self.target_groups[group.key].arn)],
                 tags={**tags, "wsgate:warm": str(listener.port)},
-                opts=pulumi.ResourceOptions(parent=self, depends_on=list(self.members[listener.proxy.key])),
+                opts=pulumi.ResourceOptions(parent=self, depends_on=list(self.members[group.key])),
             )
 
         self.dns_name = self.nlb.dns_name

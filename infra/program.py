@@ -244,7 +244,8 @@ def network_gate_plan(s: Settings, found: dict[str, str] | None = None) -> tuple
     with PROXY v2 on, `registered` the instances in the groups the listeners forward to, and every
     instance in any of the kit's groups must be proven before a listener moves to its proxy group.
     With it: who is registered in which group, where each listener forwards, which listener waits
-    for AWS to say its proxy group healthy, and which plain group waits to retire (core.network.NetworkLayout).
+    for AWS to say the group it moves to healthy (its proxy group, or its plain group on the way
+    back), and which plain group waits to retire (core.network.NetworkLayout).
     A listener whose plain group was retired goes back to it only once the record proves the plain
     port served again (else the program stops before declaring anything)."""
     found = parameters(s) if found is None else found
@@ -279,7 +280,7 @@ def export_network(lb: WsGateNetworkLoadBalancer, gated: Plan) -> None:
     pulumi.export("retiredPlainGroups", sorted(key for key, joined in members.items() if not joined and gated.join))
     pulumi.export("healthWaiting", {str(port): why for port, why in sorted(lb.health_waiting.items())})
     pulumi.export("retireWaiting", {str(port): why for port, why in sorted(lb.retire_waiting.items())})
-    pulumi.export("warmListeners", warm_outputs(lb.settings, lb.warm_for))
+    pulumi.export("warmListeners", warm_outputs(lb.settings, forwarding, lb.warm_for))
 
 
 def network_main(s: Settings) -> WsGateNetworkLoadBalancer:

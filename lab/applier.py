@@ -24,7 +24,7 @@ from core.listeners import (
     listeners,
     network_listeners,
 )
-from core.network import SWITCHED_TAG, network_layout, network_plan, warm_listeners, warm_outputs
+from core.network import SWITCHED_TAG, network_layout, network_plan, warm_group, warm_listeners, warm_outputs
 from core.record import ReadinessRecord
 from core.settings import Settings, stack_file
 
@@ -249,7 +249,7 @@ def apply_network(settings: Settings) -> dict[str, Any]:
             _members(s, groups[g.key], g.port, members[g.key])
     for x in nlb_listeners:  # the warm listeners before the listeners, their removal after (Pulumi's order)
         if x.port in warm:
-            _warm(s, arn, x, groups[x.proxy.key])
+            _warm(s, arn, x, groups[warm_group(x, forwarding).key])
     for x in nlb_listeners:
         _listener(s, arn, x, groups[x.group(forwarding[x.port]).key], layout.switched[x.port])
     for x in nlb_listeners:
@@ -259,7 +259,7 @@ def apply_network(settings: Settings) -> dict[str, Any]:
             "retiredPlainGroups": sorted(key for key, joined in members.items() if not joined and gated.join),
             "healthWaiting": {str(port): why for port, why in sorted(holds.items())},
             "retireWaiting": {str(port): why for port, why in sorted(layout.retire_waits.items())},
-            "warmListeners": warm_outputs(s, warm)}
+            "warmListeners": warm_outputs(s, forwarding, warm)}
 
 
 def _create_network_lb(s: Settings) -> str:
@@ -356,8 +356,8 @@ def _listener(s: Settings, lb_arn: str, x: NetworkListener, target: str, switche
 
 
 def _warm(s: Settings, lb_arn: str, x: NetworkListener, target: str | None) -> None:
-    """The warm listener of `x` (TCP on its warm port) forwarding to `target`, its proxy group;
-    None: no warm listener there."""
+    """The warm listener of `x` (TCP on its warm port) forwarding to `target`, the group `x` is to
+    move to (core.network.warm_group); None: no warm listener there."""
     from awsapi.clients import client, pages
 
     elbv2 = client(s, "elbv2")

@@ -25,8 +25,10 @@ Turning the PROXY protocol on (or changing config while it is on):
 
 Turning it off runs 1-3 the same, then the load balancer stops sending the header before any
 host stops reading it: with --apply, `pulumi up` detaches the policy or moves the listeners back
-to the plain groups (checked through the AWS API; a network load balancer's then get
-`deregistrationDelay` seconds to move, while the hosts still read it); without it, a header
+to the plain groups (checked through the AWS API; a network listener moves back only once AWS
+says every target of its plain group healthy: the run waits for that, the hosts still reading
+the header, and applies again; a network load balancer's then get `deregistrationDelay` seconds
+to move, while the hosts still read it); without it, a header
 still sent refuses the run. The record is deleted, then the hosts go live. Once this run stopped
 the header the hosts are not restored after a failure: the old config would reject every
 request the load balancer now sends. The failed hosts are named and the exit code says a
@@ -43,7 +45,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from core.errors import KitError
 from core.gate import follow_refusal
-from core.listeners import drain_seconds, network_listeners
+from core.listeners import PLAIN, PROXY, drain_seconds, network_listeners
 from core.network import group_health, target_health
 from core.outcome import HostOutcome
 from core.probe import plain_proven, proven_ports
@@ -463,8 +465,8 @@ def _apply(run: Rollout, applier: Applier, want: list[int], before: list[int]) -
     (`before`: where it went when the run started; a switch is then followed by a health proof)."""
     outputs = applier.apply(run.reporter.note)
     waiting = sorted(int(port) for port in outputs.get("healthWaiting") or {})
-    if want and waiting:  # a listener stayed on plain until AWS says its proxy group healthy: wait, then switch
-        _proxy_healthy(run, waiting)
+    if waiting:  # a listener stayed where it was until AWS says the group it moves to healthy: wait, then switch
+        _group_healthy(run, waiting, PROXY if want else PLAIN)
         outputs = applier.apply(run.reporter.note)
     from awsapi.balancer import header_ports
 
@@ -503,16 +505,21 @@ def _healthy(run: Rollout, timeout: float = 300, every: float = 5) -> None:
                            "forward to: " + "; ".join(f"{i}: {why}" for i, why in sorted(sick.items())))
 
 
-def _proxy_healthy(run: Rollout, ports: list[int], timeout: float = 900, every: float = 5) -> None:
-    """The listeners on `ports` stayed on their plain groups: wait until AWS says every target of
-    their proxy groups `healthy` (their warm listeners make AWS check them: a few health-check
-    intervals, AWS says first checks "can take a few minutes"), then the caller applies again."""
+def _group_healthy(run: Rollout, ports: list[int], kind: str, timeout: float = 900, every: float = 5) -> None:
+    """The listeners on `ports` stayed where they were: wait until AWS says every target of the
+    group each moves to `healthy` (`kind`: PROXY, their proxy groups when turning on; PLAIN, their
+    plain groups on the way back), which their warm listeners make AWS check (a few health-check
+    intervals; AWS says first checks "can take a few minutes"); then the caller applies again."""
     from awsapi.network import network_state
 
     s = run.settings
-    groups = [x.proxy.name for x in network_listeners(s) if x.port in ports]
-    run.reporter.note(f"waiting for AWS to report every target of {', '.join(groups)} healthy before the switch "
-                      f"(at most {timeout:.0f}s)")
+    waited = [x for x in network_listeners(s) if x.port in ports]
+    groups = [x.group(kind).name for x in waited]
+    stay = "plain groups" if kind == PROXY else "proxy groups (the hosts keep reading the header)"
+    check = ("that the hosts serve the proxy ports" if kind == PROXY
+             else f"that the hosts answer the health port {s.ports.health}")
+    run.reporter.note(f"waiting for AWS to report every target of {', '.join(groups)} healthy before the switch"
+                      f"{' back' if kind == PLAIN else ''} (at most {timeout:.0f}s)")
     deadline = time.monotonic() + timeout
     while True:
         state = network_state(s)
@@ -527,14 +534,20 @@ def _proxy_healthy(run: Rollout, ports: list[int], timeout: float = 900, every: 
             return
         seen = "; ".join(f"{name}: " + ", ".join(f"{i} {w}" for i, w in sorted(states.items()))
                          for name, states in sorted(sick.items()))
+        # nothing forwards to a group any more (another update removed its warm listener): AWS never checks it
+        unchecked = [x.group(kind).name for x in waited if x.group(kind).name in sick and x.group(kind).name not in
+                     {g.name for g in (*state.listeners.get(x.port, ()), *state.warm.get(x.warm_port, ()))}]
+        if unchecked:
+            raise KitError(f"no listener forwards to {', '.join(unchecked)} any more, so AWS does not health-check "
+                           f"it ({seen}): another update changed the load balancer meanwhile; the listeners stay on "
+                           f"the {stay}: run `fab rollout --apply` again")
         if run.interrupted.wait(every):
-            raise KitError(f"interrupted while waiting for the proxy groups to be healthy ({seen}); the listeners "
-                           "stay on the plain groups: run `fab rollout --apply` again")
+            raise KitError(f"interrupted while waiting for the {kind} groups to be healthy ({seen}); the listeners "
+                           f"stay on the {stay}: run `fab rollout --apply` again")
         if time.monotonic() > deadline:
-            raise KitError(f"the proxy groups are not healthy after {timeout:.0f}s ({seen}), so the listeners stay "
-                           "on the plain groups: check that the hosts serve the proxy ports (`fab status`) and "
-                           "that the load balancer's security group reaches them, then run `fab rollout --apply` "
-                           "again")
+            raise KitError(f"the {kind} groups are not healthy after {timeout:.0f}s ({seen}), so the listeners stay "
+                           f"on the {stay}: check {check} (`fab status`) and that the load balancer's security "
+                           "group reaches them, then run `fab rollout --apply` again")
 
 
 def failed_hosts(outcomes: list[HostOutcome]) -> list[HostOutcome]:

@@ -13,14 +13,16 @@ seconds (time passes in steps of a second or of switchDrain): until it has, the 
 left still gets new connections. AWS health-checks only a group some listener forwards to (a warm
 listener counts): the others' targets report `unused`, and a target reports `initial` until its
 first checks pass (after it registered, or its group came into use); `fab rollout --apply` waits
-for them when a listener waits for its proxy group's health. A proxy group its warm listener kept
+for them when a listener waits for the health of the group it moves to (its proxy group, or its
+plain group on the way back). A proxy group its warm listener kept
 checked reads `healthy` the moment its listener switches: only the switch time the update tags the
 listener with (read back from AWS) holds its plain group's retirement back.
 
 After every step: every target registered in a group a listener forwards to, or just left,
 serves that group's port (reading the header on a proxy port), no such group is empty, and
 every target registered or still draining in a plain group serves its port; and no listener ever
-moved to a proxy group with a target AWS did not report `healthy` at that moment; and no plain
+moved to a group (its proxy group, or back to its plain group) with a target AWS did not report
+`healthy` at that moment; and no plain
 group was retired (a member deregistered) within switchDrain of its listener's switch.
 """
 
@@ -35,7 +37,15 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from core import record as records
 from core.errors import KitError
 from core.listeners import PLAIN, PROXY, network_listeners
-from core.network import NetworkState, TargetGroupState, network_layout, network_plan, stamped, warm_listeners
+from core.network import (
+    NetworkState,
+    TargetGroupState,
+    network_layout,
+    network_plan,
+    stamped,
+    warm_group,
+    warm_listeners,
+)
 from core.probe import plain_proven, proven_ports
 from core.render import served_ports
 from tests.conftest import settings_from
@@ -72,17 +82,16 @@ class Runs(RuleBasedStateMachine):
         self.switch_time: dict[int, float] = {}  # listener -> when it last changed (the model's truth)
         self.tags: dict[int, float] = {}  # listener -> its switch time tag in AWS
         self.early: list[str] = []  # a plain group retired within switchDrain of its listener's switch
-        self.warm: set[int] = set()  # the listeners whose warm listener exists
+        self.warm: dict[int, str] = {}  # listener -> the group key its warm listener forwards to
         self.fresh: set[tuple[str, str]] = set()  # (group key, instance): first health checks not passed yet
         self.holds: dict[int, str] = {}  # the last complete `pulumi up`'s listeners waiting for health
-        self.bad_moves: list[str] = []  # a listener moved to a proxy group with a target not `healthy`
+        self.bad_moves: list[str] = []  # a listener moved to a group (either kind) with a target not `healthy`
 
     # --- what AWS says, as network_state would read it -------------------------------------------
 
     def used(self) -> set[str]:
         """The groups AWS health-checks: some listener, or a warm one, forwards to them."""
-        return ({x.group(self.forwards[x.port]).key for x in self.listeners}
-                | {x.proxy.key for x in self.listeners if x.port in self.warm})
+        return {x.group(self.forwards[x.port]).key for x in self.listeners} | set(self.warm.values())
 
     def state(self) -> NetworkState:
         used = self.used()
@@ -113,11 +122,11 @@ class Runs(RuleBasedStateMachine):
             return False
         members, forwarding, holds = layout.members, layout.forwarding, layout.holds
         tags = {port: stamped(at) for port, at in layout.switched.items()}
-        warm = {x.port for x in warm_listeners(s, forwarding)}
+        warm = {x.port: warm_group(x, forwarding).key for x in warm_listeners(s, forwarding)}
         ops: list[tuple] = []
         for key, want in members.items():
             ops += [("register", key, i) for i in sorted(set(want) - self.members[key])]
-        ops += [("warm", port, True) for port in sorted(warm - self.warm)]
+        ops += [("warm", port, key) for port, key in sorted(warm.items()) if self.warm.get(port) != key]
         ops += [("listener", x.port, forwarding[x.port]) for x in self.listeners
                 if forwarding[x.port] != self.forwards[x.port] or tags[x.port] != self.tags.get(x.port)]
         if order:  # another order Pulumi may take: a listener still after its own group's registrations
@@ -131,7 +140,7 @@ class Runs(RuleBasedStateMachine):
                         ops.insert(last, ops.pop(mine[0]))
         for key, want in members.items():  # deletions last
             ops += [("deregister", key, i) for i in sorted(self.members[key] - set(want))]
-        ops += [("warm", port, False) for port in sorted(self.warm - warm)]
+        ops += [("warm", port, None) for port in sorted(set(self.warm) - set(warm))]
         for op in ops[:cut]:
             used = self.used()
             if op[0] == "register":
@@ -146,14 +155,18 @@ class Runs(RuleBasedStateMachine):
                 self.members[op[1]].discard(op[2])
                 self.draining[op[1]].add(op[2])
             elif op[0] == "warm":
-                (self.warm.add if op[2] else self.warm.discard)(op[1])
+                if op[2] is None:
+                    self.warm.pop(op[1], None)
+                else:
+                    self.warm[op[1]] = op[2]
             else:
                 x = next(x for x in self.listeners if x.port == op[1])
-                if op[2] == PROXY:  # what AWS says of the group at the moment the listener moves there
-                    now = self.state().groups[x.proxy.name].states
+                if op[2] != self.forwards[op[1]]:  # what AWS says of the group at the moment the listener moves there
+                    to = x.group(op[2])
+                    now = self.state().groups[to.name].states
                     sick = {i: w for i, w in now.items() if w != "healthy"}
                     if sick or not now:
-                        self.bad_moves.append(f"listener {x.port} moved to {x.proxy.key}: {sick or 'no target'}")
+                        self.bad_moves.append(f"listener {x.port} moved to {to.key}: {sick or 'no target'}")
                 tag = tags[op[1]]  # the listener's tags change with it, in one operation
                 if tag is None:
                     self.tags.pop(op[1], None)
@@ -241,7 +254,17 @@ class Runs(RuleBasedStateMachine):
             self.record = (stored.model_copy(update={"proxy_protocol_ports": []})
                            if stored and stored.plain_ports else None)
             self.meanwhile(data)
-            if not self.up(s, data.draw(st.one_of(st.none(), st.integers(0, 8)))) or self.header_ports():
+            self.holds = {}
+            done = self.up(s, data.draw(st.one_of(st.none(), st.integers(0, 8))))
+            if done and self.holds:
+                # cutover._group_healthy: until AWS says the plain groups healthy (or its bound passes)
+                healthy = data.draw(st.booleans(), label="plain groups healthy within the bound")
+                if healthy:
+                    self.fresh = set()
+                    self.meanwhile(data)
+                    done = self.up(s, data.draw(st.one_of(st.none(), st.integers(0, 8))))
+                done = done and healthy
+            if not done or self.header_ports():
                 self.record = stored  # code 3: no host changed, so the record is true again
                 return False
             dropped = {0}
@@ -263,7 +286,7 @@ class Runs(RuleBasedStateMachine):
         if apply:
             self.holds = {}
             if self.up(s, data.draw(st.one_of(st.none(), st.integers(0, 8)))) and self.holds:
-                # cutover._proxy_healthy: until AWS says the proxy groups healthy (or its bound passes)
+                # cutover._group_healthy: until AWS says the proxy groups healthy (or its bound passes)
                 if not data.draw(st.booleans(), label="healthy within the bound"):
                     return False
                 self.fresh = set()
@@ -323,7 +346,7 @@ class Runs(RuleBasedStateMachine):
         assert not self.early, self.early
 
     @invariant()
-    def no_listener_moved_to_a_proxy_group_not_proven_healthy(self):
+    def no_listener_moved_to_a_group_not_proven_healthy(self):
         assert not self.bad_moves, self.bad_moves
 
     @invariant()

@@ -1,7 +1,8 @@
 """A network listener moves to its proxy target group only once AWS says every target there is
 healthy, and AWS health-checks only a group some listener forwards to: a warm listener (TCP, on
 loadBalancer.warmPort and the next port, reachable by nobody) forwards to each proxy group until
-its listener does.
+its listener does. The turn-off is the mirror: a listener goes back to its plain group only once
+AWS says that group healthy, its warm listener forwarding there meanwhile.
 
 moto says `healthy` for every registered target, used or not, so it cannot show the fault: the
 AWS endpoint here is moto behind tests.support.faults.AwsFaults, whose DescribeTargetHealth
@@ -39,10 +40,10 @@ def endpoint(aws):
     proxy.stop()
 
 
-def lab_settings(url: str, **lb):
-    """The settings the program runs with (program.run), for the lab's applier."""
+def lab_settings(url: str, changes: dict | None = None, **lb):
+    """The settings the program runs with (program.run, with the same config `changes`), for the lab's applier."""
     config = {**stack_config("staging"), "aws:endpoints": program.endpoints(url),
-              "wsgate:loadBalancer": program.network_lb(**lb)}
+              "wsgate:loadBalancer": program.network_lb(**lb), **(changes or {})}
     program._live_placement(config, url)
     return from_config("staging", config, "Pulumi.staging.yaml")
 
@@ -66,11 +67,12 @@ def warm_in_aws(s) -> dict[str, list[str]]:
     return {str(port): [g.name for g in groups] for port, groups in state.warm.items()}
 
 
-def both_decide(url: str, monkeypatch) -> tuple[dict, dict]:
-    """One `pulumi up`: the program's decisions (mock runtime), then the lab's applier applying the
-    same from the same state; they must agree. Returns (the program's exports, the applier's outputs)."""
-    mocks, exports, warnings = program.run(url, monkeypatch)
-    s = lab_settings(url)
+def both_decide(url: str, monkeypatch, **changes) -> tuple[dict, dict]:
+    """One `pulumi up` (stack config `changes`): the program's decisions (mock runtime), then the lab's
+    applier applying the same from the same state; they must agree. Returns (the program's exports,
+    the applier's outputs)."""
+    mocks, exports, warnings = program.run(url, monkeypatch, **changes)
+    s = lab_settings(url, changes)
     out = apply(s)
     kinds = {port: mocks.forwards_to(port) for port in (80, 443)}
     keys = ("listenerTargets", "healthWaiting", "warmListeners", "proxyProtocolGate", "retiredPlainGroups")
@@ -127,6 +129,59 @@ def test_no_listener_moves_to_a_proxy_group_aws_has_not_proven_healthy(endpoint,
     assert program.switch_tags(url) == tags  # the switch time as AWS has it, never a new one
 
 
+OFF = {"wsgate:proxyProtocol": "false"}
+WARM_BACK = {"64080": "wsgate-staging-plain-80", "64081": "wsgate-staging-plain-81"}
+
+
+def test_no_listener_moves_back_to_a_plain_group_aws_has_not_proven_healthy(endpoint, monkeypatch):
+    """Turning off after the plain groups were retired (step 2 of `fab rollout --apply`: the record
+    proves the plain ports served again, no longer the proxy ones): the first update registers the
+    members in the plain groups but keeps both listeners on their proxy groups, the warm listeners
+    forwarding to the plain groups (no listener uses them: `unused`, not health-checked); once AWS
+    says every target there `healthy`, the next update moves the listeners back."""
+    url = endpoint.url
+    proxied = {key: list(INSTANCES) for key in ("http-proxy", "tls-proxy")}
+    program.nlb_in_aws(url, {80: PROXY, 443: PROXY}, registered=proxied)  # the plain groups retired
+    program.write_record(url, INSTANCES, ports=[], plain=[80, 81])
+    s = lab_settings(url, OFF)
+
+    exports, _ = both_decide(url, monkeypatch, **OFF)
+    assert exports["listenerTargets"] == program.BOTH_PROXY and exports["warmListeners"] == WARM_BACK
+    assert set(exports["healthWaiting"]) == {"80", "443"}
+    assert "stays on its proxy group until AWS says every target of its plain group wsgate-staging-plain-80 is " \
+           "healthy" in exports["healthWaiting"]["80"]
+    assert "not registered yet" in exports["healthWaiting"]["80"] and "port 64080" in exports["healthWaiting"]["80"]
+    assert exports["retireWaiting"] == {} and exports["retiredPlainGroups"] == []
+    assert registered_in_aws(s) == {p: INSTANCES for p in (80, 81, 82, 83)}  # filled, to be checked
+    assert awsapi.balancer.header_ports(s) == [82, 83]  # the hosts keep reading it meanwhile
+
+    endpoint.health_as_aws(REGION)  # the warm listeners had every target checked (`initial`: as turning on)
+    exports, _ = both_decide(url, monkeypatch, **OFF)
+    assert exports["listenerTargets"] == program.BOTH_PLAIN and exports["healthWaiting"] == {}
+    assert exports["warmListeners"] == {} and awsapi.balancer.header_ports(s) == []
+    back = [(port, state) for port, arn, state in endpoint.moves if port in (80, 443) and "-plain-" in arn]
+    assert back and all(state == "healthy" for _, state in back), endpoint.moves
+
+
+def test_the_wait_ends_at_once_when_nothing_has_aws_check_the_group_any_more(endpoint):
+    """`fab rollout --apply` waits for the group a listener moves to; when another update meanwhile
+    removed its warm listener (a `pulumi up` from elsewhere with the other proxyProtocol), AWS will
+    never check that group: the wait ends at once, saying so, not after its 15 minutes."""
+    import threading
+    from types import SimpleNamespace
+
+    from core.errors import KitError
+    from remote.cutover import _group_healthy
+
+    program.nlb_in_aws(endpoint.url, {80: PROXY, 443: PROXY})  # no warm listener: the plain groups `unused`
+    run = SimpleNamespace(settings=lab_settings(endpoint.url, OFF), interrupted=threading.Event(),
+                          reporter=SimpleNamespace(note=lambda line: None))
+    with pytest.raises(KitError, match="no listener forwards to wsgate-staging-plain-80 any more") as caught:
+        _group_healthy(run, [80], PLAIN, timeout=600, every=60)
+    assert "unused" in str(caught.value) and "stay on the proxy groups" in str(caught.value)
+    # with its warm listener the wait goes on until the group is healthy: the `fab rollout --apply` tests below
+
+
 def registered_in_aws(s) -> dict[int, list[str]]:
     """Instance port -> the instances registered (not draining) in the kit's group of that port."""
     state = awsapi.network.network_state(s)
@@ -151,12 +206,18 @@ def test_a_warm_listener_is_reachable_by_nobody(endpoint, monkeypatch):
     assert not ports & {64080, 64081} and sorted(p for p in ports if p in (80, 443)) == [80, 443]
 
 
-def test_no_warm_listener_with_proxy_protocol_off_or_a_listener_on_its_proxy_group(endpoint, monkeypatch):
+def test_a_warm_listener_only_for_a_listener_not_where_proxy_protocol_wants_it(endpoint, monkeypatch):
+    """Proxy protocol on: none for a listener on its proxy group. Off: one for a listener still on its
+    proxy group, forwarding to its plain group (registered, never retired, but `unused`: no listener
+    uses it), the listener kept there; none for a listener on its plain group."""
     program.nlb_in_aws(endpoint.url, {80: PROXY, 443: PLAIN})
     mocks, exports, _ = program.run(endpoint.url, monkeypatch)
     assert warm_declared(mocks) == {"64081": "wsgate-staging-proxy-83"} and exports["healthWaiting"] == {}
-    mocks, exports, _ = program.run(endpoint.url, monkeypatch, **{"wsgate:proxyProtocol": "false"})
-    assert warm_declared(mocks) == {} and exports["warmListeners"] == {}
+    mocks, exports, warnings = program.run(endpoint.url, monkeypatch, **OFF)
+    assert warm_declared(mocks) == exports["warmListeners"] == {"64080": "wsgate-staging-plain-80"}
+    assert (mocks.forwards_to(80), mocks.forwards_to(443)) == (PROXY, PLAIN)
+    assert list(exports["healthWaiting"]) == ["80"] and "unused" in exports["healthWaiting"]["80"]
+    assert any(exports["healthWaiting"]["80"] in w for w in warnings)  # the preview says it
 
 
 def test_a_listener_on_its_proxy_group_stays_there_while_a_target_is_not_healthy(endpoint, monkeypatch):
@@ -185,6 +246,49 @@ def test_health_holds_name_each_target_that_is_not_healthy_or_not_registered():
     assert health_holds(s, network_forwarding((), s), {}, tuple(INSTANCES)) == {}  # the gate keeps plain
 
 
+def test_health_holds_back_name_the_plain_group_and_keep_the_listener_on_its_proxy_group():
+    s = settings_from("staging", proxy_protocol=False, load_balancer=program.network_lb())
+    back = network_forwarding((), s)
+    unused = ListenerNow(PROXY, True, False, on_proxy=True, plain_states=tuple((i, "unused") for i in INSTANCES))
+    held = health_holds(s, back, {80: unused, 443: unused}, tuple(INSTANCES))
+    assert set(held) == {80, 443} and f"{INSTANCES[0]}: unused" in held[443]
+    assert held[80].startswith("listener 80 stays on its proxy group until AWS says every target of its plain "
+                               "group wsgate-staging-plain-80 is healthy") and "switches it back" in held[80]
+    healthy = ListenerNow(PROXY, True, False, on_proxy=True, plain_states=tuple((i, "healthy") for i in INSTANCES))
+    assert health_holds(s, back, {80: healthy, 443: healthy}, tuple(INSTANCES)) == {}
+    retired = health_holds(s, back, {80: ListenerNow(PROXY, True, True, on_proxy=True)}, tuple(INSTANCES))
+    assert list(retired) == [80] and f"{INSTANCES[1]}: not registered yet" in retired[80]
+    on_plain = ListenerNow(PLAIN, True, False, plain_states=tuple((i, "unused") for i in INSTANCES))
+    assert health_holds(s, back, {80: on_plain}, tuple(INSTANCES)) == {}  # where it should be already
+    assert [x.port for x in warm_listeners(s, {80: PROXY, 443: PLAIN})] == [80]
+
+
+def test_status_says_a_listener_on_its_way_back_waits_for_its_plain_groups_health():
+    """Turning off, the record's proof withdrawn, the listeners still on their proxy groups while the
+    warm listeners have AWS check the plain groups: the next `pulumi up` would not switch either, so
+    `fab status` says why they wait (notes), not `run pulumi up`; without a warm listener it does."""
+    from core.doctor import BalancerFacts, balancer_problems
+    from core.network import NetworkState, TargetGroupState
+
+    s = settings_from("staging", proxy_protocol=False, load_balancer=program.network_lb())
+    groups, listeners = {}, {}
+    for x in network_listeners(s):
+        for g, word in ((x.plain, "unused"), (x.proxy, "healthy")):
+            groups[g.name] = TargetGroupState(f"arn:{g.name}", g.name, g.port, g.proxy_protocol_v2, tuple(INSTANCES),
+                                              states={i: word for i in INSTANCES})
+        listeners[x.port] = (groups[x.proxy.name],)
+    state = NetworkState("arn:lb", listeners, groups=groups, present=tuple(INSTANCES), switched={80: 0.0, 443: 0.0})
+    lb = BalancerFacts(exists=True, listeners=[("TCP", 80, "TCP", 82), ("TLS", 443, "TCP", 83)],
+                       header_ports=[82, 83], registered=list(INSTANCES), present=list(INSTANCES),
+                       health={i: "InService" for i in INSTANCES}, network=state.now(s), warm=[80, 443])
+    problems, notes, _ = balancer_problems(s, lb, None, None, 0.0)
+    assert problems == [], problems
+    assert sum("stays on its proxy group until AWS says every target of its plain group" in n for n in notes) == 2
+    problems, _, _ = balancer_problems(s, BalancerFacts(**{**lb.__dict__, "warm": [80]}), None, None, 0.0)
+    assert "the listeners send PROXY v2 to ports [82, 83], the gate wants none: run `pulumi up`" in problems
+    assert any(p.startswith("gate off:") for p in problems)
+
+
 def test_warm_ports_follow_the_setting_and_are_never_a_listeners_own():
     s = settings_from("staging", load_balancer=program.network_lb(warmPort=20000))
     assert [x.warm_port for x in network_listeners(s)] == [20000, 20001]
@@ -198,33 +302,60 @@ def test_warm_ports_follow_the_setting_and_are_never_a_listeners_own():
 FLEET_SIZE = 1
 
 
-@pytest.mark.integration
-def test_fab_rollout_apply_waits_for_the_proxy_groups_health_then_switches(fleet, aws):
-    """Proxy protocol turned on over a network load balancer on plain: the first `pulumi up` keeps
-    the listeners on plain (their proxy groups were never health-checked) and adds the warm
-    listeners, the run waits until AWS says the groups healthy, applies again, and only then do the
-    listeners forward to the proxy groups."""
+def network_fleet(fleet, proxy: AwsFaults, aws_url: str) -> tuple[int, int]:
+    """The fleet's environment with a network load balancer, its AWS endpoint `proxy` (AWS's target
+    health), proxy protocol off, and the load balancer made as a `pulumi up` would (on plain, no
+    warm listener); its proxy ports (proxyHttp, proxyTls)."""
     import boto3
 
     from tests.support.procs import free_ports
+    from tests.test_rollout import settings
+
+    proxy.health_as_aws("us-east-1")  # `initial` reads: the program tests above
+    fleet.set("wsgate:proxyProtocol", False)
+    ec2 = boto3.client("ec2", endpoint_url=aws_url, region_name="us-east-1")
+    vpc = ec2.create_vpc(CidrBlock="10.97.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.97.1.0/24", AvailabilityZone="us-east-1a")["Subnet"]["SubnetId"]
+    proxy_http, proxy_tls = free_ports(2, [h.address for h in fleet.hosts])
+    fleet.set("aws:endpoints", [{x: proxy.url for x in ("ec2", "elb", "elbv2", "ssm", "sts")}])
+    fleet.set("wsgate:ports", {"proxyHttp": proxy_http, "proxyTls": proxy_tls})
+    lb = {k: v for k, v in fleet.config["wsgate:loadBalancer"].items() if k != "availabilityZones"}
+    fleet.config["wsgate:loadBalancer"] = {**lb, "type": "network", "subnets": [subnet], "vpcId": vpc,
+                                           "deregistrationDelay": 0, "switchDrain": 1}
+    fleet.write()
+    apply(settings(fleet))  # `pulumi up`
+    return proxy_http, proxy_tls
+
+
+def serves(fleet, port: int) -> list[bool]:
+    """Per host: whether something accepts a TCP connection on `port` at its address."""
+    import socket
+
+    out = []
+    for h in fleet.hosts:
+        try:
+            socket.create_connection((h.address, port), timeout=2).close()
+            out.append(True)
+        except OSError:
+            out.append(False)
+    return out
+
+
+@pytest.mark.integration
+def test_fab_rollout_apply_waits_for_the_health_of_the_group_it_switches_to_either_way(fleet, aws):
+    """Proxy protocol turned on over a network load balancer on plain: the first `pulumi up` keeps
+    the listeners on plain (their proxy groups were never health-checked) and adds the warm
+    listeners, the run waits until AWS says the groups healthy, applies again, and only then do the
+    listeners forward to the proxy groups. Then turned off: the plain groups are still registered
+    but no listener uses them (`unused`), so the turn-off's `pulumi up` keeps the listeners on their
+    proxy groups and points the warm listeners at the plain groups, the run waits until AWS says
+    those healthy, applies again, the listeners go back, and only then do the hosts stop serving
+    the proxy ports. One test for both ways: a fleet and its setup cost more than either run."""
     from tests.test_rollout import fab, settings
 
     proxy = AwsFaults(aws.url)
     try:
-        proxy.health_as_aws("us-east-1")  # `initial` reads: the program tests above
-        fleet.set("wsgate:proxyProtocol", False)  # the load balancer as it was: on plain, no warm listener
-        ec2 = boto3.client("ec2", endpoint_url=aws.url, region_name="us-east-1")
-        vpc = ec2.create_vpc(CidrBlock="10.97.0.0/16")["Vpc"]["VpcId"]
-        subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.97.1.0/24",
-                                   AvailabilityZone="us-east-1a")["Subnet"]["SubnetId"]
-        proxy_http, proxy_tls = free_ports(2, [h.address for h in fleet.hosts])
-        fleet.set("aws:endpoints", [{x: proxy.url for x in ("ec2", "elb", "elbv2", "ssm", "sts")}])
-        fleet.set("wsgate:ports", {"proxyHttp": proxy_http, "proxyTls": proxy_tls})
-        lb = {k: v for k, v in fleet.config["wsgate:loadBalancer"].items() if k != "availabilityZones"}
-        fleet.config["wsgate:loadBalancer"] = {**lb, "type": "network", "subnets": [subnet], "vpcId": vpc,
-                                               "deregistrationDelay": 0, "switchDrain": 1}
-        fleet.write()
-        apply(settings(fleet))  # `pulumi up`
+        proxy_http, proxy_tls = network_fleet(fleet, proxy, aws.url)
         assert warm_in_aws(settings(fleet)) == {}
         fleet.set("wsgate:proxyProtocol", True)
 
@@ -242,5 +373,24 @@ def test_fab_rollout_apply_waits_for_the_proxy_groups_health_then_switches(fleet
         to_proxy = [(port, state) for port, arn, state in proxy.moves
                     if port in (80, 443) and arn.rsplit("/", 2)[-2] in groups]
         assert [port for port, _ in to_proxy] and all(state == "healthy" for _, state in to_proxy), proxy.moves
+
+        fleet.set("wsgate:proxyProtocol", False)  # the plain groups are not retired yet
+        before = len(proxy.moves)
+
+        result = fab(fleet, "rollout", "--apply", timeout=300)
+
+        out = result.stdout + result.stderr
+        assert result.returncode == 0, out
+        assert "stays on its proxy group until AWS says every target of its plain group" in out and "unused" in out
+        assert "healthy before the switch back" in out
+        s = settings(fleet)
+        assert awsapi.balancer.header_ports(s) == [] and warm_in_aws(s) == {}
+        groups = {g.plain.name for g in network_listeners(s)}
+        back = [(port, state) for port, arn, state in proxy.moves[before:]
+                if port in (80, 443) and arn.rsplit("/", 2)[-2] in groups]
+        assert sorted(port for port, _ in back) == [80, 443] and all(state == "healthy" for _, state in back), \
+            proxy.moves[before:]
+        assert serves(fleet, proxy_http) == serves(fleet, proxy_tls) == [False]
+        assert serves(fleet, s.ports.tls) == [True]
     finally:
         proxy.stop()
