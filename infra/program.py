@@ -127,6 +127,9 @@ def check_certificate(s: Settings) -> None:
         problem = None
     if problem:
         raise KitError(f"{problem}; nothing was declared (docs/troubleshooting.md#the-certificate-cannot-serve)")
+    soon = certificates.certificate_note(s)
+    if soon:
+        pulumi.log.warn(soon)
     live = certificates.listener_certificate(s) if s.load_balancer.type == "classic" else None
     if live and live != s.load_balancer.certificate_arn:
         pulumi.log.warn(f"the 443 listener's certificate changes from {live} to {s.load_balancer.certificate_arn}: "

@@ -198,6 +198,16 @@ def test_an_expired_iam_server_certificate_stops_the_program_before_anything_is_
         program(aws.url, arn)
 
 
+def test_the_preview_warns_of_a_certificate_that_expires_within_30_days_and_still_declares(aws):
+    arn = uploaded(aws.url, "wsgate-staging-soon", days=12.5)
+    mocks, _, warnings = program(aws.url, arn)
+    assert any(w.startswith(f"certificate {arn} expires in 12 days (on ") and "IAM never renews" in w
+               for w in warnings), warnings
+    assert mocks.of("aws:elb/loadBalancer:LoadBalancer")  # a note, not a refusal
+    _, _, warnings = program(aws.url, uploaded(aws.url, "wsgate-staging-later", days=90))
+    assert not any("expires in" in w for w in warnings)
+
+
 def test_an_acm_ec_key_stops_a_classic_program_and_the_same_key_from_iam_does_not(aws):
     key = ec.generate_private_key(ec.SECP256R1())
     arn = imported(aws.url, key=key)
