@@ -7,10 +7,6 @@ answered from that endpoint. So the two halves cannot drift apart.
 
 from __future__ import annotations
 
-import asyncio
-import json
-import logging
-
 import boto3
 import pulumi
 import pytest
@@ -18,6 +14,7 @@ import pytest
 import awsapi.parameters
 from core import record as records
 from tests.conftest import settings_from, stack_config
+from tests.support.program import run_program
 
 LB = "aws:elb/loadBalancer:LoadBalancer"
 BACKEND_POLICY = "aws:elb/loadBalancerBackendServerPolicy:LoadBalancerBackendServerPolicy"
@@ -59,21 +56,6 @@ class Recorder(pulumi.runtime.Mocks):
         return [r for r in self.resources if r.typ == typ]
 
 
-class Warnings(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        if record.levelno >= logging.WARNING:
-            self.messages.append(record.getMessage())
-
-
-def engine_format(config: dict) -> dict:
-    """Config as the engine hands it to a program: structured values as JSON text."""
-    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in config.items()}
-
-
 def run(env: str, aws_url: str, **changes):
     """Run the real program for `env` (with config changes); return (recorder, exports, warnings)."""
     config = stack_config(env)
@@ -82,27 +64,16 @@ def run(env: str, aws_url: str, **changes):
     for key, value in changes.items():
         config[key] = value
     _live_placement(config, aws_url)
-    ssm = boto3.client("ssm", region_name=config["aws:region"], endpoint_url=aws_url)
-    mocks = Recorder(ssm)
-    asyncio.set_event_loop(asyncio.new_event_loop())  # Pulumi's runtime wants a current loop
-    warnings = Warnings()
-    logger = logging.getLogger(f"pulumi-test-{id(mocks)}")
-    logger.addHandler(warnings)
-    pulumi.runtime.set_mocks(mocks, project="wsgate", stack=env, preview=False, logger=logger)
-    pulumi.runtime.set_all_config(engine_format(config))
-    exports = {}
+    mocks = Recorder(boto3.client("ssm", region_name=config["aws:region"], endpoint_url=aws_url))
 
-    @pulumi.runtime.test
-    def program():
-        from infra import program as prog
-
+    def body(prog, exports):
         lb = prog.main()
         decision = prog.gate_plan(prog.settings()).decision
         exports.update(state=decision.state.value, missing=decision.missing, message=decision.message)
         return lb.dns_name.apply(lambda dns: exports.update(dns=dns))
 
-    program()
-    return mocks, exports, warnings.messages
+    exports, warnings = run_program(mocks, config, body, stack=env)
+    return mocks, exports, warnings
 
 
 def _live_placement(config: dict, aws_url: str) -> None:

@@ -9,7 +9,6 @@ new load balancer sends the header from its first connection.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from datetime import datetime, timezone
 
@@ -23,7 +22,8 @@ from core.errors import KitError
 from core.listeners import PROXY
 from core.move import MoveError, MoveRecord, Step
 from tests.conftest import settings_from, stack_config
-from tests.test_program import BACKEND_POLICY, LB, Warnings, engine_format
+from tests.support.program import run_program
+from tests.test_program import BACKEND_POLICY, LB
 from tests.test_program_network import LISTENER, NLB, TARGET_GROUP, NetworkRecorder
 
 RECORD = "aws:route53/record:Record"
@@ -102,34 +102,15 @@ def settings_of(config: dict):
 def run(config: dict, monkeypatch):
     """Run the real program with `config`; return (mocks, exports, warnings and infos)."""
     mocks = MoveRecorder(boto3.client("ssm", region_name=REGION, endpoint_url=config["aws:endpoints"][0]["ssm"]))
-    asyncio.set_event_loop(asyncio.new_event_loop())
-    said = Said()
-    logger = logging.getLogger(f"pulumi-move-test-{id(mocks)}")
-    logger.setLevel(logging.INFO)
-    logger.addHandler(said)
-    pulumi.runtime.set_mocks(mocks, project="wsgate", stack="staging", preview=False, logger=logger)
-    pulumi.runtime.set_all_config(engine_format(config))
-    exports: dict = {}
-    monkeypatch.setattr(pulumi, "export", lambda name, value: exports.__setitem__(name, value))
 
-    @pulumi.runtime.test
-    def program():
-        from infra import program as prog
-
+    def body(prog, exports):
         lb = prog.main()
         outs = [lb.dns_name, *(b["dnsName"] for b in exports.get("balancers", {}).values())]
         return pulumi.Output.all(*outs).apply(lambda dns: exports.update(
             dns=dns[0], balancer_dns=dict(zip(exports.get("balancers", {}), dns[1:], strict=True))))
 
-    program()
-    return mocks, exports, said.messages
-
-
-class Said(Warnings):
-    """Every message the program logs (info too)."""
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
+    exports, said = run_program(mocks, config, body, monkeypatch=monkeypatch, level=logging.INFO)
+    return mocks, exports, said
 
 
 def write_move(config: dict, **fields) -> None:

@@ -8,12 +8,9 @@ with the ELBv2 API, as a previous `pulumi up` would have left it. The program re
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
 
 import boto3
-import pulumi
 import pytest
 
 import awsapi.balancer
@@ -25,7 +22,8 @@ from core.errors import KitError, SettingsError
 from core.listeners import PLAIN, PROXY, network_listeners, target_group_name
 from core.network import SWITCHED_TAG, network_forwarding, stamp, stamped
 from tests.conftest import settings_from, stack_config
-from tests.test_program import Recorder, Warnings, engine_format
+from tests.support.program import run_program
+from tests.test_program import Recorder
 
 NLB = "aws:lb/loadBalancer:LoadBalancer"
 TARGET_GROUP = "aws:lb/targetGroup:TargetGroup"
@@ -95,24 +93,9 @@ def run(aws_url: str, monkeypatch, lb: dict | None = None, **changes):
     config.update(changes)
     _live_placement(config, aws_url)
     mocks = NetworkRecorder(boto3.client("ssm", region_name=REGION, endpoint_url=aws_url))
-    asyncio.set_event_loop(asyncio.new_event_loop())  # Pulumi's runtime wants a current loop
-    warnings = Warnings()
-    logger = logging.getLogger(f"pulumi-network-test-{id(mocks)}")
-    logger.addHandler(warnings)
-    pulumi.runtime.set_mocks(mocks, project="wsgate", stack="staging", preview=False, logger=logger)
-    pulumi.runtime.set_all_config(engine_format(config))
-    exports: dict = {}
-    monkeypatch.setattr(pulumi, "export", lambda name, value: exports.__setitem__(name, value))
-
-    @pulumi.runtime.test
-    def program():
-        from infra import program as prog
-
-        lb = prog.main()
-        return lb.dns_name.apply(lambda dns: exports.update(dns=dns))
-
-    program()
-    return mocks, exports, warnings.messages
+    exports, warnings = run_program(mocks, config, lambda prog, exports: prog.main().dns_name.apply(
+        lambda dns: exports.update(dns=dns)), monkeypatch=monkeypatch)
+    return mocks, exports, warnings
 
 
 def _live_placement(config: dict, aws_url: str) -> None:
