@@ -99,13 +99,12 @@ class Lab:
     def _save(self, **data) -> None:
         update_state(self.state_file, lambda state: state.update(data))
 
-    def _spawn(self, name: str, argv: list[str], wait: tuple[str, int] | None = None) -> int:
+    def _spawn(self, name: str, argv: list[str]) -> int:
+        """Start a lab process without waiting for it (its pid saved at once: `down` stops it
+        whatever comes next)."""
         log = (self.dir / f"{name}.log").open("ab")
         proc = subprocess.Popen(argv, cwd=PROJECT_DIR, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        if wait:
-            lab_hosts.wait_port(*wait, timeout=30)
-        pids = self._state().get("pids", {})
-        self._save(pids={**pids, name: proc.pid})
+        update_state(self.state_file, lambda state: state.setdefault("pids", {}).update({name: proc.pid}))
         return proc.pid
 
     def down(self) -> None:
@@ -119,10 +118,9 @@ class Lab:
                 nginx_pids.append(int(Path(Remote.of(self.settings, host).pid_file).read_text()))
             except (FileNotFoundError, ValueError):
                 pass
-        order = [pids.get("dns"), pids.get("stand-in"), *nginx_pids, *(pids.get(f"sshd-{h.name}") for h in self.hosts),
+        every = [pids.get("dns"), pids.get("stand-in"), *nginx_pids, *(pids.get(f"sshd-{h.name}") for h in self.hosts),
                  pids.get("app"), pids.get("moto")]
-        for pid in filter(None, order):
-            lab_hosts.terminate(pid)
+        lab_hosts.terminate_all([pid for pid in every if pid])  # all at once: each ends in its own time
         for h in self.hosts:
             h.stop()  # and every session it forked
         if pids or nginx_pids:
@@ -142,26 +140,27 @@ class Lab:
             shutil.rmtree(self.settings.root_of(host), ignore_errors=True)
         s = self.settings
         say(f"state in {self.dir}")
+        # moto and the app start first and come up while the hosts and the certificate are made
+        endpoint = urlparse(s.aws.endpoints["elb"])
+        assert endpoint.hostname and endpoint.port  # the lab's settings name a loopback host:port
+        zone = [f"--zone={self.zone_name}.={s.dns.zone_id}"] if s.dns else []
+        self._spawn("moto", [sys.executable, "-m", "lab", "moto", "--host", endpoint.hostname,
+                             "--port", str(endpoint.port), "--region", s.aws.region, *zone])
+        app_host, _, app_port = s.app.upstreams[0].rpartition(":")
+        self._spawn("app", [sys.executable, "-m", "lab.app", "--listen", s.app.upstreams[0]])
         client_pub = lab_hosts.keygen(self.dir / "client" / "id_ed25519")
         known = [h.prepare(client_pub) for h in self.hosts]
         (self.dir / "client" / "known_hosts").write_text("\n".join(known) + "\n")
         for h in self.hosts:
             self._save(pids={**self._state().get("pids", {}), f"sshd-{h.name}": h.start()})
         say(f"{len(self.hosts)} hosts: " + ", ".join(f"{h.name} ssh {h.address}:{h.ssh_port}" for h in self.hosts))
-
-        endpoint = urlparse(s.aws.endpoints["elb"])
-        assert endpoint.hostname and endpoint.port  # the lab's settings name a loopback host:port
-        zone = [f"--zone={self.zone_name}.={s.dns.zone_id}"] if s.dns else []
-        self._spawn("moto", [sys.executable, "-m", "lab", "moto", "--host", endpoint.hostname,
-                             "--port", str(endpoint.port), *zone], wait=(endpoint.hostname, endpoint.port))
+        tls.make(self.dir / "tls", s.server_name)
+        lab_hosts.wait_port(app_host, int(app_port), timeout=30)
+        say(f"demo WebSocket app on {s.app.upstreams[0]}")
+        lab_hosts.wait_port(endpoint.hostname, endpoint.port, timeout=60)
         say(f"AWS endpoint (moto) on {endpoint.hostname}:{endpoint.port}")
         if s.dns:
             self._create_zone()
-        app_host, _, app_port = s.app.upstreams[0].rpartition(":")
-        self._spawn("app", [sys.executable, "-m", "lab.app", "--listen", s.app.upstreams[0]],
-                    wait=(app_host, int(app_port)))
-        say(f"demo WebSocket app on {s.app.upstreams[0]}")
-        tls.make(self.dir / "tls", s.server_name)
         if self.kind == "network":
             self._write_network_env()
         else:
@@ -172,13 +171,14 @@ class Lab:
         self.apply_load_balancer()
         self.ensure_dns_record()
         self._spawn("stand-in", [sys.executable, "-m", "lab", "follow", "--env", self.env, "--dir", str(self.dir),
-                                 "--listen", json.dumps(self.listen)],
-                    wait=(self.address(), self.listen[443]))
+                                 "--listen", json.dumps(self.listen)])
+        if s.dns:  # started beside the stand-in: it answers once the stand-in's address is known
+            self._spawn("dns", [sys.executable, "-m", "lab", "dns", "--env", self.env, "--dir", str(self.dir),
+                                "--port", str(self.dns_port)])
+        lab_hosts.wait_port(self.address(), self.listen[443], timeout=30)
         say(f"load balancer stand-in (HAProxy) of {s.load_balancer.name}: TCP {self.address()}:{self.listen[80]}, "
             f"{self.tls_word} {self.address()}:{self.listen[443]} (and on {FIXED_ADDRESS})")
         if s.dns:
-            self._spawn("dns", [sys.executable, "-m", "lab", "dns", "--env", self.env, "--dir", str(self.dir),
-                                "--port", str(self.dns_port)])
             self._wait_dns()
             say(f"DNS server on {self.dns_server} (UDP): {s.dns.name} -> {self.resolve()[0]} "
                 f"(ttl {s.dns.ttl}), from the endpoint's Route 53 zone {s.dns.zone_id}")
@@ -670,17 +670,26 @@ def serve_dns(env: str, directory: Path, port: int) -> None:
         server.stop()
 
 
-def moto(host: str, port: int, zones: list[str]) -> None:
+def moto(host: str, port: int, zones: list[str], region: str = "us-east-1") -> None:
     """The lab's AWS endpoint (moto server), with the hosted zone IDs the environment names: moto
-    makes zone IDs up, except those given here (name=ID) before it starts."""
-    from moto.route53.models import HostedZoneIdentifier
+    makes zone IDs up, except those given here (name=ID) before it starts. The backends of the
+    services the lab calls are made before it listens (moto makes each at its first call: EC2's
+    takes seconds), while `up` starts the hosts."""
+    from moto.ec2.models import ec2_backends
+    from moto.elb.models import elb_backends
+    from moto.elbv2.models import elbv2_backends
+    from moto.route53.models import HostedZoneIdentifier, route53_backends
     from moto.server import main as moto_main
+    from moto.ssm.models import ssm_backends
     from moto.utilities.id_generator import moto_id_manager
 
     account = os.environ.get("MOTO_ACCOUNT_ID", "123456789012")
     for zone in zones:
         name, _, zone_id = zone.partition("=")
         moto_id_manager.set_custom_id(HostedZoneIdentifier(account, name, None), zone_id)
+    for backends in (ec2_backends, elb_backends, elbv2_backends, ssm_backends):
+        backends[account][region]
+    route53_backends[account]["global"]
     moto_main(["-H", host, "-p", str(port)])
 
 
@@ -699,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-rollout", action="store_true", help="stop before the rollout (plain fleet)")
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)  # dns, moto
     parser.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)  # moto
+    parser.add_argument("--region", default="us-east-1", help=argparse.SUPPRESS)  # moto
     parser.add_argument("--zone", action="append", default=[], help=argparse.SUPPRESS)  # moto: name.=ID
     args = parser.parse_args(argv)
     listen = {int(k): v for k, v in args.listen.items()} if args.listen else None
@@ -710,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
             serve_dns(args.env, args.dir, args.port or lab_dns.DNS_PORT)
             return 0
         if args.command == "moto":
-            moto(args.host, args.port, args.zone)
+            moto(args.host, args.port, args.zone, args.region)
             return 0
         lab = Lab(args.env, args.dir, listen, kind=args.lb)
         if args.command == "up":

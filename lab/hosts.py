@@ -68,20 +68,29 @@ def wait_port(address: str, port: int, timeout: float = 10.0) -> None:
 
 def terminate(pid: int, timeout: float = 10.0) -> None:
     """SIGTERM, then SIGKILL if it is still there after `timeout`."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+    terminate_all([pid], timeout)
+
+
+def terminate_all(pids: list[int], timeout: float = 10.0) -> None:
+    """SIGTERM to each of `pids` at once, then SIGKILL to any still there after `timeout`."""
+    left = []
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+            left.append(pid)
+        except ProcessLookupError:
+            pass
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive(pid):
-            return
-        time.sleep(0.05)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    alive(pid)
+    while left and time.monotonic() < deadline:
+        left = [pid for pid in left if alive(pid)]
+        if left:
+            time.sleep(0.05)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        alive(pid)
 
 
 def alive(pid: int) -> bool:

@@ -74,10 +74,15 @@ def aws(moto_server):
     return moto_server
 
 
-# each fleet on its own 127.0.N.0/24 (WSGATE_TEST_NET: where to start, for a second suite beside this one)
-# Under pytest-xdist each worker (gw0, gw1, gw2) takes its own 80 networks from there.
+# each fleet and each lab on its own 127.0.N.0/24 (WSGATE_TEST_NET: where to start, for a second suite
+# beside this one). Under pytest-xdist each worker (gw0, gw1, gw2) takes its own 80 networks from there.
 _WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
-_fleet_nets = itertools.count(int(os.environ.get("WSGATE_TEST_NET", "10")) + 80 * _WORKER)
+_nets = itertools.count(int(os.environ.get("WSGATE_TEST_NET", "10")) + 80 * _WORKER)
+
+
+def own_net() -> int:
+    """N of a 127.0.N.0/24 no other fleet or lab of this suite (any worker) uses."""
+    return next(_nets)
 
 
 @pytest.fixture
@@ -90,7 +95,7 @@ def fleet(request, tmp_path, app, aws):
             break
         d.chmod(d.stat().st_mode | 0o011)
     size = getattr(request.module, "FLEET_SIZE", 3)
-    f = Fleet(tmp_path / "fleet", size, next(_fleet_nets), app, aws.url).start()
+    f = Fleet(tmp_path / "fleet", size, own_net(), app, aws.url).start()
     yield f
     f.stop()
 

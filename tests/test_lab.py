@@ -6,7 +6,6 @@ and drives it with the real `fab` commands: with a Classic ELB, and with a netwo
 
 from __future__ import annotations
 
-import itertools
 import re
 import socket
 import subprocess
@@ -28,17 +27,16 @@ from lab.__main__ import Lab
 from lab.applier import apply
 from lab.client import dial
 from lab.standin import LbState, Route, Server, config, elb_check, group_check
-from tests.conftest import PROJECT_DIR, stack_config
+from tests.conftest import PROJECT_DIR, own_net, stack_config
 from tests.support.labenv import lab_env
 from tests.support.load import KINDS, Held, Load
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("lab")]  # fixed stand-in ports: one at a time
-_nets = itertools.count(60)
+pytestmark = pytest.mark.integration  # labs run beside each other, each on a network of its own (own_net)
 ELB_LOG = re.compile(r'^127\.0\.0\.77 - - \[[^\]]+\] "GET /ws HTTP/1\.1" 101 \d+ "-" "[^"]*" \d+ 127\.0\.0\.77$')
 
 
 def _lab(tmp_path, kind: str):
-    env_file, listen = lab_env(tmp_path / "lab", next(_nets))
+    env_file, listen = lab_env(tmp_path / "lab", own_net())
     the_lab = Lab(str(env_file), tmp_path / "lab", listen, kind=kind)
     try:
         the_lab.up(rollout=False)

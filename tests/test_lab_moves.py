@@ -32,11 +32,10 @@ import yaml
 import awsapi.parameters
 from lab.__main__ import CLIENT_SOURCE, Lab, main, write_atomically
 from lab.client import DnsClient, Stats
-from tests.conftest import PROJECT_DIR
+from tests.conftest import PROJECT_DIR, own_net
 from tests.support.labenv import lab_env
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("lab")]  # one lab at a time: the stand-ins' addresses
-NET = 250  # the hosts' 127.0.250.x: beside every fleet's network
+pytestmark = pytest.mark.integration  # beside the other labs: its hosts on a network of their own (own_net)
 HOLD_FOR = 2.0  # seconds a held WebSocket stays open before its client closes it (and opens another)
 STEP = re.compile(r"step (\w+)(: proven)?$")
 FIGURES: list[dict] = []
@@ -45,7 +44,7 @@ FIGURES: list[dict] = []
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     directory = tmp_path_factory.mktemp("moves") / "lab"
-    env_file, listen = lab_env(directory, NET)
+    env_file, listen = lab_env(directory, own_net())
     doc = yaml.safe_load(env_file.read_text())
     doc["config"]["wsgate:dns"].update(ttl=1, quiet=1, steps=[50, 100], pause=1, drainMax=20)
     doc["config"]["wsgate:proxyProtocol"] = False  # the lab starts without the header

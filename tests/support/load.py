@@ -28,10 +28,11 @@ class Load:
 
     `clients` run at once, so one stuck request cannot blind a phase; each request is cut at
     6 s and counted in the phase it started in. Bounded: stops by itself after `max_seconds`
-    or `max_requests` per client.
+    (by default the suite's per-test timeout: a load outlives no test, and ends before none on a
+    busy machine) or `max_requests` per client.
     """
 
-    def __init__(self, lab, source: str = "127.0.0.77", max_seconds: float = 120, max_requests: int = 20000,
+    def __init__(self, lab, source: str = "127.0.0.77", max_seconds: float = 300, max_requests: int = 20000,
                  clients: int = 3, kinds: tuple[str, ...] = ("https", "ws")):
         assert set(kinds) <= set(KINDS), kinds
         self.lab, self.source, self.kinds = lab, source, kinds
