@@ -46,6 +46,9 @@ FIRST_ADDRESS, LAST_ADDRESS = 11, 76  # 127.0.0.77 is the lab client's source
 # before DNS (state.json's tcp_listener and ssl_listener). Its connections to the hosts come from
 # 127.0.0.1 whatever address the client reached (loadBalancer.subnetCidrs of the lab).
 FIXED_ADDRESS = "127.0.0.1"
+# How often the stand-ins read the endpoint: every FOLLOW_FAST seconds while it changes, slowing to
+# FOLLOW_SLOW while it does not (next_wait): a change is followed within FOLLOW_SLOW at most.
+FOLLOW_FAST, FOLLOW_SLOW = 0.2, 0.4
 CHECK_TIMING = "inter 1s fall 2 rise 2"  # faster than AWS's, so the lab notices within seconds
 
 
@@ -257,13 +260,16 @@ class StandIn:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def follow(self, stop: threading.Event, interval: float = 0.2) -> None:
+    def follow(self, stop: threading.Event) -> None:
+        wait = FOLLOW_FAST
         while not stop.is_set():
+            changed = False
             try:
-                self.sync()
+                changed = self.sync()
             except KitError as exc:
                 print(f"stand-in: {exc}", flush=True)
-            stop.wait(interval)
+            wait = next_wait(wait, changed)
+            stop.wait(wait)
 
     def stop(self) -> None:
         """Stop HAProxy at once, every worker with it: the connections it holds are cut, as when AWS
@@ -275,6 +281,13 @@ class StandIn:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.state, self.text = None, None
+
+
+def next_wait(wait: float, changed: bool) -> float:
+    """The stand-ins' next pause between reads of the endpoint: FOLLOW_FAST after a change (one
+    change brings others: a rollout's steps), growing by a quarter a quiet read up to FOLLOW_SLOW
+    (a read of a network load balancer is a dozen calls: at FOLLOW_FAST an idle lab kept moto busy)."""
+    return FOLLOW_FAST if changed else min(FOLLOW_SLOW, wait * 1.25)
 
 
 # --- one stand-in per load balancer ---------------------------------------------------------------
@@ -420,13 +433,16 @@ class StandIns:
 
         update_state(self.state_file, put)
 
-    def follow(self, stop: threading.Event, interval: float = 0.2) -> None:
+    def follow(self, stop: threading.Event) -> None:
+        wait = FOLLOW_FAST
         while not stop.is_set():
+            changed = False
             try:
-                self.sync()
+                changed = self.sync()
             except Exception as exc:  # noqa: BLE001 - a lab daemon: one bad tick must not end the stand-ins
                 print(f"stand-ins: {type(exc).__name__}: {exc}", flush=True)
-            stop.wait(interval)
+            wait = next_wait(wait, changed)
+            stop.wait(wait)
 
     def stop(self) -> None:
         for standin in self.running.values():

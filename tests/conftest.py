@@ -103,9 +103,20 @@ def fleet(request, tmp_path, app, aws):
 REAL_SERVICES = {"moto_server", "app", "fleet"}  # fixtures that start real processes on loopback
 
 
+# The modules whose tests take longest (a lab each, loads, fleets through many runs), longest first:
+# collected first, so that under pytest-xdist they start first and the short tests fill the other
+# workers around them (the suite is CPU-bound on two cores; one long test started last leaves a
+# core idle while it ends). `make test` prints the slowest tests, to keep this list true.
+LONGEST_FIRST = ("test_lab.py", "test_lab_moves.py", "test_move_fleet.py", "test_move_sequences.py",
+                 "test_host_sequences.py", "test_warm_listener.py", "test_faults.py", "test_network_sequences.py")
+
+
 def pytest_collection_modifyitems(items):
     """A test that starts a real service (moto server, the app, sshd and nginx) is an integration
-    test, whether its module says so or not: `make unit` runs the others."""
+    test, whether its module says so or not: `make unit` runs the others. The longest modules'
+    tests come first (LONGEST_FIRST), the rest in their order; every worker sorts alike."""
     for item in items:
         if REAL_SERVICES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -33,9 +33,12 @@ class Load:
     """
 
     def __init__(self, lab, source: str = "127.0.0.77", max_seconds: float = 300, max_requests: int = 20000,
-                 clients: int = 3, kinds: tuple[str, ...] = ("https", "ws")):
+                 clients: int = 3, kinds: tuple[str, ...] = ("https", "ws"), pause: float = 0.05):
+        """`pause`: each client's rest between two requests (as the moves' clients, lab/client.py):
+        a few dozen requests a second still cross every window a switch opens, while unpaced
+        clients kept a core of a two-core machine busy and slowed what they load."""
         assert set(kinds) <= set(KINDS), kinds
-        self.lab, self.source, self.kinds = lab, source, kinds
+        self.lab, self.source, self.kinds, self.pause = lab, source, kinds, pause
         self.max_seconds, self.max_requests = max_seconds, max_requests
         self.phase = "before"
         self.marks: list[tuple[str, float]] = [("before", time.monotonic())]
@@ -118,6 +121,7 @@ class Load:
                 with self._lock:
                     self.failed[phase] += 1
                     self.errors.setdefault(phase, set()).add(type(exc).__name__)
+                self._stop.wait(self.pause)
                 continue
             with self._lock:
                 self.ok[phase] += 1
@@ -125,6 +129,7 @@ class Load:
                     self.logged.setdefault(phase, []).append(ip[1:])
                 else:
                     self.client_ips.setdefault(phase, Counter())[ip] += 1
+            self._stop.wait(self.pause)
 
     def read_logs(self, logs: list[Path]) -> None:
         """Count the addresses nginx logged for the `http` requests (after `stop`)."""
