@@ -75,13 +75,17 @@ def aws(moto_server):
 
 
 # each fleet and each lab on its own 127.0.N.0/24 (WSGATE_TEST_NET: where to start, for a second suite
-# beside this one). Under pytest-xdist each worker (gw0, gw1, gw2) takes its own 80 networks from there.
+# beside this one). Under pytest-xdist each worker (gw0, gw1, ...) takes its own share of the networks
+# from there up to 127.0.250 (at most 80 each), and goes round them again: a worker runs one test at
+# a time, and a test's fleet or lab is stopped before the next test starts.
 _WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
-_nets = itertools.count(int(os.environ.get("WSGATE_TEST_NET", "10")) + 80 * _WORKER)
+_FIRST = int(os.environ.get("WSGATE_TEST_NET", "10"))
+_SHARE = max(1, min(80, (250 - _FIRST) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+_nets = itertools.cycle(range(_FIRST + _SHARE * _WORKER, _FIRST + _SHARE * (_WORKER + 1)))
 
 
 def own_net() -> int:
-    """N of a 127.0.N.0/24 no other fleet or lab of this suite (any worker) uses."""
+    """N of a 127.0.N.0/24 no other fleet or lab of this suite (any worker) uses now."""
     return next(_nets)
 
 

@@ -124,7 +124,7 @@ def clients(lab: Lab, hold: int = 3, hold_for: float | None = HOLD_FOR) -> DnsCl
     """Three clients making requests (HTTPS, a WebSocket with an echo, plain HTTP) one after another,
     and `hold` WebSockets held open `hold_for` s each, all through the lab's DNS."""
     return DnsClient(lab.dns_server, lab.service_name, lab.listen, lab.settings.server_name, lab.tls_context(),
-                     clients=3, kinds=("https", "ws", "http"), hold=hold, hold_for=hold_for, pause=0.05,
+                     clients=3, kinds=("https", "ws", "http"), hold=hold, hold_for=hold_for, pause=0.1,
                      max_seconds=200).start()
 
 
