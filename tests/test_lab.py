@@ -7,7 +7,6 @@ and drives it with the real `fab` commands: with a Classic ELB, and with a netwo
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from lab.standin import LbState, Route, Server, config, elb_check, group_check
 from tests.conftest import PROJECT_DIR, own_net, stack_config
 from tests.support.labenv import lab_env
 from tests.support.load import KINDS, Held, Load
+from tests.support.procs import accepts
 
 pytestmark = pytest.mark.integration  # labs run beside each other, each on a network of its own (own_net)
 ELB_LOG = re.compile(r'^127\.0\.0\.77 - - \[[^\]]+\] "GET /ws HTTP/1\.1" 101 \d+ "-" "[^"]*" \d+ 127\.0\.0\.77$')
@@ -179,14 +179,7 @@ STEPS = (("on", True, ["--apply"]), ("retire the plain groups", True, ["--apply"
 
 def serves(lab, port: int) -> list[bool]:
     """Per host: whether something accepts a TCP connection on `port` at its address."""
-    out = []
-    for h in lab.settings.hosts:
-        try:
-            socket.create_connection((h.bind, port), timeout=2).close()
-            out.append(True)
-        except OSError:
-            out.append(False)
-    return out
+    return [accepts(h.bind, port) for h in lab.settings.hosts]
 
 
 def set_proxy_protocol(lab, on: bool) -> None:

@@ -329,16 +329,9 @@ def network_fleet(fleet, proxy: AwsFaults, aws_url: str) -> tuple[int, int]:
 
 def serves(fleet, port: int) -> list[bool]:
     """Per host: whether something accepts a TCP connection on `port` at its address."""
-    import socket
+    from tests.support.procs import accepts
 
-    out = []
-    for h in fleet.hosts:
-        try:
-            socket.create_connection((h.address, port), timeout=2).close()
-            out.append(True)
-        except OSError:
-            out.append(False)
-    return out
+    return [accepts(h.address, port) for h in fleet.hosts]
 
 
 @pytest.mark.integration

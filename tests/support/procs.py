@@ -28,6 +28,15 @@ def free_ports(count: int, addresses: list[str]) -> list[int]:
     return ports
 
 
+def accepts(address: str, port: int) -> bool:
+    """Whether something accepts a TCP connection on address:port."""
+    try:
+        socket.create_connection((address, port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
 def start_app(address: str, port: int, log: Path) -> subprocess.Popen:
     """The demo WebSocket app (lab/app.py) in its own process."""
     out = log.open("ab")
