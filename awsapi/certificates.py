@@ -29,34 +29,39 @@ class NotChecked(AwsError):
         self.lab = lab
 
 
-def certificate_problem(settings: Settings, arn: str | None = None,
-                        now: datetime.datetime | None = None) -> str | None:
-    """Why the certificate (`arn`, else loadBalancer.certificateArn) cannot serve the 443 listener
-    (None: ACM says it is ISSUED, in this region, or IAM has it; it is valid at `now`, default the
-    clock; it is for serverName and dns.name; its key is one the load balancer's kind takes).
-    NotChecked when ACM or IAM cannot be asked."""
+def verdict(settings: Settings, arn: str | None = None, now: datetime.datetime | None = None,
+            days: int = certificate.EXPIRY_NOTE_DAYS) -> tuple[str | None, str | None]:
+    """(problem, note) of the certificate (`arn`, else loadBalancer.certificateArn), from one read
+    of ACM or IAM. The problem: why it cannot serve the 443 listener (None: ACM says it is ISSUED,
+    in this region, or IAM has it; it is valid at `now`, default the clock; it is for serverName and
+    dns.name; its key is one the load balancer's kind takes). The note, only without a problem: when
+    it expires, if within `days` of `now` ("certificate ARN expires in N days ..."). NotChecked when
+    ACM or IAM cannot be asked."""
     arn = arn or settings.load_balancer.certificate_arn
     found = _described(settings, arn)
     if isinstance(found, str):
-        return found
-    return certificate.problem(found, settings.load_balancer.type, now or _now(), _used(settings))
+        return found, None
+    now = now or _now()
+    problem = certificate.problem(found, settings.load_balancer.type, now, _used(settings))
+    return problem, None if problem else certificate.note(found, now, days)
+
+
+def certificate_problem(settings: Settings, arn: str | None = None,
+                        now: datetime.datetime | None = None) -> str | None:
+    """Why the certificate cannot serve the 443 listener (verdict's problem; None: it can).
+    NotChecked when ACM or IAM cannot be asked."""
+    return verdict(settings, arn, now)[0]
 
 
 def certificate_note(settings: Settings, arn: str | None = None, now: datetime.datetime | None = None,
                      days: int = certificate.EXPIRY_NOTE_DAYS) -> str | None:
-    """When the certificate expires, if within `days` of `now` ("certificate ARN expires in N days
-    ..."): for the preview, `fab status` and the rollout. None when it expires later, when
-    certificate_problem refuses it, and when ACM or IAM cannot be asked or read (that says why):
-    a note never stops a run."""
-    arn = arn or settings.load_balancer.certificate_arn
+    """When the certificate expires, if within `days` of `now` (verdict's note): for the preview,
+    `fab status` and the rollout. None when it expires later, when it has a problem, and when ACM or
+    IAM cannot be asked or read (that says why): a note never stops a run."""
     try:
-        found = _described(settings, arn)
+        return verdict(settings, arn, now, days)[1]
     except AwsError:
         return None
-    now = now or _now()
-    if isinstance(found, str) or certificate.problem(found, settings.load_balancer.type, now, _used(settings)):
-        return None
-    return certificate.note(found, now, days)
 
 
 def live_verdicts(settings: Settings, now: datetime.datetime | None = None) -> tuple[list[str], list[str]]:
@@ -65,10 +70,9 @@ def live_verdicts(settings: Settings, now: datetime.datetime | None = None) -> t
     serve, a note when it expires within EXPIRY_NOTE_DAYS or when ACM or IAM cannot be asked."""
     arn = listener_certificate(settings) or settings.load_balancer.certificate_arn
     try:
-        problem = certificate_problem(settings, arn, now)
+        problem, note = verdict(settings, arn, now)
     except NotChecked as exc:
         return [], ([] if exc.lab else [str(exc)])
-    note = None if problem else certificate_note(settings, arn, now)
     return ([problem] if problem else []), ([note] if note else [])
 
 

@@ -118,16 +118,15 @@ def check_certificate(s: Settings) -> None:
     from awsapi import certificates
 
     try:
-        problem = certificates.certificate_problem(s)
+        problem, soon = certificates.verdict(s)
     except certificates.NotChecked as exc:
         if exc.lab:
             pulumi.log.info(str(exc))
         else:
             pulumi.log.warn(f"{exc} (the program needs acm:DescribeCertificate or iam:GetServerCertificate)")
-        problem = None
+        problem, soon = None, None
     if problem:
         raise KitError(f"{problem}; nothing was declared (docs/troubleshooting.md#the-certificate-cannot-serve)")
-    soon = certificates.certificate_note(s)
     if soon:
         pulumi.log.warn(soon)
     live = certificates.listener_certificate(s) if s.load_balancer.type == "classic" else None

@@ -201,7 +201,7 @@ def _refuse_certificate(settings: Settings, note: Callable[[str], None]) -> None
     from awsapi import certificates
 
     try:
-        problem = certificates.certificate_problem(settings)
+        problem, soon = certificates.verdict(settings)
     except certificates.NotChecked as exc:
         if not exc.lab:
             note(str(exc))
@@ -209,7 +209,6 @@ def _refuse_certificate(settings: Settings, note: Callable[[str], None]) -> None
     if problem:
         raise KitError(f"{problem}: `pulumi up` would refuse it; nothing was changed "
                        "(docs/troubleshooting.md#the-certificate-cannot-serve)")
-    soon = certificates.certificate_note(settings)
     if soon:
         note(soon)
 
