@@ -17,7 +17,7 @@ from core.move import Step
 from core.render import render_hosts
 from remote.move import exists
 from tests.support.faults import AwsFaults
-from tests.support.procs import free_ports
+from tests.support.procs import accepts, free_ports
 from tests.test_rollout import fab, live_digests, settings
 
 pytestmark = pytest.mark.integration
@@ -53,14 +53,6 @@ def set_up_move(fleet, url: str, **dns) -> dict[str, int]:
     return ports
 
 
-def serves(address: str, port: int) -> bool:
-    try:
-        socket.create_connection((address, port), timeout=2).close()
-        return True
-    except OSError:
-        return False
-
-
 def assert_old_serving(fleet, new_ports: dict[str, int]) -> None:
     """The move stopped before retire: the old load balancer exists, DNS gives it weight, and every
     host serves both port sets."""
@@ -68,7 +60,7 @@ def assert_old_serving(fleet, new_ports: dict[str, int]) -> None:
     assert exists(s)
     assert route53.weights(s).get(SOURCE, 0) > 0
     for h in fleet.hosts:
-        assert serves(h.address, fleet.ports["tls"]) and serves(h.address, new_ports["proxyTls"])
+        assert accepts(h.address, fleet.ports["tls"]) and accepts(h.address, new_ports["proxyTls"])
 
 
 def test_a_move_from_a_classic_elb_to_a_network_load_balancer_end_to_end(fleet, aws):
@@ -91,7 +83,7 @@ def test_a_move_from_a_classic_elb_to_a_network_load_balancer_end_to_end(fleet, 
     assert live_digests(fleet) == dict(line.split("\t") for line in rendered.stdout.splitlines())
     assert live_digests(fleet) != {n: t.digest for n, t in render_hosts(s.serving([s, target])).items()}
     for h in fleet.hosts:
-        assert not serves(h.address, fleet.ports["tls"]) and serves(h.address, new["proxyTls"])
+        assert not accepts(h.address, fleet.ports["tls"]) and accepts(h.address, new["proxyTls"])
     record = read_record(s)
     assert record.balancers == [TARGET] and set(record.proxy_protocol_ports) >= {new["proxyHttp"], new["proxyTls"]}
     # a rerun: nothing left to do
@@ -184,7 +176,7 @@ def test_connections_held_past_the_drain_bound_stop_the_move_until_cut(fleet, aw
         move = read_move(s)
         assert move.reached == Step.DONE and move.held == {first.name: 1} and move.held_at
         assert not exists(s)
-        assert not serves(first.address, fleet.ports["tls"]) and serves(first.address, new["proxyTls"])
+        assert not accepts(first.address, fleet.ports["tls"]) and accepts(first.address, new["proxyTls"])
     finally:
         held.close()
 
@@ -207,7 +199,7 @@ def test_a_host_lost_during_the_drain_stops_the_move_with_the_old_one_there(flee
     assert again.returncode == 0, again.stdout + again.stderr
     assert not exists(s) and route53.weights(s) == {TARGET: 100}
     for h in fleet.hosts:
-        assert serves(h.address, new["proxyTls"]) and not serves(h.address, fleet.ports["tls"])
+        assert accepts(h.address, new["proxyTls"]) and not accepts(h.address, fleet.ports["tls"])
 
 
 def fab_until(fleet, words: str, sig: int, *args: str) -> tuple[int, str]:
