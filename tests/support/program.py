@@ -15,13 +15,11 @@ class Messages(logging.Handler):
     """What the program logs at `level` or above (warnings, by default)."""
 
     def __init__(self, level: int = logging.WARNING):
-        super().__init__()
-        self.level_seen = level
+        super().__init__(level)  # the logger hands a handler only records at its level or above
         self.messages: list[str] = []
 
     def emit(self, record):
-        if record.levelno >= self.level_seen:
-            self.messages.append(record.getMessage())
+        self.messages.append(record.getMessage())
 
 
 def engine_format(config: dict) -> dict:
