@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from awsapi import classic, ec2, network
 from awsapi.clients import loopback
 from core.errors import KitError
-from core.network import NetworkState
+from core.network import NetworkState, group_health, target_health
 from core.replacement import Live, other_kind_refusal, refusal, renamed_refusal, replacing
 from core.settings import Settings
 
@@ -45,6 +45,26 @@ def traffic(settings: Settings) -> Traffic:
     listeners = (classic.describe(settings) or {}).get("ListenerDescriptions", [])
     forwarded = sorted({int(x["Listener"]["InstancePort"]) for x in listeners})
     return Traffic(classic.header_ports(settings), forwarded, registered=classic.registered(settings))
+
+
+@dataclass(frozen=True)
+class Health:
+    """The instances the load balancer sends traffic to, and their health, from one read."""
+
+    registered: list[str]  # network: the instances in a group a listener forwards to
+    states: dict[str, str]  # instance -> InService, or OutOfService (why): core.health's words
+
+
+def health(settings: Settings) -> Health | None:
+    """The load balancer's instances and their health as its API says (None: it does not exist);
+    a network load balancer's instance is healthy only where healthy in every group it is in."""
+    if settings.load_balancer.type == "network":
+        state = network.network_state(settings)
+        return Health(state.serving, target_health(group_health(state))) if state else None
+    found = classic.describe(settings)
+    if found is None:
+        return None
+    return Health([i["InstanceId"] for i in found.get("Instances", [])], classic.instance_health(settings, found))
 
 
 def header_ports(settings: Settings) -> list[int]:

@@ -38,9 +38,10 @@ def header_ports(settings: Settings) -> list[int]:
     return sorted(port for port, names in attached.items() if proxy & set(names))
 
 
-def instance_health(settings: Settings) -> dict[str, str]:
-    """Instance ID -> InService / OutOfService (with the reason) as the load balancer sees it."""
-    if describe(settings) is None:
+def instance_health(settings: Settings, described: dict | None = None) -> dict[str, str]:
+    """Instance ID -> InService / OutOfService (with the reason) as the load balancer sees it
+    (`described`: its description, when the caller has just read it)."""
+    if described is None and describe(settings) is None:
         return {}
     elb = client(settings, "elb")
     states = call("elb describe-instance-health", elb.describe_instance_health,

@@ -45,8 +45,8 @@ from typing import TYPE_CHECKING, NoReturn
 
 from core.errors import KitError
 from core.gate import follow_refusal
+from core.health import described, not_in_service, sick_groups
 from core.listeners import PLAIN, PROXY, drain_seconds, network_listeners
-from core.network import group_health, target_health
 from core.outcome import HostOutcome
 from core.probe import plain_proven, proven_ports
 from core.record import build
@@ -485,16 +485,14 @@ def _healthy(run: Rollout, timeout: float = 300, every: float = 5) -> None:
     """A network load balancer does not health-check a group no listener uses: after a switch,
     prove every instance in the groups the listeners forward to now healthy (those waiting to join
     are the gate's: `fab status` names them)."""
-    from awsapi.network import network_state
+    from awsapi.balancer import health
 
     deadline = time.monotonic() + timeout
     while True:
-        state = network_state(run.settings)
-        if state is None:
+        now = health(run.settings)
+        if now is None:
             raise KitError("the network load balancer is gone after pulumi up")
-        health = target_health(group_health(state))
-        sick = {i: health.get(i, "no health reported") for i in state.serving
-                if not health.get(i, "").startswith("InService")}
+        sick = not_in_service(now.states, now.registered)
         if not sick:
             run.reporter.note("verified: every registered instance is healthy in the groups the listeners forward to")
             return
@@ -502,7 +500,7 @@ def _healthy(run: Rollout, timeout: float = 300, every: float = 5) -> None:
             raise KitError("interrupted while waiting for the targets to be healthy after the switch")
         if time.monotonic() > deadline:
             raise KitError("after the switch not every instance is healthy in the target groups the listeners "
-                           "forward to: " + "; ".join(f"{i}: {why}" for i, why in sorted(sick.items())))
+                           f"forward to: {described(sick)}")
 
 
 def _group_healthy(run: Rollout, ports: list[int], kind: str, timeout: float = 900, every: float = 5) -> None:
@@ -525,10 +523,7 @@ def _group_healthy(run: Rollout, ports: list[int], kind: str, timeout: float = 9
         state = network_state(s)
         if state is None:
             raise KitError("the network load balancer is gone after pulumi up")
-        sick = {name: {i: w for i, w in state.groups[name].states.items() if w != "healthy"}
-                if name in state.groups and state.groups[name].targets else {"(none)": "no target registered"}
-                for name in groups}
-        sick = {name: states for name, states in sick.items() if states}
+        sick = sick_groups(state, groups)
         if not sick:
             run.reporter.note(f"verified: every target of {', '.join(groups)} is healthy")
             return

@@ -282,36 +282,29 @@ class Move:
             self.note(f"could not put the DNS weights back ({exc}): run fab move again")
 
     def _healthy(self, s: Settings) -> None:
-        from awsapi import classic, network
+        from awsapi.balancer import health
         from awsapi.clients import is_lab
-        from core.network import group_health, target_health
+        from core.health import described, not_in_service
 
         deadline = self.clock.monotonic() + HEALTH_WAIT
         while True:
-            if s.load_balancer.type == "network":
-                state = network.network_state(s)
-                health = target_health(group_health(state)) if state else {}
-                members = list(state.serving) if state else []
-            else:
-                found = classic.describe(s) or {}
-                members = [i["InstanceId"] for i in found.get("Instances", [])]
-                health = classic.instance_health(s)
-                if members and not health and is_lab(s):
-                    # the lab's endpoint knows no EC2 instance of these IDs, so it reports no health:
-                    # registered is what it can say (the stand-in checks the hosts; the requests
-                    # through the listeners prove them)
-                    self.note(f"the lab's endpoint reports no instance health: {len(members)} registered in "
-                              f"{s.load_balancer.name}")
-                    health = dict.fromkeys(members, "InService (registered; the lab reports no health)")
-            want = sorted(set(members) | set(s.instances))
-            sick = {i: health.get(i, "not registered") for i in want if not health.get(i, "").startswith("InService")}
+            now = health(s)
+            members, states = (now.registered, now.states) if now else ([], {})
+            if s.load_balancer.type == "classic" and members and not states and is_lab(s):
+                # the lab's endpoint knows no EC2 instance of these IDs, so it reports no health:
+                # registered is what it can say (the stand-in checks the hosts; the requests
+                # through the listeners prove them)
+                self.note(f"the lab's endpoint reports no instance health: {len(members)} registered in "
+                          f"{s.load_balancer.name}")
+                states = dict.fromkeys(members, "InService (registered; the lab reports no health)")
+            want = set(members) | set(s.instances)
+            sick = not_in_service(states, members, s.instances)
             if want and not sick:
                 self.note(f"verified: every instance is healthy in {s.load_balancer.name} ({len(want)})")
                 return
             if self.clock.monotonic() > deadline:
                 raise MoveStopped(f"step prove: not every instance is healthy in {s.load_balancer.name} after "
-                                  f"{HEALTH_WAIT} s: " + "; ".join(f"{i}: {w}" for i, w in sorted(sick.items()))
-                                  + "; it has no DNS weight: nothing reaches it")
+                                  f"{HEALTH_WAIT} s: {described(sick)}; it has no DNS weight: nothing reaches it")
             self._wait(2, "step prove")
 
     def _through_listeners(self, s: Settings) -> None:

@@ -129,6 +129,8 @@ def test_a_fleet_is_read_whole_and_registered_in_batches_by_both_kinds(aws, monk
         applier.apply(s)
         assert classic.registered(s) == fleet
         assert sorted(classic.instance_health(s)) == fleet
+        read = balancer.health(s)  # one description, then the instances' health
+        assert read is not None and read.registered == fleet and sorted(read.states) == fleet
         assert sorted(balancer.registered_instances(s)) == fleet
         ingress, unknown = ec2.instance_ingress(s, fleet)
     assert sorted(ingress) == fleet and unknown == []
@@ -150,6 +152,8 @@ def test_a_fleet_is_read_whole_and_registered_in_batches_by_both_kinds(aws, monk
         assert state is not None and list(state.present) == fleet
         assert len(state.groups) == 4 and all(list(g.targets) == fleet for g in state.groups.values())
         assert sorted(balancer.registered_instances(s)) == fleet
+        read = balancer.health(s)  # the instances in the groups the listeners forward to
+        assert read is not None and sorted(read.registered) == fleet and sorted(read.states) == fleet
     assert sum(seen["RegisterTargets"]) == 4 * FLEET
     for name, counts in seen.items():
         assert max(counts) <= SIZED[name], (name, counts)
