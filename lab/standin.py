@@ -260,17 +260,6 @@ class StandIn:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def follow(self, stop: threading.Event) -> None:
-        wait = FOLLOW_FAST
-        while not stop.is_set():
-            changed = False
-            try:
-                changed = self.sync()
-            except KitError as exc:
-                print(f"stand-in: {exc}", flush=True)
-            wait = next_wait(wait, changed)
-            stop.wait(wait)
-
     def stop(self) -> None:
         """Stop HAProxy at once, every worker with it: the connections it holds are cut, as when AWS
         deletes a load balancer."""
