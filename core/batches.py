@@ -1,6 +1,7 @@
-"""Canary batches: how `--batch` (such as `1,25%,100%`) cuts the hosts that go live.
+"""Canary batches: how `--batch` (such as `1,25%,100%`) cuts the hosts that go live, and how many
+hosts are worked on at once (`--parallel`).
 
-Pure. `remote/tasks.py` checks the spec before any host is touched; `remote/rollout.py` goes
+Pure. `remote/tasks.py` checks both before any host is touched; `remote/rollout.py` goes
 live one batch at a time and stops at the first batch with a failure.
 """
 
@@ -10,6 +11,19 @@ import math
 import re
 
 from core.errors import PlanError
+
+PARALLEL = 10  # hosts worked on at once when --parallel is not given
+
+
+def at_once(value: str | int | None) -> int:
+    """`--parallel` as a number of hosts (PARALLEL when not given); anything but a whole number from
+    1 up is refused, naming what was given."""
+    if value is None:
+        return PARALLEL
+    text = str(value).strip()
+    if not re.fullmatch(r"[0-9]+", text) or int(text) == 0:
+        raise PlanError(f"--parallel {value!r}: not a number of hosts (a whole number, 1 or more)")
+    return int(text)
 
 
 def batches(spec: str | None, count: int) -> list[int]:

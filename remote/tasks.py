@@ -18,6 +18,7 @@ from fabric import task
 from invoke import Collection
 from invoke.exceptions import Exit
 
+from core.batches import at_once, batches
 from core.errors import KitError
 from core.settings import Settings, load
 
@@ -48,9 +49,10 @@ def _reported(fn: Callable) -> Callable:
 
 def _throttled_calls() -> int:
     """AWS calls throttled so far in this process (0 while the task has not needed AWS: botocore
-    is imported only by the tasks that call it)."""
-    clients = sys.modules.get("awsapi.clients")
-    return clients.throttled_calls() if clients else 0
+    is imported only by the tasks that call it; and while a background read is still importing
+    it, when a run ends early: no call was made through it yet)."""
+    counter = getattr(sys.modules.get("awsapi.clients"), "throttled_calls", None)
+    return counter() if counter else 0
 
 
 def _throttle_note(calls: int) -> None:
@@ -170,15 +172,16 @@ def _prepare(env: str, only: str | None = None, strict: bool = False, note: Call
 @task(help={"env": ENV_HELP, "hosts": "only these hosts (comma-separated names)",
             "parallel": "hosts worked on at once (default 10)", "json": "print JSON instead of a table"})
 @_reported
-def check(c, env, hosts=None, parallel=10, json=False):
+def check(c, env, hosts=None, parallel=None, json=False):
     """Dry run: upload and `nginx -t` on every host, show what would change. Changes nothing live."""
     from remote.report import Reporter
     from remote.rollout import Rollout
     from remote.ssh import Ssh
 
+    count = at_once(parallel)  # a bad --parallel fails before anything is read
     reporter = Reporter(quiet=json)
     settings, targets, trees, _ = _prepare(env, hosts, note=reporter.note)
-    run = Rollout(settings, targets, trees, Ssh.for_run(settings, targets), reporter, parallel=int(parallel))
+    run = Rollout(settings, targets, trees, Ssh.for_run(settings, targets), reporter, parallel=count)
     ok = run.check()
     if json:
         reporter.json({"env": settings.env, "ok": ok, "hosts": [
@@ -213,11 +216,10 @@ def _refuse_certificate(settings: Settings, note: Callable[[str], None]) -> None
         note(soon)
 
 
-def _run(env: str, trees_wanted: bool, parallel, batch, apply: bool, as_json: bool, what: str,
+def _run(env: str, trees_wanted: bool, parallel: int, batch, apply: bool, as_json: bool, what: str,
          take_over: bool = False, served: list[Settings] | None = None) -> None:
     """A rollout (trees) or a rollback (no trees), in the cutover order; report; exit with its code.
     `served`: the load balancers whose ports the hosts serve (`_prepare`)."""
-    from core.batches import batches
     from core.render import render_hosts
     from remote import cutover
     from remote.applier import chosen
@@ -241,7 +243,7 @@ def _run(env: str, trees_wanted: bool, parallel, batch, apply: bool, as_json: bo
 
     def one(s: Settings, trees, now, apply: bool, title: str):
         record = ParameterRecord(s, reporter)  # its read starts now, overlapping the connections
-        run = Rollout(s, targets, trees, Ssh.for_run(s, targets), reporter, parallel=int(parallel), batch=batch,
+        run = Rollout(s, targets, trees, Ssh.for_run(s, targets), reporter, parallel=parallel, batch=batch,
                       take_over=take_over)
         verdict = cutover.rollout(run, record, chosen(s), apply=apply, now=now)
         if not as_json:
@@ -275,16 +277,16 @@ def _run(env: str, trees_wanted: bool, parallel, batch, apply: bool, as_json: bo
             "json": "print JSON instead of a table",
             "take-over": "take hosts whose live release is another environment's (refused without it)"})
 @_reported
-def rollout(c, env, parallel=10, batch=None, apply=False, json=False, take_over=False):
+def rollout(c, env, parallel=None, batch=None, apply=False, json=False, take_over=False):
     """Render, upload, test, swap, reload and probe on every host; restore every host on any failure."""
-    _run(env, True, parallel, batch, apply, json, "rollout", take_over=take_over)
+    _run(env, True, at_once(parallel), batch, apply, json, "rollout", take_over=take_over)
 
 
 @task(help={"env": ENV_HELP, "parallel": "hosts worked on at once (default 10)", "json": "print JSON"})
 @_reported
-def rollback(c, env, parallel=10, json=False):
+def rollback(c, env, parallel=None, json=False):
     """Put every host back on its previous release: swap, reload, probe (all or nothing)."""
-    _run(env, False, parallel, None, False, json, "rollback")
+    _run(env, False, at_once(parallel), None, False, json, "rollback")
 
 
 def _summary(reporter, as_json: bool, title: str, verdict, outcomes, steps=None) -> None:
@@ -343,7 +345,7 @@ def status(c, env, json=False):
 @task(help={"env": ENV_HELP, "parallel": "hosts worked on at once in the rollouts (default 10)",
             "cut": "past dns.drainMax, retire the old load balancer with its connections still open (they are cut)"})
 @_reported
-def move(c, env, parallel=10, cut=False):
+def move(c, env, parallel=None, cut=False):
     """Move to the load balancer moveTo names, failing no request: serve both, create and prove the new one, move
     the DNS weights, drain and retire the old one. A rerun goes on from the last proven step."""
     from remote.applier import chosen, ready
@@ -352,6 +354,7 @@ def move(c, env, parallel=10, cut=False):
     from remote.move import Move, MoveStopped
     from remote.report import Reporter
 
+    count = at_once(parallel)  # a bad --parallel fails before anything is read
     reporter = Reporter()
     for sig in (signal.SIGTERM, signal.SIGHUP):  # as Ctrl-C: the step in flight stops where it is safe
         signal.signal(sig, signal.default_int_handler)
@@ -361,7 +364,7 @@ def move(c, env, parallel=10, cut=False):
 
     def rollout(balancers: list[Settings]) -> bool:
         try:
-            _run(env, True, parallel, None, False, False, "rollout", served=balancers)
+            _run(env, True, count, None, False, False, "rollout", served=balancers)
         except Exit as exc:
             if exc.code == INTERRUPTED:
                 raise MoveStopped("interrupted during the rollout (every host it changed was put back)",

@@ -5,6 +5,7 @@ throttled call is retried by botocore and the task says so."""
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import pytest
 
@@ -197,3 +198,23 @@ def test_a_throttled_call_is_retried_with_backoff_and_the_task_says_so(aws, caps
     note = "AWS throttled 1 call; retried with backoff (docs/troubleshooting.md#aws-throttled)"
     assert note in capsys.readouterr().err
     assert awsapi.clients.throttled_calls() >= 1
+
+
+def test_a_task_ending_while_a_background_read_still_imports_botocore_ends_with_its_own_error(monkeypatch):
+    """A run whose hosts all fail at connect can end before the background AWS read has finished
+    importing awsapi.clients: the module is then in sys.modules, half made, without its throttle
+    counter. The task ends with its own message and exit code (it was an AttributeError)."""
+    import types
+
+    from invoke.exceptions import Exit
+
+    from core.errors import KitError
+    from remote.tasks import _reported
+
+    def fails():
+        monkeypatch.setitem(sys.modules, "awsapi.clients", types.ModuleType("awsapi.clients"))  # half imported
+        raise KitError("every host failed at connect")
+
+    with pytest.raises(Exit) as ended:
+        _reported(fails)()
+    assert ended.value.code == 1 and "error: every host failed at connect" in str(ended.value.message)

@@ -1,0 +1,31 @@
+"""How many hosts go live in each canary batch (--batch) and how many are worked on at once (--parallel)."""
+
+import pytest
+
+from core.batches import PARALLEL, at_once, batches, split
+from core.errors import PlanError
+
+
+def test_batches_grow_to_every_host_and_a_percentage_rounds_up():
+    assert batches(None, 10) == [10]
+    assert batches("1,25%,100%", 10) == [1, 3, 10]
+    assert batches("2,2,5", 10) == [2, 5, 10]  # a repeated size is one batch; the rest always follows
+    assert batches("50%", 3) == [2, 3]
+    assert batches("1,25%", 0) == []
+    assert split(list("abcdefghij"), "1,25%,100%") == [["a"], ["b", "c"], list("defghij")]
+
+
+@pytest.mark.parametrize("spec, why", [("0", "not a host count"), ("101%", "not a host count"),
+                                       ("x", "not a host count"), ("5,2", "must not shrink")])
+def test_a_bad_batch_spec_is_named(spec, why):
+    with pytest.raises(PlanError, match=why) as refused:
+        batches(spec, 10)
+    assert f"--batch {spec!r}" in str(refused.value)
+
+
+def test_parallel_is_a_whole_number_of_hosts_from_one():
+    assert at_once(None) == PARALLEL == 10
+    assert at_once("3") == at_once(3) == 3 and at_once(" 500 ") == 500
+    for given in ("abc", "0", "-3", "2.5", "", "²"):
+        with pytest.raises(PlanError, match=r"--parallel .*: not a number of hosts \(a whole number, 1 or more\)"):
+            at_once(given)
