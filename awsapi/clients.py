@@ -80,8 +80,12 @@ def _client(service: str, region: str, endpoint: str | None):
     if endpoint and loopback(endpoint):  # the lab's endpoint: never hand it real credentials
         keys = {"aws_access_key_id": "lab", "aws_secret_access_key": "lab"}
     # botocore itself: boto3 would add nothing here but its import time.
-    api = botocore.session.get_session().create_client(service, region_name=region, endpoint_url=endpoint,
-                                                        config=_CONFIG, **keys)
+    try:
+        api = botocore.session.get_session().create_client(service, region_name=region, endpoint_url=endpoint,
+                                                            config=_CONFIG, **keys)
+    except (BotoCoreError, ValueError) as exc:  # a profile that does not exist, a bad region or endpoint
+        raise AwsError(f"{service} client for region {region}"
+                       + (f" at {endpoint}" if endpoint else "") + f": {exc}") from None
     api.meta.events.register("needs-retry", _throttled)
     return api
 

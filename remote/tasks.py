@@ -80,10 +80,14 @@ def render(c, env, out=None):
     for host, tree in trees.items():
         print(f"{host}\t{tree.digest}")
     if out:
-        if len(distinct) == 1:
-            written = [next(iter(distinct.values())).write(out)]
-        else:
-            written = [tree.write(Path(out) / host) for host, tree in trees.items()]
+        try:
+            if len(distinct) == 1:
+                written = [next(iter(distinct.values())).write(out)]
+            else:
+                written = [tree.write(Path(out) / host) for host, tree in trees.items()]
+        except OSError as exc:
+            raise KitError(f"--out {out}: cannot write the tree there: {exc.strerror or exc}"
+                           + (f" ({exc.filename})" if exc.filename else "")) from None
         for path in written:
             print(f"wrote {path}")
 

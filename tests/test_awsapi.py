@@ -218,3 +218,14 @@ def test_a_task_ending_while_a_background_read_still_imports_botocore_ends_with_
     with pytest.raises(Exit) as ended:
         _reported(fails)()
     assert ended.value.code == 1 and "error: every host failed at connect" in str(ended.value.message)
+
+
+def test_an_aws_profile_that_does_not_exist_is_named_not_a_traceback(monkeypatch):
+    """AWS_PROFILE naming no profile fails when botocore builds a client, outside any call: the
+    error names the client and the profile (it was a ProfileNotFound traceback from `fab status`)."""
+    from awsapi.clients import AwsError
+
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+    s = settings_from("lab", **{"aws:endpoints": endpoints("http://127.0.0.1:9")})  # never reached
+    with pytest.raises(AwsError, match=r"ssm client for region us-east-1 at http://127.0.0.1:9: .*no-such-profile"):
+        client(s, "ssm")

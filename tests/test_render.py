@@ -128,6 +128,13 @@ def test_fab_render_with_bad_settings_names_the_key_and_writes_nothing(tmp_path)
     assert not (tmp_path / "out").exists()
 
 
+def test_fab_render_to_a_place_it_cannot_write_names_it(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    result = run_fab("render", "--env", "staging", "--out", str(tmp_path / "a-file" / "out"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"error: --out {tmp_path / 'a-file' / 'out'}: cannot write the tree there: Not a directory" in result.stderr
+
+
 def test_fab_lists_the_tasks():
     result = run_fab("-l")
     assert result.returncode == 0 and "render" in result.stdout
