@@ -24,8 +24,11 @@ def resolve(settings: Settings, only: str | None = None) -> list[Host]:
         hosts = list(settings.hosts)
     if not hosts:
         raise PlanError(f"environment {settings.env} has no hosts (set wsgate:hosts, or wsgate:discover: true)")
-    if only:
+    if only is not None:
         wanted = [n.strip() for n in only.split(",") if n.strip()]
+        if not wanted:  # `--hosts=` or `--hosts ,`: never "every host", nor a check that passes on none
+            raise PlanError(f"--hosts {only!r} names no host: give comma-separated host names, or leave it out "
+                            "for every host")
         unknown = sorted(set(wanted) - {h.name for h in hosts})
         if unknown:
             raise PlanError(f"unknown host(s): {', '.join(unknown)}")

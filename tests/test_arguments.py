@@ -1,4 +1,5 @@
-"""How many hosts go live in each canary batch (--batch) and how many are worked on at once (--parallel)."""
+"""Which hosts a task takes (--hosts), how many go live in each canary batch (--batch) and how many are
+worked on at once (--parallel)."""
 
 import pytest
 
@@ -29,3 +30,19 @@ def test_parallel_is_a_whole_number_of_hosts_from_one():
     for given in ("abc", "0", "-3", "2.5", "", "²"):
         with pytest.raises(PlanError, match=r"--parallel .*: not a number of hosts \(a whole number, 1 or more\)"):
             at_once(given)
+
+
+def test_hosts_names_a_subset_and_never_none_of_them():
+    """`fab check --hosts`: the named hosts; an unknown name is refused, and so is a value that
+    names none (`--hosts=` or `--hosts ,`), which ran on no host and said "passes"."""
+    from remote.hosts import resolve
+    from tests.conftest import settings_from
+
+    s = settings_from("lab")
+    assert [h.name for h in resolve(s, "lab2, lab1")] == ["lab1", "lab2"]
+    assert len(resolve(s, None)) == len(s.hosts)
+    with pytest.raises(PlanError, match="unknown host"):
+        resolve(s, "lab1,nosuch")
+    for given in ("", ",", " , "):
+        with pytest.raises(PlanError, match=f"--hosts {given!r} names no host"):
+            resolve(s, given)
