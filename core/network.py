@@ -155,6 +155,32 @@ def back_refusal(s: Settings, forwarding: dict[int, str], now: dict[int, Listene
             f"serve the plain port and {proof}, so every request through it would fail. Nothing was changed; {what}")
 
 
+def stranded_refusal(s: Settings, forwarding: dict[int, str], now: dict[int, ListenerNow]) -> str | None:
+    """Why an update must not move a listener off a proxy group that is not its configured one (an
+    old ports.proxyHttp/proxyTls: a target group's port cannot change, so the setting made a new
+    group and the old one goes with this update) to its plain group while AWS does not say every
+    target there `healthy` (None: it may). Such a listener cannot wait where it is (health_holds
+    keeps a listener on its group; this one goes away), and a plain group no listener used is
+    `unused`, not health-checked: new connections would meet targets never checked. The retired
+    case is back_refusal's."""
+    stranded = []
+    for x in network_listeners(s):
+        was = now.get(x.port, UNSEEN)
+        if not (was.exists and was.forwards == PROXY and not was.on_proxy and forwarding[x.port] == PLAIN):
+            continue
+        states = dict(was.plain_states)
+        sick = {i: w for i, w in states.items() if w != "healthy"}
+        if sick or not states:
+            seen = "; ".join(f"{i}: {w}" for i, w in sorted(sick.items())) or "no target registered"
+            stranded.append(f"listener {x.port} (on an old proxy group, not {x.proxy.name}) would move to its plain "
+                            f"group {x.plain.name}, which AWS has not proven healthy ({seen})")
+    if not stranded:
+        return None
+    return ("; ".join(stranded) + ": new connections would meet targets AWS never checked. Nothing was changed; "
+            "put ports.proxyHttp/proxyTls back, turn proxy protocol off (`fab rollout --apply` waits for the "
+            "plain groups' health), change the proxy ports, then turn it on again")
+
+
 def health_holds(s: Settings, forwarding: dict[int, str], now: dict[int, ListenerNow],
                  join: tuple[str, ...]) -> dict[int, str]:
     """Listener port -> why it stays where it forwards now although `forwarding` moves it to its
@@ -226,7 +252,9 @@ def network_layout(s: Settings, gated: Plan, now: dict[int, ListenerNow], record
     since the epoch); refuses a move back to a retired plain group not proven. A listener moves to
     its other group, either way, only once AWS says that group healthy (health_holds). A listener
     held on its proxy group on its way back counts as on its way for its plain group: filled, never
-    retired (AWS health-checks only a group with targets), and a retired one only on the proof."""
+    retired (AWS health-checks only a group with targets), and a retired one only on the proof. A
+    listener stranded on an old proxy group goes to its plain group only once AWS says it healthy
+    (stranded_refusal)."""
     wanted = network_forwarding(gated.decision.ports, s)
     holds = health_holds(s, wanted, now, gated.join)
     forwarding = {port: (PROXY if kind == PLAIN else PLAIN) if port in holds else kind for port, kind in wanted.items()}
@@ -234,7 +262,8 @@ def network_layout(s: Settings, gated: Plan, now: dict[int, ListenerNow], record
     heading = {port: PROXY if kind == wanted[port] == PROXY else PLAIN for port, kind in forwarding.items()}
     foreign = record.foreign(s.env, s.load_balancer.name) if record else None
     own = None if foreign else record
-    refused = back_refusal(s, heading, now, own, gated.join, foreign or (None if record else record_problem))
+    refused = (back_refusal(s, heading, now, own, gated.join, foreign or (None if record else record_problem))
+               or stranded_refusal(s, forwarding, now))
     if refused:
         raise KitError(refused)
     return NetworkLayout(network_members(s, heading, now, gated.join, clock), forwarding, holds,

@@ -20,7 +20,14 @@ import awsapi.balancer
 import awsapi.network
 import tests.test_program_network as program
 from core.listeners import PLAIN, PROXY, network_listeners
-from core.network import SWITCHED_TAG, ListenerNow, health_holds, network_forwarding, warm_listeners
+from core.network import (
+    SWITCHED_TAG,
+    ListenerNow,
+    health_holds,
+    network_forwarding,
+    stranded_refusal,
+    warm_listeners,
+)
 from core.settings import from_config
 from lab.applier import apply
 from tests.conftest import settings_from, stack_config
@@ -220,6 +227,18 @@ def test_a_warm_listener_only_for_a_listener_not_where_proxy_protocol_wants_it(e
     assert any(exports["healthWaiting"]["80"] in w for w in warnings)  # the preview says it
 
 
+def test_a_proxy_port_changed_while_on_is_refused_while_aws_has_not_checked_the_plain_group(endpoint, monkeypatch):
+    """AWS says `unused` for the plain groups no listener forwarded to: the program declares nothing
+    rather than move listener 80 off its old proxy group (82, replaced by 92) onto them."""
+    program.nlb_in_aws(endpoint.url, {80: PROXY, 443: PROXY})
+    program.write_record(endpoint.url, INSTANCES, ports=[82, 83])
+    ports = {**stack_config("staging")["wsgate:ports"], "proxyHttp": 92}
+    with pytest.raises(Exception, match=r"listener 80 \(on an old proxy group, not wsgate-staging-proxy-92\) would "
+                                        r"move to its plain group wsgate-staging-plain-80, which AWS has not proven "
+                                        r"healthy \(.*: unused"):
+        program.run(endpoint.url, monkeypatch, **{"wsgate:ports": ports})
+
+
 def test_a_listener_on_its_proxy_group_stays_there_while_a_target_is_not_healthy(endpoint, monkeypatch):
     """Health decides a switch, not a listener already switched (a sticky gate keeps it)."""
     program.nlb_in_aws(endpoint.url, {80: PROXY, 443: PROXY})
@@ -261,6 +280,25 @@ def test_health_holds_back_name_the_plain_group_and_keep_the_listener_on_its_pro
     on_plain = ListenerNow(PLAIN, True, False, plain_states=tuple((i, "unused") for i in INSTANCES))
     assert health_holds(s, back, {80: on_plain}, tuple(INSTANCES)) == {}  # where it should be already
     assert [x.port for x in warm_listeners(s, {80: PROXY, 443: PLAIN})] == [80]
+
+
+def test_a_listener_stranded_on_an_old_proxy_group_goes_plain_only_to_a_plain_group_aws_checked():
+    """ports.proxyHttp changed while on: listener 80 forwards to the old port's group, which this
+    update replaces, so it cannot wait there; its plain group, which no listener used, is `unused`."""
+    s = settings_from("staging", ports={"proxyHttp": 92}, load_balancer=program.network_lb())
+    plain = network_forwarding((83,), s)  # 92 unproven: listener 80 goes plain, 443 stays on 83
+    stranded = ListenerNow(PROXY, True, False, plain_states=tuple((i, "unused") for i in INSTANCES))
+    on_83 = ListenerNow(PROXY, True, False, on_proxy=True)
+    refused = stranded_refusal(s, plain, {80: stranded, 443: on_83})
+    assert refused is not None and refused.startswith(
+        "listener 80 (on an old proxy group, not wsgate-staging-proxy-92) would move to its plain group "
+        f"wsgate-staging-plain-80, which AWS has not proven healthy ({INSTANCES[0]}: unused")
+    assert "443" not in refused and "put ports.proxyHttp/proxyTls back, turn proxy protocol off" in refused
+    empty = ListenerNow(PROXY, True, True)  # retired: back_refusal's, and still never proven here
+    assert "no target registered" in (stranded_refusal(s, plain, {80: empty}) or "")
+    checked = ListenerNow(PROXY, True, False, plain_states=tuple((i, "healthy") for i in INSTANCES))
+    assert stranded_refusal(s, plain, {80: checked, 443: on_83}) is None  # a warm listener had AWS check it
+    assert stranded_refusal(s, network_forwarding((92, 83), s), {80: stranded, 443: on_83}) is None  # no move
 
 
 def test_status_says_a_listener_on_its_way_back_waits_for_its_plain_groups_health():
