@@ -441,9 +441,14 @@ def move_view(s: Settings, hosts: list[Host], count: bool = True) -> dict[str, A
 
     assert s.dns is not None
     view: dict[str, Any] = {"dns": {"name": s.dns.name, "zone": s.dns.zone_id, "ttl": s.dns.ttl}, "problems": []}
-    record = read_move(s)
-    problem = conflict(s, record)
-    if problem:
+    unread = None  # why the move record could not be read: then nothing is said of the move's step
+    try:
+        record = read_move(s)
+    except KitError as exc:
+        record, unread = None, f"cannot read the move record: {exc}"
+        view["problems"].append(unread)
+    problem = unread or conflict(s, record)
+    if problem and not unread:
         view["problems"].append(problem)
     balancers = [s, *([s.moving_to] if s.moving_to else [])]
     if record is not None and s.moving_to and record.target != s.moving_to.load_balancer.name:
@@ -453,6 +458,7 @@ def move_view(s: Settings, hosts: list[Host], count: bool = True) -> dict[str, A
         foreign = route53.refusal(s)
     except KitError as exc:
         weights, foreign = {}, f"cannot read Route 53: {exc}"
+        view["dns"]["weightsRead"] = False  # "no record" would be a guess
     if foreign:
         view["problems"].append(foreign)
     try:
@@ -465,7 +471,11 @@ def move_view(s: Settings, hosts: list[Host], count: bool = True) -> dict[str, A
         name = b.load_balancer.name
         for port in b.served():
             owner[port] = name
-        present = exists(b)
+        try:
+            present: bool | None = exists(b)
+        except KitError as exc:  # said, and the rest of the view still shown
+            present = None
+            view["problems"].append(f"cannot read load balancer {name}: {exc}")
         view["balancers"].append({"name": name, "type": b.load_balancer.type, "proxyProtocol": b.proxy_protocol,
                                   "exists": present, "weight": weights.get(name), "declared": name in want,
                                   "ports": sorted(b.served())})
@@ -473,13 +483,15 @@ def move_view(s: Settings, hosts: list[Host], count: bool = True) -> dict[str, A
             view["problems"].append(f"DNS weight of {name} is {weights.get(name)}, the move declares {want[name]}: "
                                     f"run fab move --env {s.env}" if record else
                                     f"DNS weight of {name} is {weights.get(name)}: run pulumi up")
-        if weights.get(name) and not present:
+        if weights.get(name) and present is False:
             view["problems"].append(f"DNS gives weight to {name}, which does not exist")
     reached = record.reached if record is not None and not problem else None
     view["move"] = None if record is None else {
         "source": record.source, "target": record.target, "reached": str(reached) if reached else None,
         "weight": record.weight, "held": record.held, "heldAt": record.held_at}
-    if s.moving_to is None:
+    if unread:
+        view["next"] = "see the problem above"
+    elif s.moving_to is None:
         view["next"] = None if record is None or finished_here(s, record) else "see the problem above"
     elif record is not None and record.done:
         view["next"] = NEXT_COMMAND[Step.DONE].format(env=s.env)
@@ -495,14 +507,19 @@ def move_view(s: Settings, hosts: list[Host], count: bool = True) -> dict[str, A
     return view
 
 
+def _existence(present: bool | None) -> str:
+    return "not read" if present is None else "exists" if present else "does not exist"
+
+
 def show_move(reporter, view: dict[str, Any]) -> None:
     """The move's part of `fab status`."""
     d = view["dns"]
     reporter.message(f"DNS: {d['name']} (zone {d['zone']}, TTL {d['ttl']} s)")
     for b in view["balancers"]:
-        weight = "no record" if b["weight"] is None else f"weight {b['weight']}"
+        weight = ("weight not read" if d.get("weightsRead") is False else "no record" if b["weight"] is None
+                  else f"weight {b['weight']}")
         reporter.message(f"  {b['name']} ({b['type']}, proxy protocol {'on' if b['proxyProtocol'] else 'off'}): "
-                         f"{'exists' if b['exists'] else 'does not exist'}, {weight}, ports "
+                         f"{_existence(b['exists'])}, {weight}, ports "
                          f"{', '.join(map(str, b['ports']))}")
     move = view.get("move")
     if move:

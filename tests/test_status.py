@@ -158,3 +158,31 @@ def test_connections_closed_for_a_missing_header_are_counted_per_port_from_the_e
     assert all(n["brokenHeader"] == 0 for n in two["logged"].values()) and not two["notes"]
     human = fab(fleet, "status")
     assert f"{port}: 3 broken, 0 x 400" in human.stdout
+
+
+def test_status_with_aws_refusing_still_judges_every_host_and_names_each_read_it_lost(fleet):
+    """AWS refuses every read (AccessDenied, as a missing IAM permission does): the view shows every
+    host as it is, and says each AWS read it could not make, DNS and the move included (the move
+    record's read was not caught: the whole status ended in one error line, no host shown)."""
+    from tests.support.faults import AwsFaults
+
+    assert fab(fleet, "rollout", "--apply").returncode == 0
+    proxy = AwsFaults(fleet.config["aws:endpoints"][0]["elb"])
+    try:
+        for action in ("GetParameter", "GetParameters", "DescribeLoadBalancers", "ListResourceRecordSets"):
+            proxy.add(action, "refuse")
+        fleet.set("aws:endpoints", [{s: proxy.url for s in ("ec2", "elb", "ssm", "sts", "route53")}])
+        fleet.set("wsgate:dns", {"zoneId": "ZWSGATEFLEET00000001", "name": "ws.fleet.test", "ttl": 2})
+        code, view = status(fleet)
+        human = fab(fleet, "status")
+    finally:
+        proxy.stop()
+    assert code == 1 and not view["ok"]
+    assert [h["live"] for h in view["hosts"]] == [h["rendered"] for h in view["hosts"]]  # the hosts, judged
+    assert view["loadBalancer"]["problems"][0].startswith("cannot read the load balancer: elb describe-load-balancers")
+    dns = view["dns"]["problems"]
+    for lost in ("cannot read the move record: ssm get-parameter", "cannot read Route 53:",
+                 f"cannot read load balancer {fleet.config['wsgate:loadBalancer']['name']}:"):
+        assert any(p.startswith(lost) for p in dns), dns
+    assert view["dns"]["balancers"][0]["exists"] is None and view["dns"]["next"] == "see the problem above"
+    assert "not read, weight not read" in human.stdout and "Traceback" not in human.stderr
