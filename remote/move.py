@@ -47,6 +47,7 @@ from core.move import (
 )
 from core.settings import Host, Settings
 from remote.applier import Applier
+from remote.report import PROGRESS_EVERY
 
 OK, FAILED, ATTENTION, INTERRUPTED = 0, 1, 3, 130
 HEALTH_WAIT = 300  # seconds the new load balancer gets to report every instance healthy
@@ -286,7 +287,8 @@ class Move:
         from awsapi.clients import is_lab
         from core.health import described, not_in_service
 
-        deadline = self.clock.monotonic() + HEALTH_WAIT
+        start = self.clock.monotonic()
+        deadline, say = start + HEALTH_WAIT, start + PROGRESS_EVERY
         while True:
             now = health(s)
             members, states = (now.registered, now.states) if now else ([], {})
@@ -305,6 +307,10 @@ class Move:
             if self.clock.monotonic() > deadline:
                 raise MoveStopped(f"step prove: not every instance is healthy in {s.load_balancer.name} after "
                                   f"{HEALTH_WAIT} s: {described(sick)}; it has no DNS weight: nothing reaches it")
+            if self.clock.monotonic() >= say:  # a wait of minutes must not look hung
+                self.note(f"still waiting for every instance to be healthy in {s.load_balancer.name} "
+                          f"({self.clock.monotonic() - start:.0f}s of at most {HEALTH_WAIT}s): {described(sick)}")
+                say = self.clock.monotonic() + PROGRESS_EVERY
             self._wait(2, "step prove")
 
     def _through_listeners(self, s: Settings) -> None:

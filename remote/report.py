@@ -17,6 +17,8 @@ from rich.text import Text
 
 from core.outcome import HostOutcome
 
+PROGRESS_EVERY = 30.0  # seconds between the "still waiting" notes of a long wait (it must not look hung)
+
 
 class Reporter:
     def __init__(self, out=None, err=None, quiet: bool = False):

@@ -189,6 +189,29 @@ def test_the_wait_ends_at_once_when_nothing_has_aws_check_the_group_any_more(end
     # with its warm listener the wait goes on until the group is healthy: the `fab rollout --apply` tests below
 
 
+def test_a_long_wait_for_health_says_what_it_still_waits_for(endpoint, monkeypatch):
+    """A wait of up to 15 minutes must not look hung: every PROGRESS_EVERY seconds it says which
+    targets AWS does not yet say healthy, and how long it has waited, until they are."""
+    import threading
+    from types import SimpleNamespace
+
+    import remote.cutover
+    from remote.cutover import _group_healthy
+
+    url = endpoint.url
+    program.nlb_in_aws(url, {80: PROXY, 443: PROXY})
+    apply(lab_settings(url, OFF))  # the listeners stay on proxy, the warm listeners forward to the plain groups
+    endpoint.health_as_aws(REGION, initial_reads=1)  # `initial` for the first read
+    notes: list[str] = []
+    run = SimpleNamespace(settings=lab_settings(url, OFF), interrupted=threading.Event(),
+                          reporter=SimpleNamespace(note=notes.append))
+    monkeypatch.setattr(remote.cutover, "PROGRESS_EVERY", 0.0)
+    _group_healthy(run, [80, 443], PLAIN, timeout=120, every=0.05)
+    waiting = [n for n in notes if n.startswith("still waiting for AWS (")]
+    assert waiting and "of at most 120s): wsgate-staging-plain-80: " in waiting[0] and "initial" in waiting[0]
+    assert notes[-1] == "verified: every target of wsgate-staging-plain-80, wsgate-staging-plain-81 is healthy"
+
+
 def registered_in_aws(s) -> dict[int, list[str]]:
     """Instance port -> the instances registered (not draining) in the kit's group of that port."""
     state = awsapi.network.network_state(s)
