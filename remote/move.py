@@ -184,17 +184,19 @@ class Move:
         ports = source_ports(self.s)
         clock = Drain(self.clock.monotonic(), self.dns.quiet, self.dns.drain_max)
         last: dict[str, dict[int, int]] = {}
-        shown = -1
+        shown, start = -1, self.clock.monotonic()
+        say = start + PROGRESS_EVERY
         while True:
             last = self._count(ports)
             total = sum(sum(c.values()) for c in last.values())
             at = self.clock.monotonic()
             clock.sample(at, total)
-            if total != shown:
+            if total != shown or at >= say:  # each change, and while it stays, every PROGRESS_EVERY seconds
+                waited = f" ({at - start:.0f}s of at most {self.dns.drain_max}s)" if total == shown else ""
                 self.note(f"step drain: {total} connection(s) open on {self.s.load_balancer.name}'s ports {ports}"
-                          + (": " + ", ".join(f"{h} {sum(c.values())}" for h, c in sorted(last.items())
-                                              if sum(c.values())) if total else ""))
-                shown = total
+                          + waited + (": " + ", ".join(f"{h} {sum(c.values())}" for h, c in sorted(last.items())
+                                                       if sum(c.values())) if total else ""))
+                shown, say = total, at + PROGRESS_EVERY
             if clock.drained(at):
                 self._reached(Step.DRAIN)
                 return
