@@ -28,6 +28,8 @@ def at_once(value: str | int | None) -> int:
 
 def batches(spec: str | None, count: int) -> list[int]:
     """Cumulative batch sizes from a spec such as `1,25%,100%` (the last batch is always all)."""
+    if spec is not None and not spec.strip():  # `--batch=`: never taken for "all at once"
+        raise PlanError(f"--batch {spec!r}: names no batch (e.g. 1,25%,100%)")
     if count == 0:
         return []
     if not spec:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -16,8 +17,10 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     PrivateAttr,
     ValidationError,
     ValidationInfo,
@@ -148,6 +151,26 @@ def _gateway(value: str) -> str:
     return value
 
 
+def _not_bool(value: Any) -> Any:
+    """A number field refuses YAML's true/false (pydantic would read them as 1 and 0: `http: yes`, port 1)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{str(value).lower()} is a boolean: give a number")
+    return value
+
+
+NotBool = BeforeValidator(_not_bool)
+
+
+def _worker_processes(value: Any) -> int | str:
+    """nginx's worker_processes: `auto` or a number from 1 to 1024 (also as a string, as `pulumi config set` writes)."""
+    if value == "auto":
+        return value
+    if not isinstance(value, bool) and isinstance(value, (int, str)) and str(value).strip().isdigit() \
+            and 1 <= int(value) <= 1024:
+        return int(value)
+    raise ValueError("not auto or a number of processes from 1 to 1024")
+
+
 def _pattern(regex: str, what: str):
     compiled = re.compile(regex)
 
@@ -169,8 +192,8 @@ RootPath = Annotated[str, AfterValidator(_root)]
 UserName = Annotated[str, AfterValidator(_user)]
 Upstream = Annotated[str, AfterValidator(_upstream)]
 Gateway = Annotated[str, AfterValidator(_gateway)]
-Port = Annotated[int, Field(ge=1, le=65535)]
-Seconds = Annotated[int, Field(gt=0)]
+Port = Annotated[int, NotBool, Field(ge=1, le=65535)]
+Seconds = Annotated[int, NotBool, Field(gt=0)]
 InstanceId = Annotated[str, _pattern(r"^i-([0-9a-f]{8}|[0-9a-f]{17})$", "EC2 instance ID (i-0123456789abcdef0)")]
 SubnetId = Annotated[str, _pattern(r"^subnet-([0-9a-f]{8}|[0-9a-f]{17})$", "subnet ID")]
 VpcId = Annotated[str, _pattern(r"^vpc-([0-9a-f]{8}|[0-9a-f]{17})$", "VPC ID")]
@@ -258,20 +281,20 @@ class LoadBalancer(Model):
         "ELBSecurityPolicy-TLS-1-2-2017-01"
     )
     # classic: 1-3600; network: the TCP listener's, 60-6000 (its TLS listener's is fixed at 350)
-    idle_timeout: Annotated[int, Field(ge=1)] = 300
+    idle_timeout: Annotated[int, NotBool, Field(ge=1)] = 300
     allowed_cidrs: list[Cidr] = ["0.0.0.0/0"]  # who may reach the listeners 80/443
     instances: list[InstanceId] = []
     cross_zone: bool = True
     raised_quotas: bool = False  # the account's load balancer quotas were raised: skip AWS's default ones
-    connection_draining: Annotated[int, Field(ge=0, le=3600)] = 300  # classic; 0: off
-    deregistration_delay: Annotated[int, Field(ge=0, le=3600)] = 30  # network: seconds a leaving target drains
+    connection_draining: Annotated[int, NotBool, Field(ge=0, le=3600)] = 300  # classic; 0: off
+    deregistration_delay: Annotated[int, NotBool, Field(ge=0, le=3600)] = 30  # network: seconds a leaving target drains
     # network: the least seconds the hosts keep reading the header after the listeners left the proxy
     # groups (a listener change reaches the load balancer's nodes over time: users report about 75 s)
-    switch_drain: Annotated[int, Field(ge=1, le=3600)] = 75
+    switch_drain: Annotated[int, NotBool, Field(ge=1, le=3600)] = 75
     # network: the warm listener of the TCP:80 listener's proxy group listens here, the TLS:443
     # one's on the next port (1024-65534: never a listener's own 80 or 443); a TCP listener nobody
     # can reach that makes AWS health-check a proxy group before a listener switches to it
-    warm_port: Annotated[int, Field(ge=1024, le=65534)] = 64080
+    warm_port: Annotated[int, NotBool, Field(ge=1024, le=65534)] = 64080
     # network, TLS listener: never h2 (nginx would get cleartext h2 on a plain HTTP/1.1 port)
     alpn_policy: Literal["None", "HTTP1Only"] = "HTTP1Only"
     access_logs: AccessLogs | None = None
@@ -324,9 +347,9 @@ class Dns(Model):
     # How long resolvers and clients may hold an answer: what `fab move` waits after the last
     # weight change before it counts connections. AWS gives alias records the load balancer's
     # 60 s; a lower value is for the lab's DNS only (a test endpoint in aws:endpoints).
-    ttl: Annotated[int, Field(ge=1, le=86400)] = ALIAS_TTL
+    ttl: Annotated[int, NotBool, Field(ge=1, le=86400)] = ALIAS_TTL
     # The share of the weight (percent) the new load balancer gets at each step; the last is 100.
-    steps: list[Annotated[int, Field(ge=1, le=100)]] = [100]
+    steps: list[Annotated[int, NotBool, Field(ge=1, le=100)]] = [100]
     pause: Seconds | None = None  # between two steps (default: ttl)
     quiet: Seconds = 30  # the drain: no connection on the old load balancer's ports for this long
     drain_max: Seconds = 900  # the drain's bound: past it the open connections are shown, nothing cut
@@ -374,8 +397,8 @@ class Nginx(Model):
     temp_dir: PlainPath = "/var/lib/nginx"
     user: UserName | None = "www-data"  # worker user; null when the master does not run as root
     bind: IpAddress | None = None  # listen address; null: all addresses
-    worker_processes: Literal["auto"] | Annotated[int, Field(ge=1, le=1024)] = "auto"
-    worker_connections: Annotated[int, Field(ge=16, le=1_000_000)] = 4096
+    worker_processes: Annotated[int | str, PlainValidator(_worker_processes)] = "auto"
+    worker_connections: Annotated[int, NotBool, Field(ge=16, le=1_000_000)] = 4096
     worker_shutdown_timeout: Seconds = 120  # old workers' grace for open WebSockets after a reload
     proxy_connect_timeout: Seconds = 5
     proxy_read_timeout: Seconds | None = None  # default: load balancer idle timeout + 60
@@ -394,7 +417,7 @@ class Ssh(Model):
     connect_timeout: Seconds = 10
     command_timeout: Seconds = 120
     # a host's session (and its rollout lock) ends this long after the controller is gone
-    idle_timeout: Annotated[int, Field(ge=2)] = 30
+    idle_timeout: Annotated[int, NotBool, Field(ge=2)] = 30
     sudo: bool = False  # run remote commands with `sudo -n` (login user is not root)
 
 
@@ -475,6 +498,10 @@ class Settings(Model):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"host names must be unique: {', '.join(dupes)}")
+        ids = [h.instance_id for h in self.hosts if h.instance_id]
+        shared = sorted({i for i in ids if ids.count(i) > 1})
+        if shared:  # the record names an instance's digest: two hosts on one ID would prove each other
+            raise ValueError(f"hosts[].instanceId must be unique: {', '.join(shared)} is given to more than one host")
         if self.dns and self.dns.ttl < ALIAS_TTL and not self.aws.endpoints:
             raise ValueError(f"dns.ttl {self.dns.ttl} is below the {ALIAS_TTL} s AWS gives an alias record to a load "
                              "balancer: resolvers would hold answers longer than the kit waits")
@@ -652,39 +679,119 @@ def stack_file(env: str, directory: Path | str = ".") -> Path:
     return Path(directory) / f"Pulumi.{env}.yaml"
 
 
+NOT_FROM_THE_FILE = ("env", "aws")  # Settings fields the file names otherwise: its name, and the aws: keys
+
+
 def from_config(env: str, config: dict[str, Any], source: str) -> Settings:
     """Build settings from a stack's `config:` map (keys like `wsgate:ports`, `aws:region`)."""
     data: dict[str, Any] = {"env": env, "aws": {}}
+    problems: list[tuple[str, object, str]] = []
     for key, value in (config or {}).items():
         namespace, _, name = str(key).partition(":")
-        if namespace == PROJECT and name:
+        if not isinstance(key, str) or not namespace or not name:
+            problems.append((str(key), _shown(value), "not a namespaced key: the kit reads wsgate:KEY, aws:region "
+                             "and aws:endpoints"))
+        elif namespace == PROJECT and name in NOT_FROM_THE_FILE:
+            problems.append((key, _shown(value), "unknown key"))
+        elif namespace == PROJECT:
             data[name] = value
         elif namespace == "aws" and name in ("region", "endpoints"):
-            data["aws"][name] = _endpoints(value) if name == "endpoints" else value
+            if name == "endpoints":
+                value, problem = _endpoints(value)
+                if problem:
+                    problems.append(("aws:endpoints", _shown(value), problem))
+                    continue
+            data["aws"][name] = value
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
     except ValidationError as exc:
-        raise SettingsError(source, [_problem(dict(e)) for e in exc.errors()]) from None
+        found = [_problem(dict(e)) for e in exc.errors()]
+        # a required key missing while another namespace names it: a misspelt wsgate: (`wsgte:serverName`)
+        elsewhere = {str(k).partition(":")[2]: k for k in config or {}
+                     if isinstance(k, str) and str(k).partition(":")[0] not in (PROJECT, "aws")}
+        for i, (key, value, reason) in enumerate(found):
+            other = elsewhere.get(key.removeprefix(f"{PROJECT}:")) if reason == "required" else None
+            if other:
+                found[i] = (key, value, f"{reason} ({other} is not read: the kit's keys are {PROJECT}:KEY)")
+        raise SettingsError(source, problems + found) from None
+    if problems:
+        raise SettingsError(source, problems)
+    return settings
+
+
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping of the file names a key twice (YAML would keep the last one, silently)."""
+
+    def __init__(self, key: object, line: int, first: int):
+        super().__init__(f"line {line}: {key} is given twice (first on line {first}): YAML would keep only the "
+                         "last; keep one")
+
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """YAML's safe loader, refusing a key given twice in one mapping (as Pulumi does)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[object, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:
+                    continue  # an unhashable key: the constructor refuses it as such
+                if first != key_node.start_mark.line + 1:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1, first)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_file(path: Path) -> Any:
+    """An environment file, as YAML; a file that cannot be read or parsed is refused, naming it (and its line)."""
+    def refused(reason: str) -> SettingsError:
+        return SettingsError(path.name, [("file", str(path), reason)])
+
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise refused("no such environment file") from None
+    except IsADirectoryError:
+        raise refused("is a directory, not an environment file") from None
+    except OSError as exc:
+        raise refused(f"cannot read it: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise refused(f"line {line}: not UTF-8 text (byte {raw[exc.start]:#04x})") from None
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except _DuplicateKey as exc:
+        raise refused(str(exc)) from None
+    except yaml.YAMLError as exc:
+        raise refused(f"not valid YAML: {exc}") from None
+    except RecursionError:
+        raise refused("not valid YAML: nested too deeply") from None
 
 
 def load(env: str, directory: Path | str = ".") -> Settings:
     """Read and validate `Pulumi.<env>.yaml` in `directory`, or the file `env` names."""
     if env.endswith((".yaml", ".yml")):
         path = Path(env)
+        if not path.name.startswith("Pulumi."):
+            raise SettingsError(path.name, [("file", str(path), "not a Pulumi.<env>.yaml file: the environment is "
+                                             "named by its file, as Pulumi names the stack")])
         env = path.name.removeprefix("Pulumi.").rsplit(".", 1)[0]
     else:
         path = stack_file(env, directory)
     if not _ENV.match(env):
-        raise SettingsError(path.name, [("env", env, "not a valid environment name")])
-    try:
-        doc = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
-    except FileNotFoundError:
-        raise SettingsError(path.name, [("file", str(path), "no such environment file")]) from None
-    except yaml.YAMLError as exc:
-        raise SettingsError(path.name, [("file", str(path), f"not valid YAML: {exc}")]) from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("config", {}), dict):
-        raise SettingsError(path.name, [("config", doc, "expected a mapping under config:")])
-    settings = from_config(env, doc.get("config", {}), path.name)
+        raise SettingsError(env if "/" in env else path.name, [("env", env, "not a valid environment name")])
+    doc = read_file(path)
+    config = doc.get("config") if isinstance(doc, dict) else None
+    if not isinstance(doc, (dict, type(None))) or not isinstance(config, (dict, type(None))):
+        raise SettingsError(path.name, [("config", _shown(config if isinstance(doc, dict) else doc),
+                                         "expected a mapping under config:")])
+    settings = from_config(env, config or {}, path.name)
     check_neighbours(settings, path.parent, path.name)
     return settings
 
@@ -698,9 +805,9 @@ def check_neighbours(settings: Settings, directory: Path | str, source: str) -> 
         if env == settings.env or not _ENV.match(env):
             continue
         try:
-            doc = yaml.load(other.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
+            doc = read_file(other) or {}
             theirs = from_config(env, doc.get("config") or {}, other.name)
-        except (OSError, yaml.YAMLError, AttributeError, SettingsError):
+        except (AttributeError, SettingsError):
             continue  # reported when that environment is used
         if theirs.aws.region != settings.aws.region:
             continue
@@ -717,15 +824,38 @@ def check_neighbours(settings: Settings, directory: Path | str, source: str) -> 
         raise SettingsError(source, problems)
 
 
-def _endpoints(value: Any) -> Any:
-    """pulumi-aws's `aws:endpoints` is a list of one-key maps; flatten it."""
+def _endpoints(value: Any) -> tuple[Any, str | None]:
+    """pulumi-aws's `aws:endpoints` is a list of one-key maps; flatten it. An item that is not a map is
+    refused (dropping it would send that service's calls to AWS itself)."""
     if isinstance(value, list):
+        if not all(isinstance(item, dict) for item in value):
+            return value, "a list of maps (- ec2: URL) or one map (service: URL)"
         flat: dict[str, Any] = {}
         for item in value:
-            if isinstance(item, dict):
-                flat.update(item)
-        return flat
-    return value
+            flat.update(item)
+        return flat, None
+    return value, None
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 3, 8, 8, 8
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 200, 200, 40
+
+
+class _Shown:
+    """A value as a message shows it: bounded (a huge or deeply nested value is cut, not printed whole)."""
+
+    def __init__(self, value: object):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return _REPR.repr(self.value)
+
+
+def _shown(value: object) -> object:
+    small = value is None or isinstance(value, (bool, float)) or (isinstance(value, int) and abs(value) < 10**40) \
+        or (isinstance(value, str) and len(value) <= 200)
+    return value if small else _Shown(value)
 
 
 def _problem(error: dict[str, Any]) -> tuple[str, object, str]:
@@ -741,6 +871,7 @@ def _problem(error: dict[str, Any]) -> tuple[str, object, str]:
     value = error.get("input")
     if isinstance(value, dict):  # a rule across keys: the reason names them
         value = None
+    value = _shown(value)
     if error["type"] == "missing":
         value, reason = None, "required"
     elif error["type"] == "extra_forbidden":

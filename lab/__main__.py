@@ -612,8 +612,8 @@ class Current:
     def __init__(self, env: str):
         self.env = env
         self.path = Path(env) if env.endswith((".yaml", ".yml")) else PROJECT_DIR / f"Pulumi.{env}.yaml"
+        self.settings = load(env, PROJECT_DIR)  # first: a file that does not load is named, not a traceback
         self.mtime = self.path.stat().st_mtime_ns
-        self.settings = load(env, PROJECT_DIR)
         self.problem: str | None = None
 
     def __call__(self) -> Settings:
@@ -693,6 +693,26 @@ def moto(host: str, port: int, zones: list[str], region: str = "us-east-1") -> N
     moto_main(["-H", host, "-p", str(port)])
 
 
+def _listen(text: str) -> dict[int, int]:
+    """--listen: JSON of listener port -> the port its stand-in listens on (`{"80": 18800}`)."""
+    try:
+        value = json.loads(text)
+        if not isinstance(value, dict):
+            raise ValueError
+        out = {int(k): v for k, v in value.items()}
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65535 for v in out.values()):
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON map of listener port to port") from None
+    return out
+
+
+def _port(text: str) -> int:
+    if not (text.isdigit() and 1 <= int(text) <= 65535):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1-65535)")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lab", description="the wsgate lab on one machine")
     parser.add_argument("command", choices=["up", "down", "prove", "plan-move", "promote", "follow", "dns", "moto"])
@@ -704,14 +724,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="plan-move: the new load balancer's proxy protocol (default: on for classic-on, off for "
                              "classic-off, else as now)")
     parser.add_argument("--dir", type=Path)
-    parser.add_argument("--listen", type=json.loads, help=argparse.SUPPRESS)
+    parser.add_argument("--listen", type=_listen, help=argparse.SUPPRESS)
     parser.add_argument("--no-rollout", action="store_true", help="stop before the rollout (plain fleet)")
-    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)  # dns, moto
+    parser.add_argument("--port", type=_port, help=argparse.SUPPRESS)  # dns, moto
     parser.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)  # moto
     parser.add_argument("--region", default="us-east-1", help=argparse.SUPPRESS)  # moto
     parser.add_argument("--zone", action="append", default=[], help=argparse.SUPPRESS)  # moto: name.=ID
     args = parser.parse_args(argv)
-    listen = {int(k): v for k, v in args.listen.items()} if args.listen else None
+    if args.command in ("follow", "dns") and args.dir is None:
+        parser.error(f"{args.command} needs --dir (the lab directory)")
+    if args.command == "moto" and args.port is None:
+        parser.error("moto needs --port")
+    listen = args.listen
     try:
         if args.command == "follow":
             follow(args.env, args.dir, listen or LISTEN)

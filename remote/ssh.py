@@ -76,6 +76,14 @@ class HostKeyError(SshError):
     """The host's key is unknown or differs from known_hosts."""
 
 
+class _Unsupported(HostKeyError):
+    """A known_hosts line of a key type paramiko cannot build (ssh-dss, say): passed over when the host
+    has another key, the reason it is refused when it has none."""
+
+
+KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256/384/521", "ssh-rsa")  # what paramiko builds from known_hosts
+
+
 class _UnknownKey(Exception):
     """Raised by the host key policy: paramiko found no key for the host among those we gave it."""
 
@@ -194,6 +202,27 @@ def _ssh_config(path: str) -> SSHConfig:
     return config
 
 
+def check_identity(identity: str, key: str) -> None:
+    """Refuse, before anything connects, an identity file that paramiko could not use: missing, a directory,
+    unreadable, or not a key at all. A public key passes (as in OpenSSH, it may name which of the agent's
+    keys to use: paramiko then authenticates with the agent), and so does an encrypted key."""
+    path = Path(os.path.expanduser(identity))
+    if path.name.endswith("-cert.pub"):  # a certificate: paramiko reads the private key beside it
+        path = path.with_name(path.name.removesuffix("-cert.pub"))
+    what = f"identity file {identity} ({key})"
+    try:
+        with path.open("rb") as f:
+            head = f.read(65536)
+    except FileNotFoundError:
+        raise SshError(f"{what} does not exist") from None
+    except IsADirectoryError:
+        raise SshError(f"{what}: is a directory, not a key file") from None
+    except OSError as exc:
+        raise SshError(f"{what}: cannot read it: {exc.strerror or exc}") from None
+    if b"PRIVATE KEY-----" not in head and not head.lstrip().startswith((b"ssh-", b"ecdsa-", b"sk-")):
+        raise SshError(f"{what}: not a key (no -----BEGIN ... PRIVATE KEY----- line, nor a public key)")
+
+
 def config_line(path: str, key: str, value: str) -> int | None:
     """The number of the first line of an ssh config file that sets `key` to `value`, else the first
     that sets `key` (paramiko expands %h and the like in some values); None: not found."""
@@ -275,10 +304,21 @@ class Ssh:
 
     def preflight(self, hosts: Iterable[Host]) -> None:
         """Refuse bad input before any connection: known_hosts unreadable or malformed, an ssh config
-        value Fabric cannot take (named with file and line), a ProxyCommand hop; then make sure the
-        process may hold every connection of the run at once."""
+        value Fabric cannot take (named with file and line), a ProxyCommand hop, an identity file that
+        is not a readable private key; then make sure the process may hold every connection of the run
+        at once."""
         self.index()
         sockets: set[str] = set()
+        hosts = list(hosts)
+        ssh = self.settings.ssh
+        identities = {ssh.identity_file: "ssh.identityFile"} if ssh.identity_file else {}
+        for host in hosts:
+            if host.identity_file:
+                identities.setdefault(host.identity_file, f"hosts[{host.name}].identityFile")
+            elif not ssh.identity_file:  # paramiko tries the ssh config's IdentityFile: one it cannot open ends it
+                for identity in self._check_config(host.address, hop_given=True).get("identityfile", []):
+                    identities.setdefault(identity, f"IdentityFile (for {host.address}) of ssh config "
+                                                    f"{self.config_path}" + self._line("identityfile", identity))
         for host in hosts:
             spec = self._hop_spec(host)
             if spec:
@@ -288,7 +328,13 @@ class Ssh:
                     self._check_config(target(hop)[1], hop_given=True)
             else:
                 sockets.add(f"host {host.name}")
+        for identity, key in identities.items():
+            check_identity(identity, key)
         ensure_descriptors(len(sockets) + DESCRIPTOR_MARGIN)
+
+    def _line(self, key: str, value: str) -> str:
+        number = config_line(self.config_path, key, value) if self.config_path else None
+        return f" line {number}" if number else ""
 
     def _hop_spec(self, host: Host) -> str | None:
         """The bastion chain a host is reached through (None: directly); checks the host's ssh config."""
@@ -357,16 +403,27 @@ class Ssh:
             if name in self._keys:
                 return self._keys[name]
         index = self.index()
+        keys, unsupported = [], []
         try:  # outside the lock: hashed lines cost an HMAC each, and every other host's connect goes on meanwhile
-            keys = [self._decode(e) for e in index.keys(host, port)]
+            for entry in index.keys(host, port):
+                try:
+                    keys.append(self._decode(entry))
+                except _Unsupported as exc:
+                    unsupported.append(exc)  # as OpenSSH: a line of a type it cannot read is passed over
         except KnownHostsError as exc:
             raise HostKeyError(str(exc)) from None
+        if unsupported and not keys:
+            raise unsupported[0]
         with self._lock:
             return self._keys.setdefault(name, keys)
 
     def _decode(self, entry: Entry) -> paramiko.PKey:
         try:
             key = paramiko.PKey.from_type_string(entry.key_type, base64.b64decode(entry.key))
+        except paramiko.pkey.UnknownKeyType:
+            raise _Unsupported(f"known_hosts {self.known_hosts} line {entry.number}: key type {entry.key_type} is "
+                               f"not one the kit can check ({', '.join(KEY_TYPES)}); add another key of the host "
+                               "(ssh-keyscan -t ed25519)") from None
         except (paramiko.SSHException, ValueError, TypeError) as exc:
             raise HostKeyError(f"known_hosts {self.known_hosts} line {entry.number}: cannot read its "
                                f"{entry.key_type} key ({exc or type(exc).__name__})") from None

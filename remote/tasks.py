@@ -74,6 +74,8 @@ def render(c, env, out=None):
     from core.render import render as render_tree
     from core.render import render_hosts
 
+    if out is not None and not str(out).strip():  # `--out=`: never "nowhere", silently
+        raise KitError(f"--out {out!r}: names no directory")
     settings, _ = _as_the_load_balancer_has_it(_settings(env), note=lambda line: print(line, file=sys.stderr))
     trees = render_hosts(settings) or {"(all)": render_tree(settings, settings.nginx.bind)}
     distinct = {t.digest: t for t in trees.values()}

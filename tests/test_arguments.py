@@ -17,7 +17,8 @@ def test_batches_grow_to_every_host_and_a_percentage_rounds_up():
 
 
 @pytest.mark.parametrize("spec, why", [("0", "not a host count"), ("101%", "not a host count"),
-                                       ("x", "not a host count"), ("5,2", "must not shrink")])
+                                       ("x", "not a host count"), ("5,2", "must not shrink"),
+                                       ("", "names no batch"), (" ", "names no batch")])
 def test_a_bad_batch_spec_is_named(spec, why):
     with pytest.raises(PlanError, match=why) as refused:
         batches(spec, 10)
@@ -46,3 +47,14 @@ def test_hosts_names_a_subset_and_never_none_of_them():
     for given in ("", ",", " , "):
         with pytest.raises(PlanError, match=f"--hosts {given!r} names no host"):
             resolve(s, given)
+
+
+def test_two_hosts_on_one_instance_id_are_refused():
+    """The record names each instance's digest: two hosts given one ID would stand for each other."""
+    from core.errors import SettingsError
+    from tests.conftest import settings_from
+
+    hosts = [{"name": "a", "address": "127.0.1.1", "instanceId": "i-0123456789abcdef0"},
+             {"name": "b", "address": "127.0.1.2", "instanceId": "i-0123456789abcdef0"}]
+    with pytest.raises(SettingsError, match="hosts\\[\\]\\.instanceId must be unique: i-0123456789abcdef0 is given"):
+        settings_from("lab", hosts=hosts)

@@ -133,6 +133,8 @@ def test_fab_render_to_a_place_it_cannot_write_names_it(tmp_path):
     result = run_fab("render", "--env", "staging", "--out", str(tmp_path / "a-file" / "out"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"error: --out {tmp_path / 'a-file' / 'out'}: cannot write the tree there: Not a directory" in result.stderr
+    result = run_fab("render", "--env", "staging", "--out=")  # an empty variable: never "nowhere", silently
+    assert result.returncode == 1 and "error: --out '': names no directory" in result.stderr
 
 
 def test_fab_lists_the_tasks():

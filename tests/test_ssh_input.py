@@ -172,7 +172,8 @@ def test_an_unparsable_line_is_found_by_number(tmp_path):
 
 
 def test_the_kits_own_gateway_overrides_a_proxycommand(tmp_path):
-    s, _ = lab_with_config(tmp_path, "Host *\n  ProxyCommand ssh -W %h:%p jump\n", gateway="127.0.1.1:12201")
+    s, _ = lab_with_config(tmp_path, "Host *\n  ProxyCommand ssh -W %h:%p jump\n", gateway="127.0.1.1:12201",
+                           identityFile=None)
     Ssh.for_run(s, s.hosts)  # not refused: the config's hop is not used
 
 
@@ -219,7 +220,7 @@ def test_a_run_needing_more_descriptors_than_the_hard_limit_is_refused_naming_bo
 def test_preflight_counts_a_socket_per_direct_host_and_per_bastion_hop(monkeypatch):
     needs = []
     monkeypatch.setattr("remote.ssh.ensure_descriptors", needs.append)
-    s = settings_from("lab")
+    s = settings_from("lab", ssh={"identityFile": None})  # the lab's key need not exist here
     Ssh.for_run(s, s.hosts)
     hosts = [h.model_copy(update={"gateway": "127.0.1.1:12201,127.0.1.2:12202"}) for h in s.hosts]
     Ssh.for_run(s, hosts)
@@ -268,3 +269,49 @@ def test_connections_built_from_many_threads_at_once_all_get_the_shared_config()
     for t in threads:
         t.join()
     assert not errors, f"{len(errors)} of 64 threads failed, first: {errors[0]}"
+
+
+# --- identity files and key types, named before anything connects ------------------------------
+
+def test_an_identity_file_paramiko_cannot_use_is_named_before_any_connection(tmp_path):
+    key = ed25519.Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    (tmp_path / "id").write_bytes(private)
+    (tmp_path / "id.pub").write_text(public_line() + "\n")
+    (tmp_path / "junk").write_text("not a key\n")
+    (tmp_path / "config").write_text(f"Host 127.0.1.*\n  User deploy\n  IdentityFile {tmp_path}/gone\n")
+    cases = [
+        ({"identityFile": str(tmp_path)}, f"identity file {tmp_path} (ssh.identityFile): is a directory"),
+        ({"identityFile": str(tmp_path / "gone")}, f"identity file {tmp_path}/gone (ssh.identityFile) does not exist"),
+        ({"identityFile": str(tmp_path / "junk")}, "(ssh.identityFile): not a key (no -----BEGIN ... PRIVATE KEY-----"
+                                                   " line, nor a public key)"),
+        ({"identityFile": None, "configFile": str(tmp_path / "config")},
+         f"identity file {tmp_path}/gone (IdentityFile (for 127.0.1.1) of ssh config {tmp_path}/config line 3) "
+         "does not exist"),
+    ]
+    for ssh, said in cases:
+        s = settings_from("lab", ssh={"knownHosts": str(tmp_path / "kh"), **ssh})
+        with pytest.raises(SshError) as caught:
+            Ssh.for_run(s, s.hosts)
+        assert said in str(caught.value), str(caught.value)
+    s = settings_from("lab", ssh={"knownHosts": str(tmp_path / "kh"), "identityFile": None},
+                      hosts=[{"name": "a", "address": "127.0.1.1", "identityFile": str(tmp_path / "junk")}])
+    with pytest.raises(SshError, match=r"\(hosts\[a\]\.identityFile\): not a key"):
+        Ssh.for_run(s, s.hosts)
+    # a public key names which of the agent's keys to use (OpenSSH's IdentityFile does the same): not refused
+    s = settings_from("lab", ssh={"knownHosts": str(tmp_path / "kh"), "identityFile": str(tmp_path / "id.pub")})
+    Ssh.for_run(s, s.hosts)
+    s = settings_from("lab", ssh={"knownHosts": str(tmp_path / "kh"), "identityFile": str(tmp_path / "id"),
+                                  "configFile": str(tmp_path / "config")})
+    Ssh.for_run(s, s.hosts)  # the kit's own key: the config's IdentityFile is not what paramiko needs
+
+
+def test_a_known_hosts_line_of_a_key_type_paramiko_cannot_build_is_passed_over_or_named(tmp_path):
+    dss = "ssh-dss AAAAB3NzaC1kc3MAAAA="  # DSA: paramiko no longer builds it
+    kh = tmp_path / "known_hosts"
+    kh.write_text(f"[127.0.1.1]:12201 {dss}\n[127.0.1.1]:12201 {KEY_A}\n[127.0.1.2]:12202 {dss}\n")
+    ssh = Ssh(settings_from("lab", ssh={"knownHosts": str(kh)}))
+    assert [k.get_base64() for k in ssh.host_keys("127.0.1.1", 12201)] == [KEY_A.split()[1]]
+    with pytest.raises(SshError, match=f"known_hosts {kh} line 3: key type ssh-dss is not one the kit can check"):
+        ssh.host_keys("127.0.1.2", 12202)
