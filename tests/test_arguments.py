@@ -58,3 +58,19 @@ def test_two_hosts_on_one_instance_id_are_refused():
              {"name": "b", "address": "127.0.1.2", "instanceId": "i-0123456789abcdef0"}]
     with pytest.raises(SettingsError, match="hosts\\[\\]\\.instanceId must be unique: i-0123456789abcdef0 is given"):
         settings_from("lab", hosts=hosts)
+
+
+def test_every_task_refuses_a_bad_parallel_before_it_reads_anything():
+    """Refused by name before the settings' hosts or AWS are touched (the lab's hosts and endpoint
+    are not running here: nothing is there to reach, and nothing is tried)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import PROJECT_DIR
+
+    for task, given in (("rollout", "abc"), ("check", "2.5"), ("rollback", "0"), ("move", "-3")):
+        result = subprocess.run([sys.executable, "-m", "fabric", task, "--env", "lab", f"--parallel={given}"],
+                                cwd=PROJECT_DIR, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert f"error: --parallel '{given}': not a number of hosts" in result.stderr
+        assert "Traceback" not in result.stderr and "connect" not in result.stdout + result.stderr

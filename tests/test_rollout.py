@@ -310,13 +310,3 @@ def test_bad_batch_spec_is_refused_before_any_host_is_touched(fleet):
     assert all(h.live_link() is None for h in fleet.hosts)
 
 
-@pytest.mark.parametrize("task, given", [("rollout", "abc"), ("rollout", "0"), ("check", "2.5"), ("rollback", "0"),
-                                         ("move", "-3")])
-def test_a_bad_parallel_is_refused_by_name_before_any_host_is_touched(fleet, task, given):
-    result = fab(fleet, task, f"--parallel={given}")
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert f"error: --parallel '{given}': not a number of hosts" in result.stderr
-    assert "Traceback" not in result.stderr and "connect" not in result.stdout
-    assert all(h.live_link() is None for h in fleet.hosts)
-
-
