@@ -54,7 +54,7 @@ from core.render import served_ports
 from remote.applier import Applier, ready
 from remote.background import Background
 from remote.readiness import ParameterRecord
-from remote.report import PROGRESS_EVERY
+from remote.report import Progress
 from remote.rollout import Rollout
 
 if TYPE_CHECKING:
@@ -488,8 +488,8 @@ def _healthy(run: Rollout, timeout: float = 300, every: float = 5) -> None:
     are the gate's: `fab status` names them)."""
     from awsapi.balancer import health
 
-    start = time.monotonic()
-    deadline, say = start + timeout, start + PROGRESS_EVERY
+    progress = Progress()
+    deadline = progress.start + timeout
     while True:
         now = health(run.settings)
         if now is None:
@@ -498,7 +498,7 @@ def _healthy(run: Rollout, timeout: float = 300, every: float = 5) -> None:
         if not sick:
             run.reporter.note("verified: every registered instance is healthy in the groups the listeners forward to")
             return
-        say = _still_waiting(run, start, say, timeout, described(sick))
+        _still_waiting(run, progress, timeout, described(sick))
         if run.interrupted.wait(every):
             raise KitError("interrupted while waiting for the targets to be healthy after the switch")
         if time.monotonic() > deadline:
@@ -521,8 +521,8 @@ def _group_healthy(run: Rollout, ports: list[int], kind: str, timeout: float = 9
              else f"that the hosts answer the health port {s.ports.health}")
     run.reporter.note(f"waiting for AWS to report every target of {', '.join(groups)} healthy before the switch"
                       f"{' back' if kind == PLAIN else ''} (at most {timeout:.0f}s)")
-    start = time.monotonic()
-    deadline, say = start + timeout, start + PROGRESS_EVERY
+    progress = Progress()
+    deadline = progress.start + timeout
     while True:
         state = network_state(s)
         if state is None:
@@ -536,12 +536,11 @@ def _group_healthy(run: Rollout, ports: list[int], kind: str, timeout: float = 9
         # nothing forwards to a group any more (another update removed its warm listener): AWS never checks it
         unchecked = [x.group(kind).name for x in waited if x.group(kind).name in sick and x.group(kind).name not in
                      {g.name for g in (*state.listeners.get(x.port, ()), *state.warm.get(x.warm_port, ()))}]
-        if not unchecked:
-            say = _still_waiting(run, start, say, timeout, seen)
         if unchecked:
             raise KitError(f"no listener forwards to {', '.join(unchecked)} any more, so AWS does not health-check "
                            f"it ({seen}): another update changed the load balancer meanwhile; the listeners stay on "
                            f"the {stay}: run `fab rollout --apply` again")
+        _still_waiting(run, progress, timeout, seen)
         if run.interrupted.wait(every):
             raise KitError(f"interrupted while waiting for the {kind} groups to be healthy ({seen}); the listeners "
                            f"stay on the {stay}: run `fab rollout --apply` again")
@@ -551,14 +550,11 @@ def _group_healthy(run: Rollout, ports: list[int], kind: str, timeout: float = 9
                            "group reaches them, then run `fab rollout --apply` again")
 
 
-def _still_waiting(run: Rollout, start: float, say: float, timeout: float, seen: str) -> float:
-    """Once every PROGRESS_EVERY seconds of a wait: what it still waits for (a wait of minutes must
-    not look hung); the time of the next note."""
-    now = time.monotonic()
-    if now < say:
-        return say
-    run.reporter.note(f"still waiting for AWS ({now - start:.0f}s of at most {timeout:.0f}s): {seen}")
-    return now + PROGRESS_EVERY
+def _still_waiting(run: Rollout, progress: Progress, timeout: float, seen: str) -> None:
+    """When `progress` says so: what the wait still waits for (a wait of minutes must not look hung)."""
+    if progress.due():
+        run.reporter.note(f"still waiting for AWS ({progress.waited():.0f}s of at most {timeout:.0f}s): {seen}")
+        progress.said()
 
 
 def failed_hosts(outcomes: list[HostOutcome]) -> list[HostOutcome]:

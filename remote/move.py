@@ -47,7 +47,7 @@ from core.move import (
 )
 from core.settings import Host, Settings
 from remote.applier import Applier
-from remote.report import PROGRESS_EVERY
+from remote.report import Progress
 
 OK, FAILED, ATTENTION, INTERRUPTED = 0, 1, 3, 130
 HEALTH_WAIT = 300  # seconds the new load balancer gets to report every instance healthy
@@ -184,19 +184,19 @@ class Move:
         ports = source_ports(self.s)
         clock = Drain(self.clock.monotonic(), self.dns.quiet, self.dns.drain_max)
         last: dict[str, dict[int, int]] = {}
-        shown, start = -1, self.clock.monotonic()
-        say = start + PROGRESS_EVERY
+        shown, progress = -1, Progress(self.clock.monotonic)
         while True:
             last = self._count(ports)
             total = sum(sum(c.values()) for c in last.values())
             at = self.clock.monotonic()
             clock.sample(at, total)
-            if total != shown or at >= say:  # each change, and while it stays, every PROGRESS_EVERY seconds
-                waited = f" ({at - start:.0f}s of at most {self.dns.drain_max}s)" if total == shown else ""
+            if total != shown or progress.due():  # each change, and while it stays, every PROGRESS_EVERY seconds
+                waited = f" ({progress.waited():.0f}s of at most {self.dns.drain_max}s)" if total == shown else ""
                 self.note(f"step drain: {total} connection(s) open on {self.s.load_balancer.name}'s ports {ports}"
                           + waited + (": " + ", ".join(f"{h} {sum(c.values())}" for h, c in sorted(last.items())
                                                        if sum(c.values())) if total else ""))
-                shown, say = total, at + PROGRESS_EVERY
+                shown = total
+                progress.said()
             if clock.drained(at):
                 self._reached(Step.DRAIN)
                 return
@@ -289,8 +289,8 @@ class Move:
         from awsapi.clients import is_lab
         from core.health import described, not_in_service
 
-        start = self.clock.monotonic()
-        deadline, say = start + HEALTH_WAIT, start + PROGRESS_EVERY
+        progress = Progress(self.clock.monotonic)
+        deadline = progress.start + HEALTH_WAIT
         while True:
             now = health(s)
             members, states = (now.registered, now.states) if now else ([], {})
@@ -309,10 +309,10 @@ class Move:
             if self.clock.monotonic() > deadline:
                 raise MoveStopped(f"step prove: not every instance is healthy in {s.load_balancer.name} after "
                                   f"{HEALTH_WAIT} s: {described(sick)}; it has no DNS weight: nothing reaches it")
-            if self.clock.monotonic() >= say:  # a wait of minutes must not look hung
+            if progress.due():  # a wait of minutes must not look hung
                 self.note(f"still waiting for every instance to be healthy in {s.load_balancer.name} "
-                          f"({self.clock.monotonic() - start:.0f}s of at most {HEALTH_WAIT}s): {described(sick)}")
-                say = self.clock.monotonic() + PROGRESS_EVERY
+                          f"({progress.waited():.0f}s of at most {HEALTH_WAIT}s): {described(sick)}")
+                progress.said()
             self._wait(2, "step prove")
 
     def _through_listeners(self, s: Settings) -> None:
@@ -455,9 +455,11 @@ def move_view(s: Settings, hosts: list[Host], count: bool = True) -> dict[str, A
     except KitError as exc:
         record, unread = None, f"cannot read the move record: {exc}"
         view["problems"].append(unread)
-    problem = unread or conflict(s, record)
-    if problem and not unread:
-        view["problems"].append(problem)
+        problem: str | None = unread
+    else:
+        problem = conflict(s, record)
+        if problem:
+            view["problems"].append(problem)
     balancers = [s, *([s.moving_to] if s.moving_to else [])]
     if record is not None and s.moving_to and record.target != s.moving_to.load_balancer.name:
         balancers = [s]

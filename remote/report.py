@@ -9,6 +9,7 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.markup import escape
@@ -18,6 +19,27 @@ from rich.text import Text
 from core.outcome import HostOutcome
 
 PROGRESS_EVERY = 30.0  # seconds between the "still waiting" notes of a long wait (it must not look hung)
+
+
+class Progress:
+    """When a long wait says again what it still waits for: PROGRESS_EVERY seconds after it began or
+    last said so, by the wait's own clock."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock, self.every = clock, PROGRESS_EVERY
+        self.start = clock()
+        self._next = self.start + self.every
+
+    def due(self) -> bool:
+        return self.clock() >= self._next
+
+    def waited(self) -> float:
+        """Seconds since the wait began."""
+        return self.clock() - self.start
+
+    def said(self) -> None:
+        """The wait said where it is: the next note is due PROGRESS_EVERY seconds from now."""
+        self._next = self.clock() + self.every
 
 
 class Reporter:

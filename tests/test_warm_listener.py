@@ -195,7 +195,7 @@ def test_a_long_wait_for_health_says_what_it_still_waits_for(endpoint, monkeypat
     import threading
     from types import SimpleNamespace
 
-    import remote.cutover
+    import remote.report
     from remote.cutover import _group_healthy
 
     url = endpoint.url
@@ -205,7 +205,7 @@ def test_a_long_wait_for_health_says_what_it_still_waits_for(endpoint, monkeypat
     notes: list[str] = []
     run = SimpleNamespace(settings=lab_settings(url, OFF), interrupted=threading.Event(),
                           reporter=SimpleNamespace(note=notes.append))
-    monkeypatch.setattr(remote.cutover, "PROGRESS_EVERY", 0.0)
+    monkeypatch.setattr(remote.report, "PROGRESS_EVERY", 0.0)
     _group_healthy(run, [80, 443], PLAIN, timeout=120, every=0.05)
     waiting = [n for n in notes if n.startswith("still waiting for AWS (")]
     assert waiting and "of at most 120s): wsgate-staging-plain-80: " in waiting[0] and "initial" in waiting[0]
