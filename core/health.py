@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
-from core.network import NetworkState
+if TYPE_CHECKING:  # core.network words its own holds with `described`
+    from core.network import NetworkState
 
 NO_HEALTH = "no health reported"  # registered, and the API says nothing of it
 NOT_REGISTERED = "not registered"  # expected (loadBalancer.instances), and not registered

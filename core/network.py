@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 from core.errors import KitError
 from core.gate import Plan, plan_for
+from core.health import described
 from core.listeners import PLAIN, PROXY, NetworkHealthCheck, NetworkListener, TargetGroup, network_listeners
 from core.record import ReadinessRecord
 from core.settings import Settings
@@ -171,7 +172,7 @@ def stranded_refusal(s: Settings, forwarding: dict[int, str], now: dict[int, Lis
         states = dict(was.plain_states)
         sick = {i: w for i, w in states.items() if w != "healthy"}
         if sick or not states:
-            seen = "; ".join(f"{i}: {w}" for i, w in sorted(sick.items())) or "no target registered"
+            seen = described(sick) or "no target registered"
             stranded.append(f"listener {x.port} (on an old proxy group, not {x.proxy.name}) would move to its plain "
                             f"group {x.plain.name}, which AWS has not proven healthy ({seen})")
     if not stranded:
@@ -207,7 +208,7 @@ def health_holds(s: Settings, forwarding: dict[int, str], now: dict[int, Listene
         sick.update({i: "not registered yet" for i in join if i not in states})
         if not sick and states:
             continue
-        seen = "; ".join(f"{i}: {w}" for i, w in sorted(sick.items())) or "no target registered yet"
+        seen = described(sick) or "no target registered yet"
         out[x.port] = (f"listener {x.port} stays on its {stays.kind} group until AWS says every target of its "
                        f"{group.kind} group {group.name} is healthy ({seen}): the warm listener on port "
                        f"{x.warm_port} makes AWS health-check it; the next `pulumi up` {then} (`fab rollout "
