@@ -30,6 +30,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from core.errors import SettingsError
+from core.files import Unreadable, read_text
 
 PROJECT = "wsgate"  # Pulumi project name: the namespace of our keys in Pulumi.<env>.yaml
 
@@ -752,18 +753,10 @@ def read_file(path: Path) -> Any:
         return SettingsError(path.name, [("file", str(path), reason)])
 
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise refused("no such environment file") from None
-    except IsADirectoryError:
-        raise refused("is a directory, not an environment file") from None
-    except OSError as exc:
-        raise refused(f"cannot read it: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        raise refused(f"line {line}: not UTF-8 text (byte {raw[exc.start]:#04x})") from None
+        text = read_text(path)
+    except Unreadable as exc:
+        raise refused("no such environment file" if exc.kind == "missing" else
+                      "is a directory, not an environment file" if exc.kind == "directory" else exc.reason) from None
     try:
         return yaml.load(text, Loader=_Loader)
     except _DuplicateKey as exc:

@@ -28,6 +28,7 @@ from fabric import Config, Connection
 from paramiko.config import SSHConfig
 
 from core.errors import KitError
+from core.files import Unreadable, read_bytes, read_text
 from core.knownhosts import Entry, KnownHosts, KnownHostsError, lookup_name
 from core.settings import Host, Settings, target
 
@@ -176,14 +177,10 @@ def _config_path(settings: Settings) -> str | None:
 def _read_text(path: str | Path, what: str) -> str:
     """A text file the run depends on; one that cannot be read is named with the cause."""
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except IsADirectoryError:
-        raise SshError(f"{what} {path}: is a directory, not a file") from None
-    except UnicodeDecodeError as exc:
-        line = Path(path).read_bytes()[:exc.start].count(b"\n") + 1
-        raise SshError(f"{what} {path} line {line}: not UTF-8 text (byte {exc.object[exc.start]:#04x})") from None
-    except OSError as exc:
-        raise SshError(f"{what} {path}: cannot read it: {exc.strerror or exc}") from None
+        return read_text(path)
+    except Unreadable as exc:
+        reason = "is a directory, not a file" if exc.kind == "directory" else exc.reason
+        raise SshError(f"{what} {path}{' ' if reason.startswith('line ') else ': '}{reason}") from None
 
 
 def _ssh_config(path: str) -> SSHConfig:
@@ -211,14 +208,11 @@ def check_identity(identity: str, key: str) -> None:
         path = path.with_name(path.name.removesuffix("-cert.pub"))
     what = f"identity file {identity} ({key})"
     try:
-        with path.open("rb") as f:
-            head = f.read(65536)
-    except FileNotFoundError:
-        raise SshError(f"{what} does not exist") from None
-    except IsADirectoryError:
-        raise SshError(f"{what}: is a directory, not a key file") from None
-    except OSError as exc:
-        raise SshError(f"{what}: cannot read it: {exc.strerror or exc}") from None
+        head = read_bytes(path, 65536)
+    except Unreadable as exc:
+        raise SshError(f"{what} does not exist" if exc.kind == "missing" else
+                       f"{what}: is a directory, not a key file" if exc.kind == "directory" else
+                       f"{what}: {exc.reason}") from None
     if b"PRIVATE KEY-----" not in head and not head.lstrip().startswith((b"ssh-", b"ecdsa-", b"sk-")):
         raise SshError(f"{what}: not a key (no -----BEGIN ... PRIVATE KEY----- line, nor a public key)")
 
@@ -291,6 +285,7 @@ class Ssh:
         self._index: KnownHosts | None = None
         self._keys: dict[str, list[paramiko.PKey]] = {}  # lookup name -> its keys, built once
         self.decoded = 0  # keys built from known_hosts this run (every other line stays text)
+        self._identities: set[str] = set()  # identity files checked this run (check_identity), once each
         self._lock = threading.RLock()
 
     @classmethod
@@ -329,8 +324,17 @@ class Ssh:
             else:
                 sockets.add(f"host {host.name}")
         for identity, key in identities.items():
-            check_identity(identity, key)
+            self._identity(identity, key)
         ensure_descriptors(len(sockets) + DESCRIPTOR_MARGIN)
+
+    def _identity(self, identity: str, key: str) -> None:
+        """check_identity, once per file and run (a run connects to every host with the same key)."""
+        with self._lock:
+            if identity in self._identities:
+                return
+        check_identity(identity, key)
+        with self._lock:
+            self._identities.add(identity)
 
     def _line(self, key: str, value: str) -> str:
         number = config_line(self.config_path, key, value) if self.config_path else None
@@ -440,10 +444,8 @@ class Ssh:
         # A host that accepts TCP and then says nothing must not hang the run either.
         kwargs: dict = {"banner_timeout": timeout, "auth_timeout": timeout, "transport_factory": _Transport}
         if identity:
-            path = os.path.expanduser(identity)
-            if not os.path.isfile(path):
-                raise SshError(f"identity file {identity} does not exist (ssh.identityFile or hosts[].identityFile)")
-            kwargs["key_filename"] = [path]
+            self._identity(identity, "ssh.identityFile or hosts[].identityFile")  # checked in preflight already
+            kwargs["key_filename"] = [os.path.expanduser(identity)]
         try:  # a Config of its own: Connection() re-merges it, and open() reads it (another thread's would
             # see it half-merged, empty: "No attribute or config key found for 'authentication'")
             conn = Connection(host, user=user, port=port, config=self.config.clone(), connect_timeout=timeout,
