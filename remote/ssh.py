@@ -285,7 +285,6 @@ class Ssh:
         self._index: KnownHosts | None = None
         self._keys: dict[str, list[paramiko.PKey]] = {}  # lookup name -> its keys, built once
         self.decoded = 0  # keys built from known_hosts this run (every other line stays text)
-        self._identities: set[str] = set()  # identity files checked this run (check_identity), once each
         self._lock = threading.RLock()
 
     @classmethod
@@ -324,17 +323,8 @@ class Ssh:
             else:
                 sockets.add(f"host {host.name}")
         for identity, key in identities.items():
-            self._identity(identity, key)
+            check_identity(identity, key)
         ensure_descriptors(len(sockets) + DESCRIPTOR_MARGIN)
-
-    def _identity(self, identity: str, key: str) -> None:
-        """check_identity, once per file and run (a run connects to every host with the same key)."""
-        with self._lock:
-            if identity in self._identities:
-                return
-        check_identity(identity, key)
-        with self._lock:
-            self._identities.add(identity)
 
     def _line(self, key: str, value: str) -> str:
         number = config_line(self.config_path, key, value) if self.config_path else None
@@ -444,8 +434,10 @@ class Ssh:
         # A host that accepts TCP and then says nothing must not hang the run either.
         kwargs: dict = {"banner_timeout": timeout, "auth_timeout": timeout, "transport_factory": _Transport}
         if identity:
-            self._identity(identity, "ssh.identityFile or hosts[].identityFile")  # checked in preflight already
-            kwargs["key_filename"] = [os.path.expanduser(identity)]
+            path = os.path.expanduser(identity)
+            if not os.path.isfile(path):
+                raise SshError(f"identity file {identity} does not exist (ssh.identityFile or hosts[].identityFile)")
+            kwargs["key_filename"] = [path]
         try:  # a Config of its own: Connection() re-merges it, and open() reads it (another thread's would
             # see it half-merged, empty: "No attribute or config key found for 'authentication'")
             conn = Connection(host, user=user, port=port, config=self.config.clone(), connect_timeout=timeout,
