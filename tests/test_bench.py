@@ -68,7 +68,6 @@ def test_ratios_and_cpu_growth_per_host_from_k50_to_the_largest(tmp_path: Path):
 
 
 def test_plot_is_a_png(tmp_path: Path):
-    pytest.importorskip("matplotlib")
     sizes = {1: _size(1, 1.2, 0.8, 0.9, 0.3), 10: _size(10, 3.0, 2.0, 0.1, 0.05)}
     report.plot(tmp_path / "bench.png", sizes, "title")
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

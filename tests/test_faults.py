@@ -434,7 +434,7 @@ def test_lock_of_a_controller_gone_silent_ends_within_the_idle_timeout(fleet):
         stopped = time.monotonic()
         assert not lock_free(fleet.hosts[2])
         while not all(lock_free(h) for h in fleet.hosts):
-            assert time.monotonic() - stopped < 2 + 4, "the lock outlived the idle timeout"
+            assert time.monotonic() - stopped < 2 + 8, "the lock outlived the idle timeout"
             time.sleep(0.1)
     finally:
         proc.kill()
