@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from botocore.exceptions import BotoCoreError, ClientError
 
 from awsapi.clients import AwsError, by_name, call, chunks, client, error_code, pages
@@ -36,8 +38,11 @@ def network_state(settings: Settings) -> NetworkState | None:
     described = pages(f"elbv2 describe-listeners {name}", elbv2, "describe_listeners", "Listeners",
                        LoadBalancerArn=arn)
     forwards = {int(x["Port"]): _forwarded(x.get("DefaultActions", [])) for x in described}
-    groups = {a: _target_group(settings, a) for a in sorted({a for arns in forwards.values() for a in arns})}
-    kit = [_target_group(settings, a) for a in _kit_group_arns(settings) if a not in groups]
+    arns = sorted({a for arns in forwards.values() for a in arns})
+    kits = _kit_groups(settings)
+    descriptions = {**kits, **_groups_of(settings, [a for a in arns if a not in kits])}
+    groups = {a: _target_group(settings, descriptions[a]) for a in arns}
+    kit = [_target_group(settings, d) for a, d in kits.items() if a not in groups]
     present = {i for g in [*groups.values(), *kit] for i in g.targets}
     warm = {x.warm_port for x in network_listeners(settings)}  # the warm listeners: nobody's traffic
     forwarded = {port: tuple(groups[a] for a in arns) for port, arns in sorted(forwards.items())}
@@ -64,19 +69,56 @@ def _switched(settings: Settings, arns: dict[int, str]) -> dict[int, float]:
     return out
 
 
-def _kit_group_arns(settings: Settings) -> list[str]:
-    """The ARNs of the kit's four target groups that exist (by their names: core.listeners)."""
+def _kit_groups(settings: Settings) -> dict[str, dict]:
+    """The kit's four target groups that exist (by their names: core.listeners), ARN -> description,
+    in their order there. One call while all four exist; AWS refuses a call that names a missing
+    one (TargetGroupNotFound), so then one call a name."""
     elbv2 = client(settings, "elbv2")
-    arns = []
-    for group in (g for x in network_listeners(settings) for g in (x.plain, x.proxy)):
+    names = [g.name for x in network_listeners(settings) for g in (x.plain, x.proxy)]
+    try:
+        found = _described("elbv2 describe-target-groups " + " ".join(names), elbv2, Names=names)
+    except _NotFound:
+        found = []
+        for name in names:
+            try:
+                found += _described(f"elbv2 describe-target-groups {name}", elbv2, Names=[name])
+            except _NotFound:
+                pass
+    rank = {name: n for n, name in enumerate(names)}
+    return {g["TargetGroupArn"]: g for g in sorted(found, key=lambda g: rank.get(g["TargetGroupName"], len(rank)))}
+
+
+def _groups_of(settings: Settings, arns: list[str]) -> dict[str, dict]:
+    """The target groups of these ARNs, ARN -> description (a call per 20 ARNs)."""
+    elbv2 = client(settings, "elbv2")
+    out: dict[str, dict] = {}
+    for batch in chunks(arns, 20):
         try:
-            arns += [g["TargetGroupArn"] for g in elbv2.describe_target_groups(Names=[group.name])["TargetGroups"]]
-        except ClientError as exc:
-            if error_code(exc) != "TargetGroupNotFound":
-                raise AwsError(f"elbv2 describe-target-groups {group.name}: {exc}") from None
-        except BotoCoreError as exc:
-            raise AwsError(f"elbv2 describe-target-groups {group.name}: {exc}") from None
-    return arns
+            out.update((g["TargetGroupArn"], g) for g in _described(
+                f"elbv2 describe-target-groups {' '.join(batch)}", elbv2, TargetGroupArns=batch))
+        except _NotFound as exc:
+            raise AwsError(str(exc)) from None
+    missing = [a for a in arns if a not in out]
+    if missing:
+        raise AwsError(f"elbv2 describe-target-groups {' '.join(missing)}: not described")
+    return out
+
+
+class _NotFound(Exception):
+    """A named target group does not exist (TargetGroupNotFound)."""
+
+
+def _described(what: str, elbv2, **kwargs: Any) -> list[dict]:
+    """DescribeTargetGroups over every page; a missing group raises _NotFound, any other failure AwsError."""
+    try:
+        return [g for page in elbv2.get_paginator("describe_target_groups").paginate(**kwargs)
+                for g in page["TargetGroups"]]
+    except ClientError as exc:
+        if error_code(exc) == "TargetGroupNotFound":
+            raise _NotFound(f"{what}: {exc}") from None
+        raise AwsError(f"{what}: {exc}") from None
+    except BotoCoreError as exc:
+        raise AwsError(f"{what}: {exc}") from None
 
 
 def _forwarded(actions: list[dict]) -> list[str]:
@@ -93,10 +135,11 @@ def _forwarded(actions: list[dict]) -> list[str]:
     return sorted(set(arns))
 
 
-def _target_group(settings: Settings, arn: str) -> TargetGroupState:
+def _target_group(settings: Settings, group: dict) -> TargetGroupState:
+    """A described target group with its attributes and its targets' health (a call each: AWS
+    takes one group a call for both)."""
     elbv2 = client(settings, "elbv2")
-    (group,) = pages(f"elbv2 describe-target-groups {arn}", elbv2, "describe_target_groups", "TargetGroups",
-                      TargetGroupArns=[arn])
+    arn = group["TargetGroupArn"]
     attributes = call(f"elbv2 describe-target-group-attributes {arn}", elbv2.describe_target_group_attributes,
                        TargetGroupArn=arn)["Attributes"]
     health = call(f"elbv2 describe-target-health {arn}", elbv2.describe_target_health,

@@ -19,6 +19,7 @@ what `fab move` asks (dns.resolver) to reach a load balancer before DNS gives it
 
 from __future__ import annotations
 
+import functools
 import random
 import threading
 import time
@@ -78,8 +79,11 @@ class Snapshot:
     balancers: dict[str, str]  # a load balancer's DNS name -> its name
 
 
+@functools.cache
 def lab_client(service: str, endpoint: str, region: str = "us-east-1"):
-    """A botocore client of the lab endpoint (the lab's own keys, never a real account's)."""
+    """A botocore client of the lab endpoint (the lab's own keys, never a real account's); one per
+    service, endpoint and region, shared (botocore's clients are thread-safe; making one parses
+    the service's model again, a tenth of a second)."""
     import botocore.session
 
     return botocore.session.get_session().create_client(

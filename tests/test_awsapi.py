@@ -160,6 +160,45 @@ def test_a_fleet_is_read_whole_and_registered_in_batches_by_both_kinds(aws, monk
         assert max(counts) <= SIZED[name], (name, counts)
 
 
+@contextlib.contextmanager
+def calls(api):
+    """The operation names called on this (shared) client while the block runs, in order."""
+    seen: list[str] = []
+    api.meta.events.register("provide-client-params", lambda model, **_: seen.append(model.name),
+                             unique_id="test-awsapi-calls")
+    try:
+        yield seen
+    finally:
+        api.meta.events.unregister("provide-client-params", unique_id="test-awsapi-calls")
+
+
+def test_a_network_read_describes_the_groups_in_one_call_and_still_reads_them_when_one_is_missing(aws):
+    """The stand-ins, the waits and fab status read the network load balancer again and again: the
+    kit's four groups are one DescribeTargetGroups call. AWS refuses a call naming a group that does
+    not exist, so with one gone the others are still read, each by its name."""
+    base = settings_from("lab", dns=None, **{"aws:endpoints": endpoints(aws.url)})
+    vpc, subnets = applier.lab_network(base)
+    fleet = run_fleet(base, subnets[0])[:2]
+    config = {**stack_config("lab"), "aws:endpoints": endpoints(aws.url), "wsgate:proxyProtocol": False}
+    config.pop("wsgate:dns")
+    config = applier.network_config(config, vpc, subnets)
+    config["wsgate:loadBalancer"] = {**config["wsgate:loadBalancer"], "instances": fleet}
+    s = from_config("lab-nlb", config, "Pulumi.lab-nlb.yaml")
+    applier.apply(s)
+    elbv2 = client(s, "elbv2")
+    with calls(elbv2) as seen:
+        whole = network.network_state(s)
+    assert whole is not None and len(whole.groups) == 4 and seen.count("DescribeTargetGroups") == 1, seen
+    proxy = next(g for g in whole.groups.values() if g.proxy_protocol_v2)  # no listener forwards to it (off)
+    assert all(proxy not in groups for groups in whole.listeners.values())
+    elbv2.delete_target_group(TargetGroupArn=proxy.arn)
+    with calls(elbv2) as seen:
+        read = network.network_state(s)
+    assert read is not None and sorted(read.groups) == sorted(set(whole.groups) - {proxy.name}), read.groups
+    assert read.listeners == whole.listeners and read.present == whole.present
+    assert seen.count("DescribeTargetGroups") == 1 + 4, seen  # the four together (refused), then one each
+
+
 # --- throttling ----------------------------------------------------------------------------------
 
 def test_a_throttled_call_is_retried_with_backoff_and_the_task_says_so(aws, capsys):
