@@ -14,7 +14,9 @@ test: deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/shellcheck core/session.sh scripts/*.sh .ci/run
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -n 3 --dist loadgroup --durations=15  # three workers on two cores: most tests wait on real processes (docs/testing.md)
+	@# with the bytecode cache on (PYTHONDONTWRITEBYTECODE off): the suite's hundreds of fab and lab processes
+	@# and pytest's rewritten test modules are compiled once, not at each start
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -n 3 --dist loadgroup --durations=15  # three workers on two cores: most tests wait on real processes (docs/testing.md)
 
 unit: venv  # the pure tests only: no nginx, sshd, HAProxy or moto (under a minute)
 	$(PY) -m pytest -n 2 -m "not integration"
