@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ConnectionError as EndpointUnreachable
 from botocore.retries.standard import RetryEventAdapter, ThrottlingErrorDetector
 
 from core.errors import KitError
@@ -68,6 +69,35 @@ class _Throttled:
 
 _throttled = _Throttled()
 
+# A call whose connection failed (refused, timed out, TLS, a proxy) is tried CONNECT_ATTEMPTS
+# times, not ATTEMPTS: a route to AWS that drops packets held each call for a minute (8 connect
+# timeouts of 5 s and the backoff between them) and `fab status` makes a dozen.
+CONNECT_ATTEMPTS = 3
+
+
+class _Unreachable:
+    """Stops the retries of a call whose connection failed after CONNECT_ATTEMPTS tries, and after
+    one for a later call to an endpoint that failed so in this process (every call still tries:
+    the first answer from the endpoint, any answer, gives the next failure its three tries again)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._hosts: set[str] = set()
+
+    def __call__(self, *, attempts: int, caught_exception: Exception | None = None, endpoint: Any = None,
+                 **_: Any) -> None:  # botocore's needs-retry event: raising ends the call with that error
+        host = getattr(endpoint, "host", "")
+        with self._lock:
+            if caught_exception is None:
+                self._hosts.discard(host)
+            elif isinstance(caught_exception, EndpointUnreachable) and (
+                    attempts >= CONNECT_ATTEMPTS or host in self._hosts):
+                self._hosts.add(host)
+                raise caught_exception
+
+
+_unreachable = _Unreachable()
+
 
 def throttled_calls() -> int:
     """How many AWS calls of this process were throttled (and retried with backoff) so far."""
@@ -87,6 +117,7 @@ def _client(service: str, region: str, endpoint: str | None):
         raise AwsError(f"{service} client for region {region}"
                        + (f" at {endpoint}" if endpoint else "") + f": {exc}") from None
     api.meta.events.register("needs-retry", _throttled)
+    api.meta.events.register("needs-retry", _unreachable)
     return api
 
 

@@ -5,17 +5,21 @@ throttled call is retried by botocore and the task says so."""
 from __future__ import annotations
 
 import contextlib
+import http.server
+import json
 import sys
+import threading
 
 import pytest
 
 import awsapi.clients
-from awsapi import balancer, classic, ec2, network
+from awsapi import balancer, classic, ec2, network, parameters
 from awsapi.clients import REGISTER_PER_CALL, client
 from core.errors import SettingsError
 from core.settings import CLASSIC_INSTANCES_QUOTA, NLB_CROSS_ZONE_TARGETS_QUOTA, NLB_TARGETS_QUOTA, from_config
 from lab import applier
 from tests.conftest import settings_from, stack_config
+from tests.support.procs import free_port
 
 FLEET = 120  # more than two chunks of IDs (CHUNK) and a batch of registrations (REGISTER_PER_CALL)
 CHUNK = 50  # IDs per describe call in the fleet test
@@ -197,6 +201,55 @@ def test_a_network_read_describes_the_groups_in_one_call_and_still_reads_them_wh
     assert read is not None and sorted(read.groups) == sorted(set(whole.groups) - {proxy.name}), read.groups
     assert read.listeners == whole.listeners and read.present == whole.present
     assert seen.count("DescribeTargetGroups") == 1 + 4, seen  # the four together (refused), then one each
+
+
+# --- an endpoint out of reach ---------------------------------------------------------------------
+
+class _Refusing(http.server.BaseHTTPRequestHandler):
+    """An SSM endpoint that answers every call with an error of AWS's (not one botocore retries)."""
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = json.dumps({"__type": "AccessDeniedException", "message": "not here"}).encode()
+        self.send_response(400)
+        self.send_header("Content-Type", "application/x-amz-json-1.1")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_endpoint_out_of_reach_is_tried_three_times_then_once_until_it_answers_again():
+    """A connection AWS's endpoint does not take is tried CONNECT_ATTEMPTS times, not the 8 a
+    throttle gets (a route that drops packets held each call for a minute: 8 connect timeouts),
+    and once for the next call to that endpoint; once it answers (an error of its own too), the
+    next failure gets its three tries again."""
+    port = free_port()  # nothing listens there: every connection is refused
+    s = settings_from("lab", dns=None, **{"aws:endpoints": [{"ssm": f"http://127.0.0.1:{port}"}]})
+    tries: list[str] = []
+    client(s, "ssm").meta.events.register("before-send", lambda **_: tries.append("try"))
+
+    def read() -> tuple[int, str]:
+        tries.clear()
+        with pytest.raises(awsapi.clients.AwsError) as failed:
+            parameters.read_stored(s)
+        return len(tries), str(failed.value)
+
+    first = read()
+    assert first[0] == awsapi.clients.CONNECT_ATTEMPTS == 3
+    assert first[1].startswith(f"ssm get-parameter {s.parameter_path}: Could not connect to the endpoint URL"), first
+    assert read()[0] == 1  # known out of reach in this process: one try
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        answered = read()
+        assert answered[0] == 1 and "AccessDeniedException" in answered[1], answered
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert read()[0] == 3  # it answered since: out of reach again, three tries
 
 
 # --- throttling ----------------------------------------------------------------------------------
