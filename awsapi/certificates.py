@@ -13,7 +13,7 @@ import datetime
 from botocore.exceptions import BotoCoreError, ClientError
 
 from awsapi import classic
-from awsapi.clients import AwsError, client, error_code, loopback, pages
+from awsapi.clients import AwsError, aws_error, client, error_code, loopback, pages
 from core import certificate
 from core.settings import Settings
 
@@ -94,9 +94,9 @@ def _described(settings: Settings, arn: str) -> certificate.Described | str:
             return f"certificate {arn} does not exist ({code})"
         if code in _DENIED:
             raise NotChecked(f"certificate {arn} not checked: {exc}") from None
-        raise AwsError(f"{service} reading certificate {arn}: {exc}") from None
+        raise aws_error(f"{service} reading certificate {arn}", exc) from None
     except BotoCoreError as exc:
-        raise AwsError(f"{service} reading certificate {arn}: {exc}") from None
+        raise aws_error(f"{service} reading certificate {arn}", exc) from None
     meta = found["ServerCertificateMetadata"]
     if meta.get("Arn") != arn:
         return f"certificate {arn} does not exist (IAM's server certificate {name} is {meta.get('Arn')})"

@@ -43,6 +43,16 @@ class AwsError(KitError):
     """An AWS API call failed: names the call and the cause."""
 
 
+class AwsUnreachable(AwsError):
+    """An AWS API call whose connection failed, after its tries (CONNECT_ATTEMPTS): a wait of
+    minutes tries again (remote.report.reading), a single read fails."""
+
+
+def aws_error(what: str, exc: Exception) -> AwsError:
+    """The error for a failed call `what`: AwsUnreachable when its connection failed."""
+    return (AwsUnreachable if isinstance(exc, EndpointUnreachable) else AwsError)(f"{what}: {exc}")
+
+
 class _Throttled:
     """Counts the calls AWS throttled at least once in this process, as botocore's own retry logic
     tells a throttle from other errors (it retries them with backoff; one that still fails raises)."""
@@ -69,7 +79,7 @@ class _Throttled:
 
 _throttled = _Throttled()
 
-# A call whose connection failed (refused, timed out, TLS, a proxy) is tried CONNECT_ATTEMPTS
+# A call whose connection failed (refused, timed out, a TLS error, a proxy) is tried CONNECT_ATTEMPTS
 # times, not ATTEMPTS: a route to AWS that drops packets held each call for a minute (8 connect
 # timeouts of 5 s and the backoff between them) and `fab status` makes a dozen.
 CONNECT_ATTEMPTS = 3
@@ -117,7 +127,8 @@ def _client(service: str, region: str, endpoint: str | None):
         raise AwsError(f"{service} client for region {region}"
                        + (f" at {endpoint}" if endpoint else "") + f": {exc}") from None
     api.meta.events.register("needs-retry", _throttled)
-    api.meta.events.register("needs-retry", _unreachable)
+    # first: ahead of botocore's own retry handler, which takes retry quota for a retry it decides
+    api.meta.events.register_first(f"needs-retry.{api.meta.service_model.service_id.hyphenize()}", _unreachable)
     return api
 
 
@@ -151,7 +162,7 @@ def call(what: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
     try:
         return fn(**kwargs)
     except (ClientError, BotoCoreError) as exc:
-        raise AwsError(f"{what}: {exc}") from None
+        raise aws_error(what, exc) from None
 
 
 def pages(what: str, api, operation: str, key: str, **kwargs: Any) -> list[dict]:
@@ -159,7 +170,7 @@ def pages(what: str, api, operation: str, key: str, **kwargs: Any) -> list[dict]
     try:
         return [item for page in api.get_paginator(operation).paginate(**kwargs) for item in page[key]]
     except (ClientError, BotoCoreError) as exc:
-        raise AwsError(f"{what}: {exc}") from None
+        raise aws_error(what, exc) from None
 
 
 def chunks(items: Sequence[_T], size: int) -> Iterator[list[_T]]:
@@ -182,7 +193,7 @@ def by_name(settings: Settings, service: str, names: str, key: str) -> dict | No
     except ClientError as exc:
         if error_code(exc) in ("LoadBalancerNotFound", "AccessPointNotFound"):
             return None
-        raise AwsError(f"{service} describe-load-balancers {name}: {exc}") from None
+        raise aws_error(f"{service} describe-load-balancers {name}", exc) from None
     except BotoCoreError as exc:
-        raise AwsError(f"{service} describe-load-balancers {name}: {exc}") from None
+        raise aws_error(f"{service} describe-load-balancers {name}", exc) from None
     return found[0] if found else None

@@ -6,7 +6,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from awsapi.clients import AwsError, by_name, call, chunks, client, error_code, pages
+from awsapi.clients import AwsError, aws_error, by_name, call, chunks, client, error_code, pages
 from core.listeners import NetworkHealthCheck, network_listeners
 from core.network import SWITCHED_TAG, NetworkState, TargetGroupState, stamped
 from core.settings import Settings
@@ -116,9 +116,9 @@ def _described(what: str, elbv2, **kwargs: Any) -> list[dict]:
     except ClientError as exc:
         if error_code(exc) == "TargetGroupNotFound":
             raise _NotFound(f"{what}: {exc}") from None
-        raise AwsError(f"{what}: {exc}") from None
+        raise aws_error(what, exc) from None
     except BotoCoreError as exc:
-        raise AwsError(f"{what}: {exc}") from None
+        raise aws_error(what, exc) from None
 
 
 def _forwarded(actions: list[dict]) -> list[str]:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from awsapi.clients import AwsError, call, chunks, client
+from awsapi.clients import aws_error, call, chunks, client
 from core import record as records
 from core.move import MoveRecord, move_path
 from core.record import ReadinessRecord, RecordError
@@ -58,7 +58,7 @@ def read_record_text(settings: Settings) -> str | None:
     except ssm.exceptions.ParameterNotFound:
         return None
     except (ClientError, BotoCoreError) as exc:
-        raise AwsError(f"ssm get-parameter {settings.parameter_path}: {exc}") from None
+        raise aws_error(f"ssm get-parameter {settings.parameter_path}", exc) from None
 
 
 def write_record(settings: Settings, record: ReadinessRecord) -> None:
@@ -116,7 +116,7 @@ def remove(settings: Settings, names: list[str]) -> None:
             except ssm.exceptions.ParameterNotFound:
                 pass
             except (ClientError, BotoCoreError) as exc:
-                raise AwsError(f"ssm delete-parameter {batch[0]}: {exc}") from None
+                raise aws_error(f"ssm delete-parameter {batch[0]}", exc) from None
         else:
             call(f"ssm delete-parameters {batch[0]} and {len(batch) - 1} more", ssm.delete_parameters, Names=batch)
 
@@ -130,7 +130,7 @@ def read_move(settings: Settings) -> MoveRecord | None:
     except ssm.exceptions.ParameterNotFound:
         return None
     except (ClientError, BotoCoreError) as exc:
-        raise AwsError(f"ssm get-parameter {path}: {exc}") from None
+        raise aws_error(f"ssm get-parameter {path}", exc) from None
     return MoveRecord.from_json(text, path)
 
 

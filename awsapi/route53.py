@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from awsapi.clients import AwsError, call, client, error_code, is_lab, loopback
+from awsapi.clients import AwsError, aws_error, call, client, error_code, is_lab, loopback
 from core.errors import KitError
 from core.settings import Settings
 
@@ -55,9 +55,9 @@ def zone_name(s: Settings) -> str:
             raise KitError(f"wsgate:dns.zoneId {zone}: no such Route 53 hosted zone, or these credentials cannot see "
                            f"it ({error_code(exc)}); set dns.zoneId to the zone that holds dns.name; nothing was "
                            "changed") from None
-        raise AwsError(f"route53 get-hosted-zone {zone}: {exc}") from None
+        raise aws_error(f"route53 get-hosted-zone {zone}", exc) from None
     except BotoCoreError as exc:
-        raise AwsError(f"route53 get-hosted-zone {zone}: {exc}") from None
+        raise aws_error(f"route53 get-hosted-zone {zone}", exc) from None
     return plain(found["Name"])
 
 

@@ -54,7 +54,7 @@ from core.render import served_ports
 from remote.applier import Applier, ready
 from remote.background import Background
 from remote.readiness import ParameterRecord
-from remote.report import Progress
+from remote.report import Progress, reading
 from remote.rollout import Rollout
 
 if TYPE_CHECKING:
@@ -482,6 +482,15 @@ def _apply(run: Rollout, applier: Applier, want: list[int], before: list[int]) -
         _healthy(run)
 
 
+INTERRUPTED_AFTER = "interrupted while waiting for the targets to be healthy after the switch"
+
+
+def _pause(run: Rollout, seconds: float, interrupted: str) -> None:
+    """A wait's rest between two reads of AWS; an interrupt ends the wait with `interrupted`."""
+    if run.interrupted.wait(seconds):
+        raise KitError(interrupted)
+
+
 def _healthy(run: Rollout, timeout: float = 300, every: float = 5) -> None:
     """A network load balancer does not health-check a group no listener uses: after a switch,
     prove every instance in the groups the listeners forward to now healthy (those waiting to join
@@ -491,7 +500,8 @@ def _healthy(run: Rollout, timeout: float = 300, every: float = 5) -> None:
     progress = Progress()
     deadline = progress.start + timeout
     while True:
-        now = health(run.settings)
+        now = reading(lambda: health(run.settings), deadline, lambda: _pause(run, every, INTERRUPTED_AFTER),
+                      run.reporter.note)
         if now is None:
             raise KitError("the network load balancer is gone after pulumi up")
         sick = not_in_service(now.states, now.registered)
@@ -499,8 +509,7 @@ def _healthy(run: Rollout, timeout: float = 300, every: float = 5) -> None:
             run.reporter.note("verified: every registered instance is healthy in the groups the listeners forward to")
             return
         _still_waiting(run, progress, timeout, described(sick))
-        if run.interrupted.wait(every):
-            raise KitError("interrupted while waiting for the targets to be healthy after the switch")
+        _pause(run, every, INTERRUPTED_AFTER)
         if time.monotonic() > deadline:
             raise KitError("after the switch not every instance is healthy in the target groups the listeners "
                            f"forward to: {described(sick)}")
@@ -524,7 +533,9 @@ def _group_healthy(run: Rollout, ports: list[int], kind: str, timeout: float = 9
     progress = Progress()
     deadline = progress.start + timeout
     while True:
-        state = network_state(s)
+        state = reading(lambda: network_state(s), deadline, lambda: _pause(
+            run, every, f"interrupted while waiting for AWS to answer; the listeners stay on the {stay}: run "
+                        "`fab rollout --apply` again"), run.reporter.note)
         if state is None:
             raise KitError("the network load balancer is gone after pulumi up")
         sick = sick_groups(state, groups)

@@ -47,7 +47,7 @@ from core.move import (
 )
 from core.settings import Host, Settings
 from remote.applier import Applier
-from remote.report import Progress
+from remote.report import Progress, reading
 
 OK, FAILED, ATTENTION, INTERRUPTED = 0, 1, 3, 130
 HEALTH_WAIT = 300  # seconds the new load balancer gets to report every instance healthy
@@ -292,7 +292,8 @@ class Move:
         progress = Progress(self.clock.monotonic)
         deadline = progress.start + HEALTH_WAIT
         while True:
-            now = health(s)
+            now = reading(lambda: health(s), deadline, lambda: self._wait(2, "step prove"), self.note,
+                          self.clock.monotonic)
             members, states = (now.registered, now.states) if now else ([], {})
             if s.load_balancer.type == "classic" and members and not states and is_lab(s):
                 # the lab's endpoint knows no EC2 instance of these IDs, so it reports no health:

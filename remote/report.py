@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from rich.console import Console
 from rich.markup import escape
@@ -18,6 +19,7 @@ from rich.text import Text
 
 from core.outcome import HostOutcome
 
+_T = TypeVar("_T")
 PROGRESS_EVERY = 30.0  # seconds between the "still waiting" notes of a long wait (it must not look hung)
 
 
@@ -40,6 +42,26 @@ class Progress:
     def said(self) -> None:
         """The wait said where it is: the next note is due PROGRESS_EVERY seconds from now."""
         self._next = self.clock() + self.every
+
+
+def reading(read: Callable[[], _T], deadline: float, pause: Callable[[], None], note: Callable[[str], None],
+            clock: Callable[[], float] = time.monotonic) -> _T:
+    """`read()` for a wait that ends at `deadline`: while AWS is out of reach (AwsUnreachable, after
+    its call's tries) it is tried again after `pause()` (which raises when the wait is interrupted),
+    until the deadline, so a wait of minutes rides out a blip on the route to AWS; said once."""
+    from awsapi.clients import AwsUnreachable
+
+    said = False
+    while True:
+        try:
+            return read()
+        except AwsUnreachable as exc:
+            if clock() > deadline:
+                raise
+            if not said:
+                note(f"AWS is out of reach; trying again until the wait ends: {exc}")
+                said = True
+            pause()
 
 
 class Reporter:

@@ -18,6 +18,7 @@ from awsapi.clients import REGISTER_PER_CALL, client
 from core.errors import SettingsError
 from core.settings import CLASSIC_INSTANCES_QUOTA, NLB_CROSS_ZONE_TARGETS_QUOTA, NLB_TARGETS_QUOTA, from_config
 from lab import applier
+from remote.report import reading
 from tests.conftest import settings_from, stack_config
 from tests.support.procs import free_port
 
@@ -250,6 +251,35 @@ def test_an_endpoint_out_of_reach_is_tried_three_times_then_once_until_it_answer
         server.shutdown()
         server.server_close()
     assert read()[0] == 3  # it answered since: out of reach again, three tries
+    awsapi.clients._unreachable(attempts=1, endpoint=client(s, "ssm")._endpoint)  # an answer: forget the port
+
+
+def test_a_wait_rides_out_aws_out_of_reach_until_its_deadline_and_says_so_once():
+    """The waits of minutes (health before and after a network switch, a move's proof) read again
+    while AWS is out of reach, until their deadline; any other AWS error ends them at once."""
+    clock, notes, pauses = [0.0], [], []
+    answers: list = [awsapi.clients.AwsUnreachable("ssm get-parameter p: Could not connect"),
+                     awsapi.clients.AwsUnreachable("again"), "read"]
+
+    def read():
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def pause():
+        pauses.append(clock[0])
+        clock[0] += 5
+
+    assert reading(read, 100, pause, notes.append, lambda: clock[0]) == "read"
+    assert pauses == [0, 5] and notes == ["AWS is out of reach; trying again until the wait ends: "
+                                          "ssm get-parameter p: Could not connect"]
+    answers[:] = [awsapi.clients.AwsUnreachable("still")] * 30
+    with pytest.raises(awsapi.clients.AwsUnreachable):  # past the deadline: the wait's own failure
+        reading(read, 12, pause, notes.append, lambda: clock[0])
+    answers[:] = [awsapi.clients.AwsError("ssm get-parameter p: AccessDenied")]
+    with pytest.raises(awsapi.clients.AwsError, match="AccessDenied"):
+        reading(read, 1000, pause, notes.append, lambda: clock[0])
 
 
 # --- throttling ----------------------------------------------------------------------------------
