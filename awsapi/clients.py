@@ -167,9 +167,19 @@ def call(what: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
 
 def pages(what: str, api, operation: str, key: str, **kwargs: Any) -> list[dict]:
     """Every item under `key` over all the pages of `operation`."""
+    return found_pages(what, api, operation, key, (), **kwargs) or []
+
+
+def found_pages(what: str, api, operation: str, key: str, missing: tuple[str, ...], **kwargs: Any) -> list[dict] | None:
+    """As `pages`, or None when AWS answers with one of the `missing` error codes (what the call
+    names does not exist)."""
     try:
         return [item for page in api.get_paginator(operation).paginate(**kwargs) for item in page[key]]
-    except (ClientError, BotoCoreError) as exc:
+    except ClientError as exc:
+        if error_code(exc) in missing:
+            return None
+        raise aws_error(what, exc) from None
+    except BotoCoreError as exc:
         raise aws_error(what, exc) from None
 
 
@@ -186,14 +196,8 @@ def error_code(exc: ClientError) -> str:
 def by_name(settings: Settings, service: str, names: str, key: str) -> dict | None:
     """The load balancer named `loadBalancer.name` as `service` (elb, elbv2) describes it, or None."""
     name = settings.load_balancer.name
-    api = client(settings, service)
-    try:  # the paginator: DescribeLoadBalancers pages (one name: one page, but never a lost marker)
-        found = [d for page in api.get_paginator("describe_load_balancers").paginate(**{names: [name]})
-                 for d in page[key]]
-    except ClientError as exc:
-        if error_code(exc) in ("LoadBalancerNotFound", "AccessPointNotFound"):
-            return None
-        raise aws_error(f"{service} describe-load-balancers {name}", exc) from None
-    except BotoCoreError as exc:
-        raise aws_error(f"{service} describe-load-balancers {name}", exc) from None
+    # the paginator: DescribeLoadBalancers pages (one name: one page, but never a lost marker)
+    found = found_pages(f"{service} describe-load-balancers {name}", client(settings, service),
+                        "describe_load_balancers", key, ("LoadBalancerNotFound", "AccessPointNotFound"),
+                        **{names: [name]})
     return found[0] if found else None

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from botocore.exceptions import BotoCoreError, ClientError
-
-from awsapi.clients import AwsError, aws_error, by_name, call, chunks, client, error_code, pages
+from awsapi.clients import AwsError, by_name, call, chunks, client, found_pages, pages
 from core.listeners import NetworkHealthCheck, network_listeners
 from core.network import SWITCHED_TAG, NetworkState, TargetGroupState, stamped
 from core.settings import Settings
@@ -75,15 +71,14 @@ def _kit_groups(settings: Settings) -> dict[str, dict]:
     one (TargetGroupNotFound), so then one call a name."""
     elbv2 = client(settings, "elbv2")
     names = [g.name for x in network_listeners(settings) for g in (x.plain, x.proxy)]
-    try:
-        found = _described("elbv2 describe-target-groups " + " ".join(names), elbv2, Names=names)
-    except _NotFound:
-        found = []
-        for name in names:
-            try:
-                found += _described(f"elbv2 describe-target-groups {name}", elbv2, Names=[name])
-            except _NotFound:
-                pass
+
+    def described(named: list[str]) -> list[dict] | None:
+        return found_pages(f"elbv2 describe-target-groups {' '.join(named)}", elbv2, "describe_target_groups",
+                           "TargetGroups", ("TargetGroupNotFound",), Names=named)
+
+    found = described(names)
+    if found is None:
+        found = [g for name in names for g in described([name]) or []]
     rank = {name: n for n, name in enumerate(names)}
     return {g["TargetGroupArn"]: g for g in sorted(found, key=lambda g: rank.get(g["TargetGroupName"], len(rank)))}
 
@@ -93,32 +88,13 @@ def _groups_of(settings: Settings, arns: list[str]) -> dict[str, dict]:
     elbv2 = client(settings, "elbv2")
     out: dict[str, dict] = {}
     for batch in chunks(arns, 20):
-        try:
-            out.update((g["TargetGroupArn"], g) for g in _described(
-                f"elbv2 describe-target-groups {' '.join(batch)}", elbv2, TargetGroupArns=batch))
-        except _NotFound as exc:
-            raise AwsError(str(exc)) from None
+        out.update((g["TargetGroupArn"], g) for g in pages(
+            f"elbv2 describe-target-groups {' '.join(batch)}", elbv2, "describe_target_groups", "TargetGroups",
+            TargetGroupArns=batch))
     missing = [a for a in arns if a not in out]
     if missing:
         raise AwsError(f"elbv2 describe-target-groups {' '.join(missing)}: not described")
     return out
-
-
-class _NotFound(Exception):
-    """A named target group does not exist (TargetGroupNotFound)."""
-
-
-def _described(what: str, elbv2, **kwargs: Any) -> list[dict]:
-    """DescribeTargetGroups over every page; a missing group raises _NotFound, any other failure AwsError."""
-    try:
-        return [g for page in elbv2.get_paginator("describe_target_groups").paginate(**kwargs)
-                for g in page["TargetGroups"]]
-    except ClientError as exc:
-        if error_code(exc) == "TargetGroupNotFound":
-            raise _NotFound(f"{what}: {exc}") from None
-        raise aws_error(what, exc) from None
-    except BotoCoreError as exc:
-        raise aws_error(what, exc) from None
 
 
 def _forwarded(actions: list[dict]) -> list[str]:

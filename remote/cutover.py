@@ -552,8 +552,7 @@ def _group_healthy(run: Rollout, ports: list[int], kind: str, timeout: float = 9
                            f"it ({seen}): another update changed the load balancer meanwhile; the listeners stay on "
                            f"the {stay}: run `fab rollout --apply` again")
         _still_waiting(run, progress, timeout, seen)
-        if run.interrupted.wait(every):
-            raise KitError(f"interrupted while waiting for the {kind} groups to be healthy ({seen}); the listeners "
+        _pause(run, every, f"interrupted while waiting for the {kind} groups to be healthy ({seen}); the listeners "
                            f"stay on the {stay}: run `fab rollout --apply` again")
         if time.monotonic() > deadline:
             raise KitError(f"the {kind} groups are not healthy after {timeout:.0f}s ({seen}), so the listeners stay "
